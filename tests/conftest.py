@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny random models (fast unit tests) and the real default model (slow tests)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"{DATA} absent (the shared real datasets)")
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from retention.models import load_model
+
+    return load_model("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    from retention.models import load_model
+
+    return load_model("tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The default SmolLM2-135M-Instruct (converted once, then cached)."""
+    from retention.models import load_model
+
+    return load_model("smollm2-135m")
