@@ -1,0 +1,418 @@
+"""Read knowledge records from CounterFact, zsRE, the built-in set or our own record files.
+
+The format is detected from the content, never from the file name:
+
+- ``counterfact``: CounterFact in the ROME/MEMIT format (``requested_rewrite{prompt, subject, relation_id,
+  target_new{str}, target_true{str}}``, ``paraphrase_prompts``, ``neighborhood_prompts``,
+  ``generation_prompts``). Neighbourhood prompts given as plain strings expect the record's ``target_true``.
+- ``easyedit``: EasyEdit's flat format (``prompt`` is a full sentence containing ``subject``, ``target_new``,
+  ``ground_truth``, ``rephrase_prompt``, ``locality_prompt``, ``locality_ground_truth``). The template is the
+  prompt with the first occurrence of the subject replaced by ``{}``; the relation id is unknown (``""``).
+- ``zsre``: zsRE in the MEND format (``subject``, ``src``, ``rephrase``, ``alt``, ``answers``, ``loc``,
+  ``loc_ans``). See :data:`ZSRE_TARGETS` for the two conventions for the new target. The neighbourhood
+  prompt is ``loc`` (an ``"nq question: ..."`` string) with a ``?`` appended, expecting ``loc_ans``.
+- ``records``: our own format, a list of :meth:`KnowledgeRecord.to_dict` objects (the built-in set).
+
+Files are a JSON array of records or JSONL (one JSON object per line). Targets are stripped of surrounding
+whitespace (the scorer adds the leading space itself). A malformed record raises :class:`RecordError`
+naming the file, the record and the field; ``on_error="skip"`` skips it and counts it in the
+:class:`ReadReport` instead. Errors of the file itself (invalid JSON array, no records) always raise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from string import Formatter
+from typing import Any
+
+from retention.records import KnowledgeRecord, NeighborhoodPrompt, RecordError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_SETS = {"builtin": "builtin_facts.json"}
+"""Names of knowledge sets shipped in ``retention/resources``."""
+
+ZSRE_TARGETS = {
+    "alt": "EasyEdit's convention: target_new = alt (a wrong answer), target_true = answers[0]",
+    "answers0": "ROME's convention: target_new = answers[0] (the correct answer is edited in), "
+    "target_true = alt (only the alternative for the 'prob' protocol, not a fact the model knows)",
+}
+"""Conventions for the new target of zsRE records."""
+
+ON_ERROR = ("raise", "skip")
+
+
+@dataclass
+class ReadReport:
+    """What a read produced: the detected format, how many records were kept and which were skipped."""
+
+    path: str
+    format: str = ""
+    read: int = 0
+    skipped: int = 0
+    errors: list[RecordError] = field(default_factory=list)
+    """The errors of the skipped records, in file order."""
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        text = f"read {self.read} {self.format} records from {self.path} in {self.seconds:.2f} s"
+        return text + (f", skipped {self.skipped} malformed" if self.skipped else "")
+
+
+class _Raw:
+    """A raw record: typed field access whose errors name the file, the record and the (dotted) field."""
+
+    def __init__(self, path: str, ref: str | int, data: dict[str, Any], prefix: str = ""):
+        self.path, self.ref, self.data, self.prefix = path, ref, data, prefix
+
+    def error(self, name: str, message: str) -> RecordError:
+        return RecordError(self.path, self.ref, self.prefix + name, message)
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if name not in self.data:
+            if default is ...:
+                raise self.error(name, "missing")
+            return default
+        value = self.data[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise self.error(name, f"expected {names}, got {type(value).__name__} {_short(value)}")
+        return value
+
+    def text(self, name: str, default: Any = ...) -> str:
+        value = self.get(name, str, default)
+        if isinstance(value, str) and not value.strip():
+            raise self.error(name, "empty")
+        return value
+
+    def target(self, name: str) -> str:
+        return self.text(name).strip()
+
+    def texts(self, name: str, single_ok: bool = False) -> list[str]:
+        """A list of non-empty strings (missing: empty list); ``single_ok`` also accepts one string."""
+        value = self.get(name, (list, str) if single_ok else list, [])
+        items = [value] if isinstance(value, str) else value
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                raise self.error(f"{name}[{i}]", f"expected str, got {type(item).__name__} {_short(item)}")
+            if not item.strip():
+                raise self.error(f"{name}[{i}]", "empty")
+        return list(items)
+
+    def child(self, name: str) -> _Raw:
+        return _Raw(self.path, self.ref, self.get(name, dict), f"{self.prefix}{name}.")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_template(raw: _Raw, name: str, template: str) -> None:
+    try:
+        slots = [f for _, f, _, _ in Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise raw.error(name, f"template {template!r} has unbalanced braces ({e})") from None
+    if slots != [""]:
+        raise raw.error(name, f"template {template!r} must contain exactly one '{{}}' for the subject")
+
+
+def _check_prompt(raw: _Raw, name: str, prompt: str) -> None:
+    if prompt != prompt.rstrip():
+        raise raw.error(name, f"prompt {prompt!r} ends with whitespace (the scorer adds the space before the target)")
+
+
+def _template_from_sentence(raw: _Raw, prompt_field: str, prompt: str, subject: str) -> str:
+    """The prompt with the first occurrence of the subject replaced by ``{}`` (other braces escaped)."""
+    at = prompt.find(subject)
+    if at < 0:
+        raise raw.error("subject", f"{subject!r} does not occur in {prompt_field} {prompt!r}")
+
+    def esc(s: str) -> str:
+        return s.replace("{", "{{").replace("}", "}}")
+
+    return esc(prompt[:at]) + "{}" + esc(prompt[at + len(subject) :])
+
+
+def _from_counterfact(raw: _Raw, case_id: str, zsre_target: str) -> KnowledgeRecord:
+    rw = raw.child("requested_rewrite")
+    target_true = rw.child("target_true").target("str")
+    neighborhood = []
+    for i, item in enumerate(raw.get("neighborhood_prompts", list, [])):
+        name = f"neighborhood_prompts[{i}]"
+        if isinstance(item, str) and item.strip():
+            neighborhood.append(NeighborhoodPrompt(item, target_true))
+        elif isinstance(item, dict):
+            n = _Raw(raw.path, raw.ref, item, name + ".")
+            neighborhood.append(NeighborhoodPrompt(n.text("prompt"), n.target("target")))
+        else:
+            raise raw.error(name, f"expected a non-empty str or {{prompt, target}}, got {_short(item)}")
+    return KnowledgeRecord(
+        case_id=case_id,
+        subject=rw.text("subject"),
+        prompt=rw.text("prompt"),
+        relation_id=rw.get("relation_id", str, ""),
+        target_new=rw.child("target_new").target("str"),
+        target_true=target_true,
+        paraphrases=raw.texts("paraphrase_prompts"),
+        neighborhood=neighborhood,
+        generation_prompts=raw.texts("generation_prompts"),
+        source="counterfact",
+    )
+
+
+def _from_easyedit(raw: _Raw, case_id: str, zsre_target: str) -> KnowledgeRecord:
+    subject, prompt = raw.text("subject"), raw.text("prompt")
+    loc_prompts = raw.texts("locality_prompt", single_ok=True)
+    loc_truths = [t.strip() for t in raw.texts("locality_ground_truth", single_ok=True)]
+    if len(loc_prompts) != len(loc_truths):
+        raise raw.error(
+            "locality_ground_truth",
+            f"{len(loc_truths)} answer(s) for {len(loc_prompts)} locality_prompt(s); they must pair up",
+        )
+    return KnowledgeRecord(
+        case_id=case_id,
+        subject=subject,
+        prompt=_template_from_sentence(raw, "prompt", prompt, subject),
+        relation_id=raw.get("relation_id", str, ""),
+        target_new=raw.target("target_new"),
+        target_true=raw.target("ground_truth"),
+        paraphrases=raw.texts("rephrase_prompt", single_ok=True),
+        neighborhood=[NeighborhoodPrompt(p, t) for p, t in zip(loc_prompts, loc_truths)],
+        source="easyedit",
+    )
+
+
+def _from_zsre(raw: _Raw, case_id: str, zsre_target: str) -> KnowledgeRecord:
+    subject, src = raw.text("subject"), raw.text("src")
+    answers = raw.texts("answers")
+    if not answers:
+        raise raw.error("answers", "empty list")
+    alt = raw.target("alt")
+    answer = answers[0].strip()
+    target_new, target_true = (alt, answer) if zsre_target == "alt" else (answer, alt)
+    neighborhood = []
+    if raw.has("loc") or raw.has("loc_ans"):
+        loc = raw.text("loc").rstrip()
+        neighborhood.append(NeighborhoodPrompt(loc if loc.endswith("?") else loc + "?", raw.target("loc_ans")))
+    return KnowledgeRecord(
+        case_id=case_id,
+        subject=subject,
+        prompt=_template_from_sentence(raw, "src", src, subject),
+        relation_id="",
+        target_new=target_new,
+        target_true=target_true,
+        paraphrases=raw.texts("rephrase", single_ok=True),
+        neighborhood=neighborhood,
+        source="zsre",
+    )
+
+
+_OWN_FIELDS = {f.name for f in fields(KnowledgeRecord)}
+
+
+def _from_records(raw: _Raw, case_id: str, zsre_target: str) -> KnowledgeRecord:
+    unknown = sorted(set(raw.data) - _OWN_FIELDS)
+    if unknown:
+        raise raw.error(unknown[0], f"unknown field (known: {', '.join(sorted(_OWN_FIELDS))})")
+    neighborhood = []
+    for i, item in enumerate(raw.get("neighborhood", list, [])):
+        if not isinstance(item, dict):
+            raise raw.error(f"neighborhood[{i}]", f"expected {{prompt, target}}, got {_short(item)}")
+        n = _Raw(raw.path, raw.ref, item, f"neighborhood[{i}].")
+        extra = sorted(set(item) - {"prompt", "target"})
+        if extra:
+            raise n.error(extra[0], "unknown field (known: prompt, target)")
+        neighborhood.append(NeighborhoodPrompt(n.text("prompt"), n.target("target")))
+    return KnowledgeRecord(
+        case_id=case_id,
+        subject=raw.text("subject"),
+        prompt=raw.text("prompt"),
+        relation_id=raw.get("relation_id", str, ""),
+        target_new=raw.target("target_new"),
+        target_true=raw.target("target_true"),
+        paraphrases=raw.texts("paraphrases"),
+        neighborhood=neighborhood,
+        generation_prompts=raw.texts("generation_prompts"),
+        augmentations=raw.texts("augmentations"),
+        source=raw.get("source", str, ""),
+    )
+
+
+# Detection: the first key of each signature that a record has decides its file's format.
+_FORMATS = {
+    "counterfact": (("requested_rewrite",), _from_counterfact),
+    "zsre": (("src", "alt", "answers"), _from_zsre),
+    "easyedit": (("ground_truth",), _from_easyedit),
+    "records": (("target_true",), _from_records),
+}
+
+
+def _detect(path: str, items: list[tuple[int | str, Any]]) -> str:
+    for _, item in items:
+        if isinstance(item, dict):
+            for name, (keys, _) in _FORMATS.items():
+                if any(k in item for k in keys):
+                    return name
+    hints = "; ".join(f"{name}: {', '.join(keys)}" for name, (keys, _) in _FORMATS.items())
+    raise RecordError(path, "-", "<format>", f"no record has a key that tells the format ({hints})")
+
+
+def _validate(raw: _Raw, rec: KnowledgeRecord) -> None:
+    """Checks shared by every format, on the converted record."""
+    _check_template(raw, "prompt", rec.prompt)
+    _check_prompt(raw, "prompt", rec.prompt)
+    if rec.subject != rec.subject.strip():
+        raise raw.error("subject", f"{rec.subject!r} has surrounding whitespace")
+    if rec.target_new.casefold() == rec.target_true.casefold():
+        raise raw.error("target_new", f"equals target_true ({rec.target_true!r}): the edit would change nothing")
+    for i, p in enumerate(rec.paraphrases):
+        _check_prompt(raw, f"paraphrases[{i}]", p)
+    for i, n in enumerate(rec.neighborhood):
+        _check_prompt(raw, f"neighborhood[{i}].prompt", n.prompt)
+    for i, a in enumerate(rec.augmentations):
+        _check_template(raw, f"augmentations[{i}]", a)
+        _check_prompt(raw, f"augmentations[{i}]", a)
+        if a.format(rec.subject) in rec.paraphrases or a == rec.prompt:
+            raise raw.error(f"augmentations[{i}]", f"{a!r} repeats the prompt or an evaluation paraphrase")
+
+
+def _resolve(path_or_name: str | Path) -> tuple[str, str]:
+    """(display path, text) of a file or a built-in set name."""
+    name = str(path_or_name)
+    path = Path(name).expanduser()
+    if path.is_file():
+        display, data = str(path), path.read_bytes()
+    elif name in BUILTIN_SETS and not path.exists():
+        res = resources.files("retention") / "resources" / BUILTIN_SETS[name]
+        display, data = f"<{name}>", res.read_bytes()
+    elif path.is_dir():
+        raise IsADirectoryError(f"{name}: is a folder; give a JSON or JSONL file of knowledge records")
+    else:
+        raise FileNotFoundError(
+            f"{name}: no such file, and not a built-in knowledge set (built-in: {', '.join(BUILTIN_SETS)})"
+        )
+    try:
+        return display, data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RecordError(display, "-", "<file>", f"not UTF-8 text ({e})") from None
+
+
+def _parse(path: str, text: str, report: ReadReport, skip: bool) -> list[tuple[int | str, Any]]:
+    """(index, raw item) pairs of a JSON array, a single JSON object or JSONL."""
+    stripped = text.lstrip()
+    if not stripped:
+        raise RecordError(path, "-", "<file>", "empty file, no records")
+    try:
+        top = json.loads(text)
+    except json.JSONDecodeError as e:
+        if _is_json(stripped.splitlines()[0]):
+            return _parse_jsonl(path, text, report, skip)
+        raise RecordError(path, f"line {e.lineno}", "<json>", f"invalid JSON: {e.msg} (column {e.colno})") from None
+    if isinstance(top, dict):
+        return [(0, top)]
+    if not isinstance(top, list):
+        raise RecordError(path, "-", "<file>", f"expected a JSON array of records, got {type(top).__name__}")
+    return list(enumerate(top))
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _parse_jsonl(path: str, text: str, report: ReadReport, skip: bool) -> list[tuple[int | str, Any]]:
+    items = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            items.append((len(items) + report.skipped, json.loads(line)))
+        except json.JSONDecodeError as e:
+            err = RecordError(path, f"line {lineno}", "<json>", f"invalid JSON: {e.msg} (column {e.colno})")
+            if not skip:
+                raise err from None
+            report.skipped += 1
+            report.errors.append(err)
+    return items
+
+
+def read_records(
+    path_or_name: str | Path,
+    on_error: str = "raise",
+    limit: int | None = None,
+    zsre_target: str = "alt",
+) -> tuple[list[KnowledgeRecord], ReadReport]:
+    """Read knowledge records and a :class:`ReadReport` of what was read and skipped.
+
+    ``path_or_name`` is a file or the name of a built-in set (``"builtin"``); ``on_error`` is ``"raise"``
+    or ``"skip"``; ``limit`` keeps the first N good records; ``zsre_target`` names the zsRE convention.
+    """
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error={on_error!r}: choose from {', '.join(ON_ERROR)}")
+    if zsre_target not in ZSRE_TARGETS:
+        raise ValueError(f"zsre_target={zsre_target!r}: choose from {', '.join(ZSRE_TARGETS)}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit={limit}: must be >= 0")
+    t0 = time.perf_counter()
+    path, text = _resolve(path_or_name)
+    report = ReadReport(path)
+    skip = on_error == "skip"
+    items = _parse(path, text, report, skip)
+    if not items and not report.skipped:
+        raise RecordError(path, "-", "<file>", "no records")
+    report.format = _detect(path, items) if items else ""
+    convert = _FORMATS[report.format][1] if items else None
+    records: list[KnowledgeRecord] = []
+    seen: set[str] = set()
+    for index, item in items:
+        if limit is not None and len(records) >= limit:
+            break
+        try:
+            rec = _convert(path, index, item, convert, zsre_target, seen)
+        except RecordError as err:
+            if not skip:
+                raise
+            report.skipped += 1
+            report.errors.append(err)
+            continue
+        seen.add(rec.case_id)
+        records.append(rec)
+    report.read, report.seconds = len(records), time.perf_counter() - t0
+    (log.warning if report.skipped else log.info)(report.summary())
+    return records, report
+
+
+def _convert(path, index, item, convert, zsre_target: str, seen: set[str]) -> KnowledgeRecord:
+    if not isinstance(item, dict):
+        raise RecordError(path, index, "<record>", f"expected a JSON object, got {type(item).__name__}")
+    cid = item.get("case_id", index)
+    raw = _Raw(path, index if "case_id" not in item else f"{index} (case_id {_short(cid)})", item)
+    if not isinstance(cid, (int, str)) or isinstance(cid, bool) or str(cid).strip() == "":
+        raise raw.error("case_id", f"expected a non-empty int or str, got {_short(cid)}")
+    if str(cid) in seen:
+        raise raw.error("case_id", f"duplicate case_id {_short(cid)}")
+    rec = convert(raw, str(cid), zsre_target)
+    _validate(raw, rec)
+    return rec
+
+
+def load_records(
+    path_or_name: str | Path,
+    on_error: str = "raise",
+    limit: int | None = None,
+    zsre_target: str = "alt",
+) -> list[KnowledgeRecord]:
+    """Knowledge records of a file or built-in set (see :func:`read_records`; skipped records are logged)."""
+    return read_records(path_or_name, on_error=on_error, limit=limit, zsre_target=zsre_target)[0]

@@ -1,0 +1,76 @@
+"""Fact selection: keep the facts a base model knows, split them into an edit set and a control set."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+
+from torch import nn
+
+from retention.records import KnowledgeRecord
+from retention.scoring import check_protocols, score_probes
+
+log = logging.getLogger(__name__)
+
+
+def select_known_facts(
+    model: nn.Module,
+    tokenizer,
+    records: Sequence[KnowledgeRecord],
+    protocol: str = "top1",
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[KnowledgeRecord]:
+    """The records whose rewrite prompt the model answers with ``target_true`` under ``protocol``."""
+    (protocol,) = check_protocols([protocol])
+    t0 = time.perf_counter()
+    probes = [r.true_probes()[0] for r in records]
+    results = score_probes(model, tokenizer, probes, protocols=(protocol,), batch_size=batch_size, progress=progress)
+    known = [r for r, res in zip(records, results) if res.passed[protocol]]
+    log.info(f"{len(known)} of {len(records)} facts known under {protocol} ({time.perf_counter() - t0:.1f} s)")
+    return known
+
+
+def _key(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def split_edit_control(
+    records: Sequence[KnowledgeRecord], n_edit: int, n_control: int, seed: int = 0
+) -> tuple[list[KnowledgeRecord], list[KnowledgeRecord]]:
+    """A seeded split into ``n_edit`` facts to edit and ``n_control`` untouched ones, disjoint by subject.
+
+    No subject is in both sets, and no subject of one set is an object (true or new target) of the other:
+    editing "France -> capital -> Rome" must not touch a control fact about "Paris" or "France". Records are
+    drawn in a seeded random order and each goes to the edit set while it needs more, else to the control set.
+    """
+    if n_edit < 0 or n_control < 0:
+        raise ValueError(f"n_edit={n_edit}, n_control={n_control}: sizes must be >= 0")
+    order = list(records)
+    random.Random(seed).shuffle(order)
+    sets: tuple[list[KnowledgeRecord], list[KnowledgeRecord]] = ([], [])
+    wanted = (n_edit, n_control)
+    subjects: tuple[set[str], set[str]] = (set(), set())
+    objects: tuple[set[str], set[str]] = (set(), set())
+    for rec in order:
+        if all(len(s) == w for s, w in zip(sets, wanted)):
+            break
+        subject, objs = _key(rec.subject), {_key(rec.target_true), _key(rec.target_new)}
+        for side in (0, 1):
+            other = 1 - side
+            if len(sets[side]) == wanted[side]:
+                continue
+            if subject in subjects[other] or subject in objects[other] or objs & subjects[other]:
+                continue
+            sets[side].append(rec)
+            subjects[side].add(subject)
+            objects[side].update(objs)
+            break
+    if len(sets[0]) < n_edit or len(sets[1]) < n_control:
+        raise ValueError(
+            f"only {len(sets[0])} edit and {len(sets[1])} control facts disjoint by subject could be drawn from "
+            f"{len(records)} records (seed {seed}); {n_edit} edit and {n_control} control requested"
+        )
+    return sets
