@@ -1,0 +1,105 @@
+"""Reading task records from local files (JSON, JSONL) or the Hugging Face hub, with errors that name the
+file, the record and the field."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from retention.records import RecordError
+
+HF_PREFIX = "hf:"
+
+
+def is_hub_source(source: str) -> bool:
+    return source.startswith(HF_PREFIX)
+
+
+def local_file(source: str) -> Path:
+    """The local file a task reads, with an error that says how to ask for a hub dataset instead."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"task data file {source} does not exist (use 'builtin' for the built-in default or "
+            f"'{HF_PREFIX}<dataset id>' for a Hugging Face dataset)"
+        )
+    return path
+
+
+def read_json_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(location, record)`` pairs of a JSON file (a list, or an object holding one list) or a JSONL file."""
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise RecordError(str(path), f"line {lineno}", "-", f"invalid JSON: {err.msg}") from None
+                yield f"line {lineno}", record
+        return
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    if isinstance(data, Mapping):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise ValueError(f"{path}: expected a JSON list of records (or an object holding exactly one list)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    for i, record in enumerate(data):
+        yield str(i), record
+
+
+def read_hub_records(source: str, config: str | None, split: str) -> Iterator[tuple[str, Any]]:
+    """``(location, record)`` pairs of a Hugging Face dataset ``hf:<id>`` (needs ``datasets`` and a network)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            f"task data {source} needs the 'datasets' package: pip install datasets "
+            "(or point the task at a local file, or use 'builtin')"
+        ) from None
+    name = source[len(HF_PREFIX) :]
+    ds = datasets.load_dataset(name, config, split=split)
+    for i, record in enumerate(ds):
+        yield f"{split}[{i}]", record
+
+
+def read_records(
+    source: str, hf_config: str | None = None, hf_split: str = "train", other_types: tuple[str, ...] = ()
+) -> Iterator[tuple[str, Any]]:
+    """``(location, record)`` pairs of ``hf:<id>`` or of a local ``.json``/``.jsonl`` file (``other_types``:
+    the file types the caller reads itself, named in the error for an unsupported one)."""
+    if is_hub_source(source):
+        return read_hub_records(source, hf_config, hf_split)
+    path = local_file(source)
+    if path.suffix not in (".json", ".jsonl"):
+        expected = ", ".join((*other_types, ".json", ".jsonl"))
+        raise ValueError(f"task data file {path}: unsupported type '{path.suffix}' (expected {expected})")
+    return read_json_records(path)
+
+
+def field(record: Any, name: str, path: str, location: str, allow_empty: bool = False) -> Any:
+    """``record[name]``, or an error naming the file, the record and the missing field."""
+    if not isinstance(record, Mapping):
+        raise RecordError(path, location, name, f"expected an object with field '{name}', got {type(record).__name__}")
+    if name not in record:
+        have = ", ".join(sorted(map(str, record))) or "none"
+        raise RecordError(path, location, name, f"missing (fields present: {have}); map it with fields={{...}}")
+    value = record[name]
+    if value is None or (not allow_empty and isinstance(value, str) and not value.strip()):
+        raise RecordError(path, location, name, "empty")
+    return value
+
+
+def text_field(record: Any, name: str, path: str, location: str, allow_empty: bool = False) -> str:
+    value = field(record, name, path, location, allow_empty)
+    if not isinstance(value, str):
+        raise RecordError(path, location, name, f"expected a string, got {type(value).__name__}")
+    return value
