@@ -1,0 +1,321 @@
+"""Causal-LM fine-tuning of a (possibly edited) model as a LightningModule: full, LoRA or DoRA.
+
+Gradient clipping, precision, max steps/epochs and the validation cadence are Trainer flags
+(``--trainer.gradient_clip_val 1.0``, ``--trainer.max_steps 50``, ``--trainer.val_check_interval 25``).
+
+The module follows the fine-tuning/pipeline contract: ``configure_model`` loads the base model (unless one was
+given), calls ``on_base_model_ready(trainer, pl_module)`` on every callback that defines it, in callback order
+(editing callbacks set ``edited_layers``, freezing callbacks set ``frozen_layers``), adds adapters on the layers
+that are not frozen, and turns off gradients of the frozen layers, all before the strategy wraps the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics.aggregation import MeanMetric
+
+from retention.arch import ArchAdapter, unwrap_model
+from retention.models import DEFAULT_MODEL, load_model
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class AdapterArgs:
+    """What to train: all weights or peft adapters."""
+
+    method: Literal["full", "lora", "dora"] = "full"
+    """``full`` fine-tuning, or ``lora`` / ``dora`` adapters (peft)."""
+    rank: int = 8
+    """LoRA/DoRA rank r."""
+    alpha: float = 16.0
+    """LoRA/DoRA scaling numerator (the update is scaled by alpha / rank)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] | None = None
+    """Names (suffixes) of the modules that get adapters, e.g. ``[q_proj, v_proj]``; None for every linear
+    projection inside the decoder layers (attention and MLP)."""
+    target_layers: list[int] | None = None
+    """Decoder layers that get adapters (peft ``layers_to_transform``); None for all. Frozen layers are always
+    skipped."""
+
+    def __post_init__(self) -> None:
+        if self.method not in ("full", "lora", "dora"):
+            raise ValueError(f"adapter.method: unknown method {self.method!r}; choose full, lora or dora")
+        if self.rank < 1:
+            raise ValueError(f"adapter.rank must be at least 1, got {self.rank}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
+        if self.method == "full" and self.target_layers is not None:
+            raise ValueError(
+                "adapter.target_layers applies to lora/dora; to restrict full fine-tuning to some layers, "
+                "freeze the others (FreezeLayers callback)"
+            )
+
+
+@dataclass
+class OptimizerArgs:
+    """AdamW with a linear warmup, then a cosine decay to zero or a constant learning rate."""
+
+    lr: float = 5e-5
+    """Peak learning rate (LoRA/DoRA usually want ~1e-4 to 1e-3)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay, applied to matrices only (not to biases, norms or DoRA magnitudes)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from lr/(warmup_steps) to lr."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """After warmup: ``cosine`` decay to zero at the last step (``trainer.max_steps``/``max_epochs``), or
+    ``constant``."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optimizer.lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"optimizer.schedule: unknown schedule {self.schedule!r}; choose cosine or constant")
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int | None, schedule: str) -> float:
+    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two AdamW groups: matrices with weight decay, vectors without."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (every layer frozen?)")
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token negative log-likelihood over labelled positions, and their count."""
+    shift_logits = logits[:, :-1].flatten(0, 1).float()
+    shift_labels = labels[:, 1:].flatten()
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, (shift_labels != IGNORE_INDEX).sum()
+
+
+def _linear_module_names(adapter: ArchAdapter) -> list[str]:
+    """Names of the linear projections inside a decoder layer (``nn.Linear`` or GPT-2's ``Conv1D``)."""
+    return sorted({
+        name.rsplit(".", 1)[-1]
+        for name, module in adapter.layer(0).named_modules()
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    })
+
+
+def _layer_indices(arch: ArchAdapter, layers) -> list[int]:
+    """Sorted non-negative indices of ``layers`` (negative ones count from the end); out of range raises."""
+    for i in layers:
+        arch.layer(i)
+    return sorted({i % arch.num_layers for i in layers})
+
+
+class FineTuneModule(LightningModule):
+    """Fine-tunes a causal LM on a task's batches (``input_ids``, ``attention_mask``, ``labels`` with -100 on
+    positions that carry no loss, e.g. prompts and padding).
+
+    Logs ``train/loss``, ``train/lr``, ``val/loss`` (token-weighted mean NLL), ``val/ppl`` and, when the
+    datamodule's task defines an accuracy, ``val/<metric>`` from the task's evaluator.
+    """
+
+    def __init__(
+        self,
+        model_name: str = DEFAULT_MODEL,
+        adapter: AdapterArgs | None = None,
+        optimizer: OptimizerArgs | None = None,
+        task_eval_limit: int | None = 100,
+    ):
+        """
+        Args:
+            model_name: Base model: ``smollm2-135m`` (default), ``tiny-llama``, ``tiny-gpt2``, a local folder,
+                a ``.gguf`` file or a Hugging Face hub id (loaded with ``retention.models.load_model``).
+            adapter: Full fine-tuning or LoRA/DoRA adapters.
+            optimizer: AdamW and its learning-rate schedule.
+            task_eval_limit: Task accuracy (math, classify) on at most this many validation examples at each
+                validation end (generation is slow on CPU); None for all, 0 to skip.
+        """
+        super().__init__()
+        self.model_name = model_name
+        self.adapter = adapter or AdapterArgs()
+        self.optim = optimizer or OptimizerArgs()
+        self.task_eval_limit = task_eval_limit
+        self.save_hyperparameters({
+            "model_name": model_name, "adapter": asdict(self.adapter), "optimizer": asdict(self.optim),
+            "task_eval_limit": task_eval_limit,
+        })
+        self.model: nn.Module | None = None
+        self.tokenizer = None
+        self.edited_layers: list[int] = []
+        self.frozen_layers: set[int] = set()
+        self.validations: list[dict[str, float]] = []
+        """One entry per validation pass: ``step`` and the logged ``val/*`` values (what the CLI reports)."""
+        self.train_tokens = 0
+        """Labelled tokens trained on so far."""
+        self.val_nll = MeanMetric()
+        self._ready = False
+
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer, **kwargs) -> FineTuneModule:
+        """A module around an already-built model (tests, notebooks, a model edited outside Lightning)."""
+        module = cls(model_name=getattr(model, "name_or_path", "") or type(model).__name__, **kwargs)
+        module.model, module.tokenizer = model, tokenizer
+        return module
+
+    # -- model preparation (the contract) --------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self._ready:
+            return
+        if self.model is None:
+            self.model, self.tokenizer = load_model(self.model_name)
+        trainer = self._trainer
+        for callback in trainer.callbacks if trainer is not None else []:
+            hook = getattr(callback, "on_base_model_ready", None)
+            if callable(hook):
+                hook(trainer, self)
+        arch = ArchAdapter.for_model(self.model)
+        frozen = _layer_indices(arch, self.frozen_layers)
+        if self.adapter.method != "full":
+            self.model = self._add_adapters(self.model, arch, frozen)
+        for i in frozen:
+            arch.layer(i).requires_grad_(False)
+        self.model.train()
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in self.model.parameters())
+        log.info("%s fine-tuning: %d of %d parameters trainable, frozen layers %s",
+                 self.adapter.method, n_train, n_all, frozen or "none")
+        self._ready = True
+
+    def _add_adapters(self, model: nn.Module, arch: ArchAdapter, frozen: list[int]) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        a = self.adapter
+        wanted = range(arch.num_layers) if a.target_layers is None else _layer_indices(arch, a.target_layers)
+        layers = sorted(set(wanted) - set(frozen))
+        if not layers:
+            raise ValueError(
+                f"no layer left for {a.method} adapters: adapter.target_layers={a.target_layers} "
+                f"are all frozen (frozen layers {frozen})"
+            )
+        config = LoraConfig(
+            r=a.rank, lora_alpha=a.alpha, lora_dropout=a.dropout, use_dora=a.method == "dora",
+            target_modules=a.target_modules or _linear_module_names(arch), layers_to_transform=layers,
+            layers_pattern=arch.layer_name(0).rsplit(".", 2)[-2], task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, config)
+
+    # -- steps -----------------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def _common_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean next-token loss of a batch over its labelled tokens, and their number."""
+        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        total, count = token_nll(logits, batch["labels"])
+        return total / count.clamp(min=1), count
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, count = self._common_step(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at step {self.global_step}, batch {batch_idx}: "
+                f"lower optimizer.lr (now {self.optim.lr}), add warmup or gradient clipping "
+                "(trainer.gradient_clip_val), or check the data and the precision"
+            )
+        self.train_tokens += int(count)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, count = self._common_step(batch)
+        self.val_nll.update(loss, weight=count)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_nll.update_count == 0:
+            return
+        loss = self.val_nll.compute()
+        self.val_nll.reset()
+        metrics = {"val/loss": loss.item(), "val/ppl": math.exp(min(loss.item(), 80.0))}
+        if not self.trainer.sanity_checking:
+            metrics.update(self._task_metrics())
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name != "val/ppl")
+        if not self.trainer.sanity_checking:
+            self.validations.append({"step": self.global_step, **metrics})
+
+    def _task_metrics(self) -> dict[str, float]:
+        task = getattr(self.trainer.datamodule, "task", None)
+        if task is None or not task.has_accuracy or self.task_eval_limit == 0:
+            return {}
+        result = task.evaluate(self.model, self.tokenizer, n=self.task_eval_limit)
+        return {f"val/{name}": float(value) for name, value in result.items()}
+
+    # -- optimisation ----------------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        o = self.optim
+        optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
+        total = None
+        if o.schedule == "cosine":
+            total = self.trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError(
+                    "optimizer.schedule=cosine needs a finite run: set trainer.max_steps or trainer.max_epochs "
+                    "(or use optimizer.schedule=constant)"
+                )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, o.warmup_steps, total, o.schedule)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- export ----------------------------------------------------------------------------------------
+
+    def merged_model(self) -> nn.Module:
+        """A standalone copy of the fine-tuned model with any adapters merged into its weights."""
+        model = copy.deepcopy(self.model)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        return unwrap_model(model).eval()
+
+    def export(self, path: str | Path) -> Path:
+        """Save the fine-tuned (merged) model and its tokenizer as a folder that ``load_model`` reads."""
+        t0 = time.perf_counter()
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.merged_model().save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        log.info("exported the fine-tuned model to %s (%.1f s)", path, time.perf_counter() - t0)
+        return path
