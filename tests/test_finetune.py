@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 
 import pytest
@@ -73,7 +74,7 @@ def test_fine_tuning_reduces_loss(name, method, lr):
     after = _loss(module.model, loader)
     # The tiny models' tied, small-norm embeddings bound what adapters can move (full fine-tuning moves far more).
     assert after < before - 0.1, (before, after)
-    assert module.train_tokens == 8 * 4 * 15
+    assert module.train_tokens == 8 * 4 * 16
 
 
 def test_adapters_on_target_layers_only_and_never_on_frozen():
@@ -217,3 +218,46 @@ def test_stop_on_val_loss():
 
     with pytest.raises(ValueError, match="val_check_interval"):
         _trainer(5, [StopOnValLoss(1.0, check_every_n_steps=2)], val_check_interval=3).fit(module, loader, loader)
+
+
+TINY_CONFIG = """
+model:
+  model_name: tiny-llama
+  adapter: {method: lora, rank: 2}
+  optimizer: {lr: 1.0e-3, warmup_steps: 1}
+data:
+  task: {family: classify, source: builtin, limit: 40, max_length: 64}
+  batch_size: 4
+trainer:
+  max_steps: 5
+  accelerator: cpu
+  enable_progress_bar: false
+  enable_model_summary: false
+run:
+  out_dir: {out_dir}
+  wandb: disabled
+"""
+
+
+def test_fit_cli_fine_tunes_and_reports(tmp_path, capsys):
+    from retention.cli import main
+
+    base, override = tmp_path / "tiny.yaml", tmp_path / "override.yaml"
+    base.write_text(TINY_CONFIG.replace("{out_dir}", str(tmp_path / "runs")))
+    override.write_text("trainer: {max_steps: 2}\nmodel: {adapter: {method: dora}}\nrun: {name: layered}\n")
+    assert main(["fit", "--config", str(base), "--config", str(override)]) == 0
+    out = capsys.readouterr().out
+    assert "fit: tiny-llama (dora) on classify from builtin: 2 steps" in out
+    run = tmp_path / "runs" / "layered"
+    assert "method: dora" in (run / "config.yaml").read_text()
+    rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r["val/loss"]]
+    assert [r["step"] for r in rows] == ["0", "2"]  # validated before and after training
+    assert all(r["val/ppl"] and r["val/accuracy"] for r in rows)
+    assert [f"{float(r['val/loss']):.4f}" for r in rows] == [
+        line.split()[1] for line in out.splitlines() if line.strip().split(" ")[0] in ("0", "2")]
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(base), "--print_config"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert "model_name: tiny-llama" in printed and "use_distributed_sampler: false" in printed

@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -131,6 +131,11 @@ def _linear_module_names(adapter: ArchAdapter) -> list[str]:
     })
 
 
+def _plain(args) -> dict:
+    """A dataclass as YAML-safe values (tuples as lists) for the loggers' hyperparameters."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(args).items()}
+
+
 def _layer_indices(arch: ArchAdapter, layers) -> list[int]:
     """Sorted non-negative indices of ``layers`` (negative ones count from the end); out of range raises."""
     for i in layers:
@@ -149,8 +154,8 @@ class FineTuneModule(LightningModule):
     def __init__(
         self,
         model_name: str = DEFAULT_MODEL,
-        adapter: AdapterArgs | None = None,
-        optimizer: OptimizerArgs | None = None,
+        adapter: AdapterArgs = AdapterArgs(),  # noqa: B008 (frozen by copying below; shown in --print_config)
+        optimizer: OptimizerArgs = OptimizerArgs(),  # noqa: B008
         task_eval_limit: int | None = 100,
     ):
         """
@@ -164,11 +169,11 @@ class FineTuneModule(LightningModule):
         """
         super().__init__()
         self.model_name = model_name
-        self.adapter = adapter or AdapterArgs()
-        self.optim = optimizer or OptimizerArgs()
+        self.adapter = replace(adapter)
+        self.optim = replace(optimizer)
         self.task_eval_limit = task_eval_limit
         self.save_hyperparameters({
-            "model_name": model_name, "adapter": asdict(self.adapter), "optimizer": asdict(self.optim),
+            "model_name": model_name, "adapter": _plain(self.adapter), "optimizer": _plain(self.optim),
             "task_eval_limit": task_eval_limit,
         })
         self.model: nn.Module | None = None
@@ -178,7 +183,7 @@ class FineTuneModule(LightningModule):
         self.validations: list[dict[str, float]] = []
         """One entry per validation pass: ``step`` and the logged ``val/*`` values (what the CLI reports)."""
         self.train_tokens = 0
-        """Labelled tokens trained on so far."""
+        """Input tokens (padding excluded) trained on so far, on this rank."""
         self.val_nll = MeanMetric()
         self._ready = False
 
@@ -244,14 +249,15 @@ class FineTuneModule(LightningModule):
         return total / count.clamp(min=1), count
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, count = self._common_step(batch)
+        loss, _ = self._common_step(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}, batch {batch_idx}: "
                 f"lower optimizer.lr (now {self.optim.lr}), add warmup or gradient clipping "
                 "(trainer.gradient_clip_val), or check the data and the precision"
             )
-        self.train_tokens += int(count)
+        mask = batch.get("attention_mask")
+        self.train_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss

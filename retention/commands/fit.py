@@ -1,0 +1,184 @@
+"""``retention fit``: fine-tune a model on a downstream task with LightningCLI and report validation numbers.
+
+With a model, a task and no edits it fine-tunes and reports; the retention pipeline plugs in through
+``trainer.callbacks`` in YAML (edits, freezing, retention monitoring, the run report). Examples::
+
+    retention fit --config configs/fit/instruct_alpaca.yaml
+    retention fit --config configs/fit/text_builtin.yaml --config configs/trainer/ddp_cpu.yaml
+    retention fit --config configs/fit/math_builtin.yaml --trainer.max_steps 5 --print_config
+
+Every run writes into ``<run.out_dir>/<run.name>/``: the resolved ``config.yaml``, the CSV logger's
+``metrics.csv`` and ``hparams.yaml``, W&B files (offline unless credentials exist) and, with
+``run.save_model``, the merged fine-tuned model under ``model/``.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jsonargparse import set_parsing_settings
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from typing_extensions import override
+
+from retention.data.datamodule import TaskDataModule
+from retention.modules.finetune import FineTuneModule
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "accelerator": "auto",
+    "max_epochs": 1,
+    # The DataModule shards its own loaders (validation without repeated samples, DESIGN §4).
+    "use_distributed_sampler": False,
+    # run.validate_first measures the model before training, so no sanity check is needed.
+    "num_sanity_val_steps": 0,
+    "log_every_n_steps": 1,
+    # A full checkpoint of even the default model with AdamW states is ~1.6 GB; run.save_model exports the model.
+    "enable_checkpointing": False,
+}
+
+
+@dataclass
+class RunArgs:
+    """Where a run writes and what it does around ``trainer.fit``."""
+
+    name: str | None = None
+    """Run folder name under ``out_dir``; default ``<task family>-<source name>-<method>``."""
+    out_dir: str = "runs"
+    """Folder holding the run folders."""
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """W&B logging: ``auto`` is online when W&B credentials exist (WANDB_API_KEY or ~/.netrc), else offline
+    (sync later with ``wandb sync <run folder>/wandb/offline-run-*``); ``disabled`` turns it off."""
+    validate_first: bool = True
+    """Validate before training, so the report shows the loss before and after fine-tuning."""
+    save_model: bool = False
+    """Export the fine-tuned model (adapters merged) to ``<run folder>/model``."""
+
+
+def default_run_name(data: TaskDataModule, model: FineTuneModule) -> str:
+    task = data.task_config
+    source = Path(task.source).stem if task.source != "builtin" else "builtin"
+    return re.sub(r"[^\w.-]+", "_", f"{task.family}-{source}-{model.adapter.method}")
+
+
+def wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def run_loggers(run_dir: Path, name: str, wandb: str) -> list[Logger]:
+    """A CSV logger writing into the run folder, and W&B (its folders inside the run folder) unless disabled."""
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    if wandb != "disabled":
+        for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR"):
+            os.environ[var] = str(run_dir)
+        online = wandb == "online" or (wandb == "auto" and wandb_has_credentials())
+        loggers.append(WandbLogger(name=name, save_dir=str(run_dir), project="retention", offline=not online))
+    return loggers
+
+
+class FitCLI(LightningCLI):
+    """LightningCLI for :class:`FineTuneModule` on a :class:`TaskDataModule`, with run folders and a report."""
+
+    def __init__(self, args: list[str]):
+        set_parsing_settings(docstring_parse_attribute_docstrings=True)
+        self.fit_seconds = 0.0
+        super().__init__(
+            FineTuneModule, TaskDataModule, subclass_mode_model=False, subclass_mode_data=False,
+            trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0,
+            save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=["fit", *args], run=True,
+        )
+
+    @staticmethod
+    @override
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": LightningCLI.subcommands()["fit"]}
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(RunArgs, "run")
+        parser.link_arguments("model.model_name", "data.tokenizer")
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        trainer = self.config[self.subcommand].trainer
+        if trainer.precision is None:
+            gpu = trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+            trainer.precision = "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+    @property
+    def run_args(self) -> RunArgs:
+        return self.config_init[self.subcommand].run
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.trainer.default_root_dir)
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        run = self.run_args
+        name = run.name or default_run_name(self.datamodule, self.model)
+        run_dir = Path(run.out_dir) / name
+        user_loggers = self.config_init[self.subcommand].trainer.get("logger")
+        loggers = run_loggers(run_dir, name, run.wandb)
+        if isinstance(user_loggers, Logger):
+            loggers.append(user_loggers)
+        elif isinstance(user_loggers, list):
+            loggers += user_loggers
+        return super().instantiate_trainer(logger=loggers, default_root_dir=str(run_dir), **kwargs)
+
+    def before_fit(self) -> None:
+        if self.run_args.validate_first:
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        self.fit_seconds = -time.perf_counter()
+
+    def after_fit(self) -> None:
+        self.fit_seconds += time.perf_counter()
+        module, trainer = self.model, self.trainer
+        last = module.validations[-1]["step"] if module.validations else None
+        if last != trainer.global_step:
+            trainer.validate(module, datamodule=self.datamodule, verbose=False)
+        if self.run_args.save_model and trainer.is_global_zero:
+            module.export(self.run_dir / "model")
+        if trainer.is_global_zero:
+            print(self.report())
+
+    def report(self) -> str:
+        """The run in a few lines: what was trained, how fast, and validation before/after."""
+        module, trainer, task = self.model, self.trainer, self.datamodule.task_config
+        tokens_per_s = module.train_tokens / self.fit_seconds if self.fit_seconds > 0 else float("nan")
+        lines = [
+            f"fit: {module.model_name} ({module.adapter.method}) on {task.family} from {task.source}: "
+            f"{trainer.global_step} steps, {module.train_tokens} trained tokens in {self.fit_seconds:.1f} s "
+            f"({tokens_per_s:.0f} tokens/s per rank, validation included)"
+        ]
+        rows = module.validations
+        if rows:
+            names = [k for k in rows[-1] if k != "step"]
+            lines.append("  " + f"{'step':>6}" + "".join(f"{n:>16}" for n in names))
+            for row in rows if len(rows) <= 6 else rows[:1] + rows[-5:]:
+                cells = "".join(f"{row[n]:>16.4f}" if n in row else f"{'-':>16}" for n in names)
+                lines.append("  " + f"{row['step']:>6}" + cells)
+        else:
+            lines.append("  no validation data (task.val_fraction is 0)")
+        lines.append(f"run folder: {self.run_dir}")
+        return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    # LightningCLI warns when args are given and sys.argv also holds arguments: here they are the same ones.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    FitCLI(argv)
+    return 0
