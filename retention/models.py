@@ -112,6 +112,41 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.float32
 
 
+def _folder_of(name_or_path: str) -> str:
+    """The folder transformers loads a non-tiny model from (converting the default or a GGUF once)."""
+    if name_or_path == DEFAULT_MODEL:
+        return str(_converted_folder(_smollm2_gguf()))
+    if name_or_path.endswith(".gguf"):
+        gguf = Path(name_or_path)
+        if not gguf.is_file():
+            raise ModelNotFound(f"model file {name_or_path} does not exist")
+        return str(_converted_folder(gguf.resolve()))
+    return name_or_path
+
+
+def _not_found(name_or_path: str, err: Exception) -> ModelNotFound:
+    return ModelNotFound(
+        f"model '{name_or_path}' not found: it is not a built-in name ({', '.join(BUILTIN_MODELS)}), "
+        f"a local folder or a .gguf file, and the Hugging Face hub could not provide it ({type(err).__name__})"
+    )
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False):
+    """The tokenizer of a model, without loading its weights (the tiny models share the default's)."""
+    from transformers import AutoTokenizer
+
+    if name_or_path in TINY_MODELS:
+        return default_tokenizer()
+    folder = _folder_of(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        if Path(folder).exists():
+            raise
+        raise _not_found(name_or_path, err) from None
+    return _prepare_tokenizer(tokenizer)
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: torch.dtype | str | None = None,
@@ -123,7 +158,7 @@ def load_model(
     ``name_or_path``: ``smollm2-135m`` (built-in default), ``tiny-llama`` / ``tiny-gpt2`` (random, seeded),
     a local folder, a ``.gguf`` file or a Hugging Face hub id.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -133,28 +168,14 @@ def load_model(
         tokenizer = default_tokenizer()
         model = _tiny_model(name_or_path, len(tokenizer))
     else:
-        if name_or_path == DEFAULT_MODEL:
-            folder = _converted_folder(_smollm2_gguf())
-        elif name_or_path.endswith(".gguf"):
-            gguf = Path(name_or_path)
-            if not gguf.is_file():
-                raise ModelNotFound(f"model file {name_or_path} does not exist")
-            folder = _converted_folder(gguf.resolve())
-        else:
-            folder = name_or_path
+        folder = _folder_of(name_or_path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(folder), dtype=dtype, trust_remote_code=trust_remote_code
-            )
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
-            if Path(str(folder)).exists():
+            if Path(folder).exists():
                 raise
-            raise ModelNotFound(
-                f"model '{name_or_path}' not found: it is not a built-in name ({', '.join(BUILTIN_MODELS)}), "
-                f"a local folder or a .gguf file, and the Hugging Face hub could not provide it ({type(err).__name__})"
-            ) from None
-        tokenizer = _prepare_tokenizer(tokenizer)
+            raise _not_found(name_or_path, err) from None
+        tokenizer = load_tokenizer(name_or_path, trust_remote_code)
     model = model.to(device=device, dtype=dtype).eval()
     log.info("loaded %s in %.1f s", name_or_path, time.perf_counter() - t0)
     return model, tokenizer

@@ -77,7 +77,7 @@ def _hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
 
 
 @dataclass
-class _Row:
+class ScoreRow:
     ids: list[int]
     start: int
     """Index of the first continuation token."""
@@ -85,7 +85,7 @@ class _Row:
     """Number of continuation tokens."""
 
 
-def _score_rows(model: nn.Module, rows: list[_Row], pad_id: int):
+def score_rows(model: nn.Module, rows: list[ScoreRow], pad_id: int):
     """One forward over right-padded rows; per row the log-probs, argmax ids of its continuation tokens."""
     device = next(model.parameters()).device
     width = max(len(r.ids) for r in rows)
@@ -163,12 +163,12 @@ def score_probes(
         rows, owners = [], []
         for i in batch:
             pids, tids, aids = encoded[i]
-            rows.append(_Row(pids + tids, len(pids), len(tids)))
+            rows.append(ScoreRow(pids + tids, len(pids), len(tids)))
             owners.append((i, "target"))
             if aids is not None:
-                rows.append(_Row(pids + aids, len(pids), len(aids)))
+                rows.append(ScoreRow(pids + aids, len(pids), len(aids)))
                 owners.append((i, "alt"))
-        for (i, which), (lp, argmax, tgt) in zip(owners, _score_rows(model, rows, tokenizer.pad_token_id)):
+        for (i, which), (lp, argmax, tgt) in zip(owners, score_rows(model, rows, tokenizer.pad_token_id)):
             res = results[i]
             if which == "target":
                 res.target_logprob = lp.mean().item()

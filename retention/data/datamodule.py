@@ -12,16 +12,9 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from retention.data.tasks import Task, TaskConfig, build_task, load_examples
-from retention.models import BUILTIN_MODELS, DEFAULT_MODEL, default_tokenizer, load_model
+from retention.models import DEFAULT_MODEL, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-
-def load_tokenizer(name: str):
-    """The tokenizer of a model name (the built-in models share the default tokenizer)."""
-    if name in BUILTIN_MODELS:
-        return default_tokenizer()
-    return load_model(name)[1]
 
 
 def train_sampler(dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> Sampler:

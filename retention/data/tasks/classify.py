@@ -25,7 +25,7 @@ from retention.data.tasks.examples import (
 )
 from retention.data.tasks.sources import field, is_hub_source, local_file, read_records, text_field
 from retention.records import RecordError
-from retention.scoring import _Row, _score_rows
+from retention.scoring import ScoreRow, score_rows
 
 if TYPE_CHECKING:
     from torch import nn
@@ -137,14 +137,14 @@ def evaluate(
     rows = []
     for ex in examples:
         p = encode_prompt(tokenizer, format_prompt(tokenizer, ex.prompt, chat_template))
-        rows += [_Row(p + ids, len(p), len(ids)) for ids in label_ids]
+        rows += [ScoreRow(p + ids, len(p), len(ids)) for ids in label_ids]
     was_training = model.training
     model.eval()
     scores: list[float] = []
     try:
         step = batch_size * len(labels)
         for start in range(0, len(rows), step):
-            scores += [lp.sum().item() for lp, _, _ in _score_rows(model, rows[start : start + step], pad_id(tokenizer))]
+            scores += [lp.sum().item() for lp, _, _ in score_rows(model, rows[start : start + step], pad_id(tokenizer))]
     finally:
         model.train(was_training)
     per_example = torch.tensor(scores).view(len(examples), len(labels))
