@@ -1,0 +1,184 @@
+"""ApplyEdits: select known facts, split them into edit and control sets, edit, hand over to measurement.
+
+Runs in ``on_base_model_ready``, which the FineTuneModule calls from ``configure_model``: after the base model is
+loaded and before adapters, freezing and the strategy's wrap/shard, so the edits land in plain weights. Steps:
+
+1. read the knowledge source and keep the facts the base model knows (``known_protocol``; ``none`` keeps all,
+   for tests on random tiny models);
+2. split them (seeded, disjoint by subject and object) into ``n_edit`` facts to edit and ``n_control`` facts
+   left untouched; give their subjects and objects to the datamodule's ``exclude_terms`` and rebuild its task
+   (its ``setup`` ran before ``configure_model``), so no fine-tuning example mentions them;
+3. call ``on_before_edits(trainer, pl_module, records)`` on the callbacks that define it (paraphrase
+   augmentation returns the records with their editing phrasings; without it edits use no augmentation);
+4. edit in ``batch`` or ``sequential`` mode and set ``pl_module.edited_layers``;
+5. call ``on_edits_applied(trainer, pl_module, sets)`` on the callbacks that define it (the RetentionMonitor
+   measures t=0 there).
+
+Under DDP every rank runs these steps itself (they are deterministic), so no weights need broadcasting.
+
+The paper's ``single`` protocol (each edit on a fresh copy of the base model, then its own fine-tune) is N runs,
+one per edit: run ``retention fit`` with ``edits.single_index: i`` for i in 0..n_edit-1 (the same seed keeps the
+same selection), then add the runs' counts (every rate in ``summary.json`` carries its count and denominator).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from typing import Any, Literal
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from retention.callbacks.probing import KnowledgeSets
+from retention.data.readers import load_records
+from retention.data.selection import select_known_facts, split_edit_control
+from retention.editing.base import EditRequest, run_edits
+from retention.editing.registry import build_editor
+from retention.records import KnowledgeRecord
+
+Mode = Literal["batch", "sequential", "single"]
+
+
+def _hooks(trainer: Trainer, name: str) -> list:
+    """The bound ``name`` methods of the trainer's callbacks that define it, in callback order."""
+    return [getattr(cb, name) for cb in trainer.callbacks if callable(getattr(cb, name, None))]
+
+
+class ApplyEdits(Callback):
+    """Edits ``n_edit`` known facts into the base model and keeps ``n_control`` known facts as controls."""
+
+    def __init__(
+        self,
+        knowledge: str = "builtin",
+        n_edit: int = 0,
+        n_control: int = 0,
+        known_protocol: str = "top1",
+        max_candidates: int | None = None,
+        seed: int = 0,
+        editor: str = "rome",
+        hparams: str | dict[str, Any] | None = None,
+        mode: Mode = "batch",
+        batch_size: int = 1,
+        single_index: int | None = None,
+    ):
+        """
+        Args:
+            knowledge: a knowledge file (CounterFact, zsRE, our records) or a built-in set name (``builtin``).
+            n_edit: facts to edit (the edit set E). With ``n_edit`` and ``n_control`` both 0 (the default) the
+                callback does nothing: plain fine-tuning.
+            n_control: known facts left untouched (the intrinsic control set I).
+            known_protocol: keep facts the base model answers correctly under this protocol (top1, prob,
+                token_acc, gen); ``none`` keeps every fact (random test models know nothing).
+            max_candidates: score at most this many records (a seeded sample) when selecting known facts.
+            seed: seed of the sample and of the edit/control split.
+            editor: editor name (see ``retention edit --help``).
+            hparams: the editor's hyperparameters: a YAML file, a preset name or a mapping; None for the preset
+                named after the model (``configs/editors/<editor>/<model>.yaml``).
+            mode: ``batch`` (one editor call) or ``sequential`` (calls of ``batch_size`` requests, each applied
+                before the next); ``single`` edits only fact ``single_index`` (one run of the single protocol).
+            batch_size: requests per editor call in ``sequential`` mode.
+            single_index: with ``mode: single``, which of the ``n_edit`` selected facts this run edits.
+        """
+        if n_edit < 0 or n_control < 0:
+            raise ValueError(f"ApplyEdits: n_edit={n_edit}, n_control={n_control} must be >= 0")
+        if mode not in ("batch", "sequential", "single"):
+            raise ValueError(f"ApplyEdits: mode {mode!r} unknown; choose batch, sequential or single")
+        if (mode == "single") != (single_index is not None):
+            raise ValueError("ApplyEdits: mode 'single' needs single_index (and single_index needs mode 'single')")
+        if single_index is not None and not 0 <= single_index < n_edit:
+            raise ValueError(f"ApplyEdits: single_index={single_index} must be in 0..{n_edit - 1} (n_edit={n_edit})")
+        self.knowledge = knowledge
+        self.n_edit, self.n_control = n_edit, n_control
+        self.known_protocol = known_protocol
+        self.max_candidates = max_candidates
+        self.seed = seed
+        self.editor = editor
+        self.hparams = hparams
+        self.mode = mode
+        self.batch_size = batch_size
+        self.single_index = single_index
+        self.sets = KnowledgeSets()
+        self.edited_records: list[KnowledgeRecord] = []
+        """The edit set as edited (with the phrasings the augmentation gave)."""
+        self.edited_layers: list[int] = []
+        self.stats: dict[str, int] = {}
+        self.timings: dict[str, float] = {}
+        self.edit_diagnostics: list[dict] = []
+
+    def describe(self) -> dict:
+        """What this run edited and kept, for the run summary."""
+        return {
+            "knowledge": self.knowledge, "known_protocol": self.known_protocol, "seed": self.seed,
+            "editor": self.editor if self.sets.edit else None, "hparams": self.hparams, "mode": self.mode,
+            "n_edit": len(self.sets.edit), "n_control": len(self.sets.control), "edited_layers": self.edited_layers,
+            "augmented_phrasings": sum(len(r.augmentations) for r in self.edited_records),
+            "edit_case_ids": [r.case_id for r in self.sets.edit],
+            "control_case_ids": [r.case_id for r in self.sets.control], **self.stats,
+        }
+
+    def select(self, pl_module: LightningModule) -> KnowledgeSets:
+        """Read, keep known facts, split into edit and control sets."""
+        t0 = time.perf_counter()
+        records = load_records(self.knowledge)
+        if self.max_candidates is not None and len(records) > self.max_candidates:
+            records = random.Random(self.seed).sample(records, self.max_candidates)
+        if self.known_protocol == "none":
+            known = list(records)
+        else:
+            known = select_known_facts(pl_module.model, pl_module.tokenizer, records, self.known_protocol)
+        edit, control = split_edit_control(known, self.n_edit, self.n_control, self.seed)
+        if self.single_index is not None:
+            edit = [edit[self.single_index]]
+        self.stats = {"candidates": len(records), "known": len(known)}
+        self.timings["select_s"] = time.perf_counter() - t0
+        rank_zero_info(f"{self.knowledge}: {len(known)} of {len(records)} facts known under {self.known_protocol}; "
+                       f"{len(edit)} to edit, {len(control)} controls ({self.timings['select_s']:.1f} s)")
+        return KnowledgeSets(edit, control)
+
+    def _exclude_from_task(self, trainer: Trainer) -> None:
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "exclude_terms"):
+            return
+        datamodule.exclude_terms = self.sets.terms()
+        datamodule.setup("fit")
+        n_dropped = getattr(getattr(datamodule, "task", None), "n_dropped", None)
+        if n_dropped is not None:
+            self.stats["task_examples_dropped"] = int(n_dropped)
+
+    def edit(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Apply the edits of the edit set to ``pl_module.model``."""
+        t0 = time.perf_counter()
+        editor = build_editor(self.editor, self.hparams, getattr(pl_module, "model_name", None))
+        requests = [EditRequest.from_record(r) for r in self.edited_records]
+        mode = "batch" if self.mode == "single" else self.mode
+        results = run_edits(editor, pl_module.model, pl_module.tokenizer, requests, mode, self.batch_size)
+        self.edited_layers = sorted({i for r in results for i in r.layers})
+        self.edit_diagnostics = [
+            {"case_id": d.case_id, "seconds": d.seconds, "delta_norm": d.delta_norm, **d.values}
+            for r in results for d in r.diagnostics
+        ]
+        self.timings["edit_s"] = time.perf_counter() - t0
+        rank_zero_info(f"{self.editor} ({self.mode}): {len(requests)} edits in layers {self.edited_layers} "
+                       f"({self.timings['edit_s']:.1f} s)")
+
+    @property
+    def active(self) -> bool:
+        return self.n_edit + self.n_control > 0
+
+    def on_base_model_ready(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.active:
+            return
+        self.sets = self.select(pl_module)
+        self._exclude_from_task(trainer)
+        # Augmentation is opt-in (ParaphraseAugmentation): the records' own phrasings are not used by default.
+        records = [dataclasses.replace(r, augmentations=[]) for r in self.sets.edit]
+        for hook in _hooks(trainer, "on_before_edits"):
+            records = hook(trainer, pl_module, records) or records
+        self.edited_records = records
+        if records:
+            self.edit(trainer, pl_module)
+        pl_module.edited_layers = list(self.edited_layers)
+        for hook in _hooks(trainer, "on_edits_applied"):
+            hook(trainer, pl_module, self.sets)

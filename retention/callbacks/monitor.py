@@ -1,0 +1,107 @@
+"""RetentionMonitor: score the edit and control sets at t=0, every k steps and at the end; log retention."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from retention.callbacks.probing import KnowledgeSets, Measurement, ScoreSettings, measure
+from retention.records import Probe
+from retention.scoring import ProbeResult, check_protocols
+
+
+class RetentionMonitor(Callback):
+    """Measures the probe sets of :class:`~retention.callbacks.apply_edits.ApplyEdits` during fine-tuning.
+
+    t=0 is measured when ApplyEdits has applied the edits (``on_edits_applied``, before the strategy wraps the
+    model; without edit and control sets the monitor does nothing);
+    then every ``every_n_steps`` optimizer steps and at the end of training. Logs, per probe group (``edit``,
+    ``edit_paraphrase``, ``edit_neighborhood``, ``control``, ``control_paraphrase``) and protocol,
+    ``retention/<group>_<protocol>`` (vs t=0) and ``accuracy/<group>_<protocol>``, and keeps the curves.
+    """
+
+    def __init__(
+        self,
+        protocols: Sequence[str] = ("top1", "prob", "gen"),
+        every_n_steps: int = 50,
+        batch_size: int = 16,
+        max_new_tokens: int = 10,
+    ):
+        """
+        Args:
+            protocols: scoring protocols (DESIGN §2): any of top1, prob, token_acc, gen.
+            every_n_steps: measure every this many optimizer steps (0: only t=0 and the end).
+            batch_size: probes per scoring forward.
+            max_new_tokens: greedy tokens generated per probe for the ``gen`` protocol.
+        """
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps={every_n_steps}: must be >= 0")
+        self.settings = ScoreSettings(tuple(check_protocols(protocols)), batch_size, max_new_tokens)
+        self.every_n_steps = every_n_steps
+        self.probes: list[Probe] = []
+        self.baseline: list[ProbeResult] = []
+        """This rank's t=0 results (its shard of the probes)."""
+        self.measurements: list[Measurement] = []
+
+    @property
+    def protocols(self) -> tuple[str, ...]:
+        return self.settings.protocols
+
+    def on_edits_applied(self, trainer: Trainer, pl_module: LightningModule, sets: KnowledgeSets) -> None:
+        self.probes = sets.probes()
+        if not self.probes:
+            return
+        # On a resumed run the checkpoint's curves replace this list afterwards; t=0 is still the baseline.
+        m, self.baseline = measure(pl_module.model, pl_module.tokenizer, self.probes, self.settings, 0)
+        self._record(trainer, m)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step():
+            self._measure(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_step != self._last_step():
+            self._measure(trainer, pl_module)
+
+    def _last_step(self) -> int:
+        return self.measurements[-1].step if self.measurements else -1
+
+    def _measure(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.probes:
+            return  # no edit or control set (plain fine-tuning)
+        m, _ = measure(pl_module.model, pl_module.tokenizer, self.probes, self.settings, trainer.global_step,
+                       self.baseline)
+        self._record(trainer, m)
+
+    def _record(self, trainer: Trainer, m: Measurement) -> None:
+        self.measurements.append(m)
+        metrics = {
+            f"{name}/{group}_{protocol}": r["value"]
+            for name in ("retention", "accuracy")
+            for group, by_protocol in m.rates[name].items()
+            for protocol, r in by_protocol.items()
+            if not math.isnan(r["value"])
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=m.step)
+        parts = []
+        for group in ("edit", "control"):
+            for protocol in self.protocols:
+                r = m.rates["retention"].get(group, {}).get(protocol)
+                if r is not None:
+                    parts.append(f"{group} {protocol} {r['value']:.2f} ({r['count']}/{r['denominator']})")
+        rank_zero_info(f"step {m.step}: measured {len(self.probes)} probes in {m.seconds:.1f} s; retention "
+                       + ", ".join(parts))
+
+    def state_dict(self) -> dict:
+        return {"measurements": [m.to_dict() for m in self.measurements]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.measurements = [
+            Measurement(d["step"], {k: d[k] for k in ("accuracy", "retention")}, d["seconds"])
+            for d in state_dict["measurements"]
+        ]

@@ -1,0 +1,132 @@
+"""RunReport: write the run folder and print the final table.
+
+The folder (``out_dir``, default the trainer's ``default_root_dir``) gets, all written atomically:
+
+- ``probes/step_<N>.jsonl``: per-probe results of every measurement (t=0 is step 0), written as they come;
+- ``summary.json``: edited and intrinsic retention side by side under every protocol with denominators,
+  accuracy at t=0 (edit success), the curves, downstream metrics and timings;
+- ``retention_curves.png``: retention against fine-tuning steps, one panel per protocol;
+- ``config.yaml`` is LightningCLI's resolved configuration (its SaveConfigCallback writes it to the log dir).
+
+A resumed run (``--ckpt_path``) rewrites the same files: the monitor's curves come back from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from retention.callbacks.apply_edits import ApplyEdits
+from retention.callbacks.monitor import RetentionMonitor
+from retention.callbacks.probing import Measurement
+from retention.io import atomic_write_json, atomic_write_jsonl
+from retention.reporting import format_table, plot_curves, probe_group, summarize
+
+
+def _find(trainer: Trainer, cls: type) -> Callback:
+    for cb in trainer.callbacks:
+        if isinstance(cb, cls):
+            return cb
+    raise ValueError(f"RunReport needs a {cls.__name__} callback in trainer.callbacks")
+
+
+def probe_rows(m: Measurement) -> list[dict]:
+    return [{"step": m.step, "group": probe_group(r.probe.kind), **r.to_dict()} for r in m.results or []]
+
+
+class RunReport(Callback):
+    """Writes per-probe results, ``summary.json`` and the curve PNG of a run; prints the retention table."""
+
+    def __init__(self, out_dir: str | None = None, plot: bool = True):
+        """
+        Args:
+            out_dir: the run folder; None for the trainer's ``default_root_dir``.
+            plot: write ``retention_curves.png``.
+        """
+        self.out_dir = out_dir
+        self.plot = plot
+        self._written: set[int] = set()
+        self._t_start = time.perf_counter()
+        self._t_train: float | None = None
+        self.summary: dict | None = None
+
+    def folder(self, trainer: Trainer) -> Path:
+        return Path(self.out_dir or trainer.default_root_dir)
+
+    def _flush(self, trainer: Trainer) -> None:
+        """Write the per-probe results of measurements not yet written (rank 0 holds them)."""
+        if not trainer.is_global_zero:
+            return
+        monitor = _find(trainer, RetentionMonitor)
+        for m in monitor.measurements:
+            if m.results is not None and m.step not in self._written:
+                atomic_write_jsonl(self.folder(trainer) / "probes" / f"step_{m.step:06d}.jsonl", probe_rows(m))
+                self._written.add(m.step)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._flush(trainer)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._t_train = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        self._flush(trainer)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._flush(trainer)
+        if trainer.is_global_zero and _find(trainer, RetentionMonitor).measurements:
+            self.write(trainer, pl_module)
+            rank_zero_info("\n" + self.describe(trainer))
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # `retention fit` validates once more after fit when the last step had no validation: keep it.
+        if self.summary is not None and trainer.is_global_zero and not trainer.sanity_checking:
+            self.summary["downstream"] = self._downstream(pl_module)
+            atomic_write_json(self.folder(trainer) / "summary.json", self.summary)
+
+    @staticmethod
+    def _downstream(pl_module: LightningModule) -> dict:
+        """Validation metrics before and after fine-tuning (the FineTuneModule's ``validations``)."""
+        validations = getattr(pl_module, "validations", [])
+        out = {"train_tokens": getattr(pl_module, "train_tokens", 0)}
+        if validations:
+            out["first"], out["last"] = validations[0], validations[-1]
+        return out
+
+    def write(self, trainer: Trainer, pl_module: LightningModule) -> dict:
+        """Write ``summary.json`` and the curve PNG; returns the summary."""
+        monitor = _find(trainer, RetentionMonitor)
+        edits = _find(trainer, ApplyEdits)
+        measure_s = sum(m.seconds for m in monitor.measurements)
+        # Measurements after t=0 run inside the training window; fine-tuning is the rest of it.
+        train_window = time.perf_counter() - self._t_train if self._t_train is not None else 0.0
+        timings = {
+            **edits.timings,
+            "measure_s": measure_s,
+            "fine_tune_s": max(0.0, train_window - sum(m.seconds for m in monitor.measurements[1:])),
+            "total_s": time.perf_counter() - self._t_start,
+        }
+        run = {**edits.describe(), "model": getattr(pl_module, "model_name", ""),
+               "frozen_layers": sorted(getattr(pl_module, "frozen_layers", []))}
+        self.summary = summarize(run, monitor.protocols, [m.to_dict() for m in monitor.measurements],
+                                 self._downstream(pl_module), timings)
+        folder = self.folder(trainer)
+        atomic_write_json(folder / "summary.json", self.summary)
+        if self.plot:
+            plot_curves(self.summary["curves"], folder / "retention_curves.png",
+                        title=f"{run['model']}: {run.get('editor')} ({run.get('mode')}), {run['n_edit']} edits, "
+                        f"{run['n_control']} controls, frozen {run['frozen_layers'] or 'none'}")
+        return self.summary
+
+    def describe(self, trainer: Trainer) -> str:
+        """The final table and where the files are."""
+        folder, t = self.folder(trainer), self.summary["timings"]
+        lines = [format_table(self.summary), "", f"summary: {folder / 'summary.json'}"]
+        if self.plot:
+            lines.append(f"curves:  {folder / 'retention_curves.png'}")
+        lines.append(f"time: {t['total_s']:.0f} s (select {t.get('select_s', 0):.0f} s, edit {t.get('edit_s', 0):.0f} s, "
+                     f"fine-tune {t['fine_tune_s']:.0f} s, measure {t['measure_s']:.0f} s)")
+        return "\n".join(lines)

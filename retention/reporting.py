@@ -1,0 +1,158 @@
+"""Run reports: rates with their denominators, the summary, the retention table, the curve plot.
+
+Probe groups name what a probe measures: ``edit`` (the rewrite prompt of an edited fact), ``edit_paraphrase``
+(its held-out evaluation paraphrases), ``edit_neighborhood`` (prompts about other subjects that must keep their
+answers), ``control`` and ``control_paraphrase`` (the intrinsic control facts, never edited). The table puts
+edited (``edit``) and intrinsic (``control``) retention side by side under every protocol.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from retention.metrics import ratio
+
+GROUP_OF_KIND = {
+    "rewrite": "edit",
+    "paraphrase": "edit_paraphrase",
+    "neighborhood": "edit_neighborhood",
+    "control": "control",
+    "control_paraphrase": "control_paraphrase",
+}
+"""Probe kind (``Probe.kind``) -> probe group."""
+GROUPS = ("edit", "control", "edit_paraphrase", "control_paraphrase", "edit_neighborhood")
+"""Probe groups in table order: edited and intrinsic side by side first."""
+GROUP_LABELS = {
+    "edit": "edited (E)",
+    "control": "intrinsic (I)",
+    "edit_paraphrase": "E paraphrase",
+    "control_paraphrase": "I paraphrase",
+    "edit_neighborhood": "E neighbourhood",
+}
+
+Rate = dict[str, Any]
+"""``{"value": count / denominator (NaN when empty), "count": int, "denominator": int}``."""
+
+
+def rate(count: int, denominator: int) -> Rate:
+    return {"value": ratio(count, denominator), "count": int(count), "denominator": int(denominator)}
+
+
+def probe_group(kind: str) -> str:
+    if kind not in GROUP_OF_KIND:
+        raise ValueError(f"probe kind {kind!r} has no group; known kinds: {', '.join(GROUP_OF_KIND)}")
+    return GROUP_OF_KIND[kind]
+
+
+def _fmt(r: Rate | None) -> str:
+    if r is None:
+        return "-"
+    value = "  n/a" if math.isnan(r["value"]) else f"{r['value']:.2f}"
+    return f"{value} ({r['count']}/{r['denominator']})"
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """The final retention table: edited vs intrinsic (and paraphrase, neighbourhood) under every protocol."""
+    protocols = summary["protocols"]
+    groups = [g for g in GROUPS if any(g in summary["retention"].get(p, {}) for p in protocols)]
+    width = 20
+    lines = [
+        f"Retention after {summary['final_step']} fine-tuning steps (kept / passing at t=0), "
+        f"{summary['run'].get('n_edit', '?')} edits, {summary['run'].get('n_control', '?')} control facts",
+        f"{'protocol':<10}" + "".join(f"{GROUP_LABELS[g]:<{width}}" for g in groups),
+    ]
+    for p in protocols:
+        row = summary["retention"].get(p, {})
+        lines.append(f"{p:<10}" + "".join(f"{_fmt(row.get(g)):<{width}}" for g in groups))
+    lines.append("")
+    lines.append("Accuracy at t=0 (after editing, before fine-tuning):")
+    groups0 = [g for g in GROUPS if g in summary["t0"]]
+    lines.append(f"{'protocol':<10}" + "".join(f"{GROUP_LABELS[g]:<{width}}" for g in groups0))
+    for p in protocols:
+        lines.append(f"{p:<10}" + "".join(f"{_fmt(summary['t0'][g].get(p)):<{width}}" for g in groups0))
+    return "\n".join(lines)
+
+
+def summarize(
+    run: Mapping[str, Any],
+    protocols: Sequence[str],
+    measurements: Sequence[Mapping[str, Any]],
+    downstream: Mapping[str, float] | None = None,
+    timings: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """The ``summary.json`` of a run from its measurements (t=0 first), each
+    ``{"step", "accuracy": {group: {protocol: Rate}}, "retention": {group: {protocol: Rate}}}``."""
+    if not measurements:
+        raise ValueError("no measurements: the run has not measured t=0")
+    first, last = measurements[0], measurements[-1]
+    retention = {p: {g: last["retention"][g][p] for g in last["retention"]} for p in protocols}
+    return {
+        "run": dict(run),
+        "protocols": list(protocols),
+        "final_step": last["step"],
+        "t0": first["accuracy"],
+        "edit_success_t0": {g: first["accuracy"][g] for g in ("edit", "edit_paraphrase") if g in first["accuracy"]},
+        "retention": retention,
+        "flip_ratio": {p: 1.0 - retention[p]["edit"]["value"] for p in protocols if "edit" in retention[p]},
+        "final_accuracy": last["accuracy"],
+        "curves": curves(measurements),
+        "downstream": dict(downstream or {}),
+        "timings": dict(timings or {}),
+    }
+
+
+def curves(measurements: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[list[float]]]]:
+    """``{group: {protocol: [[step, retention], ...]}}`` over the measurements."""
+    out: dict[str, dict[str, list[list[float]]]] = {}
+    for m in measurements:
+        for group, by_protocol in m["retention"].items():
+            for protocol, r in by_protocol.items():
+                out.setdefault(group, {}).setdefault(protocol, []).append([m["step"], r["value"]])
+    return out
+
+
+def plot_curves(curve_data: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], path: str | Path,
+                title: str = "") -> Path:
+    """A PNG with one panel per protocol: retention of each probe group against fine-tuning steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    protocols = list(dict.fromkeys(p for by_protocol in curve_data.values() for p in by_protocol))
+    fig, axes = plt.subplots(1, len(protocols), figsize=(4.2 * len(protocols), 3.6), squeeze=False, sharey=True)
+    styles = {"edit": ("C3", "-"), "control": ("C0", "-"), "edit_paraphrase": ("C3", "--"),
+              "control_paraphrase": ("C0", "--"), "edit_neighborhood": ("C2", ":")}  # fmt: skip
+    for ax, protocol in zip(axes[0], protocols):
+        for group in GROUPS:
+            points = curve_data.get(group, {}).get(protocol)
+            if not points:
+                continue
+            color, line = styles[group]
+            ax.plot([s for s, _ in points], [v for _, v in points], line, color=color, marker="o", markersize=3,
+                    label=GROUP_LABELS[group])
+        ax.set_title(protocol)
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("retention (vs t=0)")
+    axes[0][-1].legend(fontsize=8, loc="lower left")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
