@@ -151,11 +151,16 @@ RELATIONS: dict[str, Relation] = dict([
 
 
 def relation_templates(relation_id: str) -> list[str]:
-    """The templates of a relation, main template first."""
-    if relation_id not in RELATIONS:
-        known = ", ".join(sorted(RELATIONS, key=lambda r: int(r[1:])))
-        raise KeyError(f"no templates for relation id {relation_id!r} (known: {known})")
-    return list(RELATIONS[relation_id].templates)
+    """The templates of a relation, main template first (CounterFact's table, then the built-in set's)."""
+    from retention.data.builtin_facts import RELATIONS as BUILTIN_RELATIONS
+
+    if relation_id in RELATIONS:
+        return list(RELATIONS[relation_id].templates)
+    builtin = {rel.relation_id: rel for rel in BUILTIN_RELATIONS}
+    if relation_id in builtin:
+        return list(builtin[relation_id].templates)
+    known = ", ".join(sorted(set(RELATIONS) | set(builtin)))
+    raise KeyError(f"no templates for relation id {relation_id!r} (known: {known})")
 
 
 def _words(text: str) -> list[str]:
