@@ -85,15 +85,21 @@ class ScoreRow:
     """Number of continuation tokens."""
 
 
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of token sequences, right-padded to the longest."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        input_ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return input_ids, mask
+
+
 def score_rows(model: nn.Module, rows: list[ScoreRow], pad_id: int):
     """One forward over right-padded rows; per row the log-probs, argmax ids of its continuation tokens."""
     device = next(model.parameters()).device
-    width = max(len(r.ids) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r.ids)] = torch.tensor(r.ids)
-        mask[i, : len(r.ids)] = 1
+    input_ids, mask = right_pad([r.ids for r in rows], pad_id)
     hidden = _hidden_states(model, input_ids.to(device), mask.to(device))
     row_idx = torch.cat([torch.full((r.length,), i) for i, r in enumerate(rows)])
     pos_idx = torch.cat([torch.arange(r.start - 1, r.start - 1 + r.length) for r in rows])

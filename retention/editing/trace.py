@@ -96,19 +96,21 @@ def stop_after(module: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def patch_outputs(patches: Mapping[nn.Module, Patch]) -> Iterator[None]:
-    """Replace each module's output tensor ``y`` by ``patch(y)`` during the forwards inside."""
+def patch_outputs(patches: Mapping[nn.Module, Callable], with_input: bool = False) -> Iterator[None]:
+    """Replace each module's output tensor ``y`` by ``patch(y)`` — or ``patch(x, y)`` with its input ``x`` when
+    ``with_input`` — during the forwards inside."""
     handles = []
 
-    def hook_for(patch: Patch):
-        def hook(module, args, output):
-            return _replace_main(output, patch(_main(output)))
+    def hook_for(patch: Callable):
+        def hook(module, args, kwargs, output):
+            y = _main(output)
+            return _replace_main(output, patch(_hidden_arg(args, kwargs), y) if with_input else patch(y))
 
         return hook
 
     try:
         for module, patch in patches.items():
-            handles.append(module.register_forward_hook(hook_for(patch)))
+            handles.append(module.register_forward_hook(hook_for(patch), with_kwargs=True))
         yield
     finally:
         for h in handles:

@@ -1,0 +1,157 @@
+"""``retention edit``: edit facts into a model, report edit success next to the unedited model, save the result.
+
+Edit success is scored on each fact's rewrite prompt, its held-out paraphrases and its neighbourhood prompts
+(other subjects that must keep their own answers) under the ``top1`` and ``prob`` protocols, before and after.
+Writes ``scores.json`` (the table and every probe's result), the ``EditResult`` (``edit/``; ``edits/<case_id>/``
+in ``single`` mode) and the edited model as safetensors (``model/``; not in ``single`` mode, where every edit
+is applied alone to the unedited model).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from jsonargparse import ArgumentParser
+
+from retention.io import atomic_write_json
+from retention.models import DEFAULT_MODEL, load_model
+from retention.reporting import GROUP_LABELS, probe_group, rate
+from retention.scoring import score_probes
+
+PROTOCOLS = ("top1", "prob")
+_GROUPS = ("edit", "edit_paraphrase", "edit_neighborhood")
+
+
+@dataclass
+class EditArgs:
+    model: str = DEFAULT_MODEL
+    """Model: smollm2-135m, tiny-llama, tiny-gpt2, a local folder, a .gguf file or a hub id."""
+    editor: str = "rome"
+    """Editor: rome, ft-l, ft-m."""
+    data: str = "builtin"
+    """Knowledge records: 'builtin' or a CounterFact / zsRE / retention JSON(L) file."""
+    n: int = 50
+    """Number of facts to edit (the first N, after --select-known)."""
+    mode: str = "sequential"
+    """batch (one call), sequential (one after another) or single (each alone on the unedited model)."""
+    batch_size: int = 1
+    """Requests per editor call in sequential mode."""
+    hparams: str | None = None
+    """Editor hyperparameters: a YAML file or a preset name (default: the preset named after --model)."""
+    set: list[str] | None = None
+    """Hyperparameter overrides, KEY=VALUE (the value read as YAML), e.g. --set layer=6 --set v_lr=0.1."""
+    select_known: str | None = "top1"
+    """Keep only facts the unedited model knows under this protocol (top1, prob, ...); 'none' keeps all."""
+    out: str = "runs/edit"
+    """Output folder."""
+    save_model: bool = True
+    """Save the edited model (safetensors) under OUT/model."""
+    batch_size_scoring: int = 16
+    """Probes per forward pass when scoring."""
+
+
+def _overrides(items: list[str] | None) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _select(model, tokenizer, records, protocol: str | None, n: int, batch_size: int):
+    """The first ``n`` records the model knows under ``protocol``, scoring only as many as needed."""
+    if protocol in (None, "none"):
+        return records[:n]
+    from retention.data.selection import select_known_facts
+
+    known, start = [], 0
+    while len(known) < n and start < len(records):
+        chunk = records[start : start + max(2 * (n - len(known)), 16)]
+        known += select_known_facts(model, tokenizer, chunk, protocol, batch_size)
+        start += len(chunk)
+    if len(known) < n:
+        print(f"only {len(known)} of {len(records)} facts are known under {protocol} (asked for {n})")
+    return known[:n]
+
+
+def _accuracy(results) -> dict:
+    """``{group: {protocol: Rate}}`` over scored probes."""
+    out: dict = {}
+    for g in _GROUPS:
+        rs = [r for r in results if probe_group(r.probe.kind) == g]
+        out[g] = {p: rate(sum(bool(r.passed.get(p)) for r in rs), sum(p in r.passed for r in rs)) for p in PROTOCOLS}
+    return out
+
+
+def format_edit_table(before: dict, after: dict) -> str:
+    """Edit success per probe group and protocol, unedited -> edited."""
+    lines = [f"{'probes':<18}{'n':>6}" + "".join(f"{p + ' unedited':>16}{p + ' edited':>14}" for p in PROTOCOLS)]
+    lines.append("-" * len(lines[0]))
+    for g in _GROUPS:
+        cells = "".join(f"{before[g][p]['value']:>16.1%}{after[g][p]['value']:>14.1%}" for p in PROTOCOLS)
+        lines.append(f"{GROUP_LABELS[g]:<18}{after[g][PROTOCOLS[0]]['denominator']:>6}{cells}")
+    return "\n".join(lines)
+
+
+def run(args: EditArgs) -> dict:
+    from retention.data.readers import load_records
+    from retention.editing.base import EditRequest, EditResult, run_edits
+    from retention.editing.registry import build_editor
+
+    t_start = time.perf_counter()
+    editor = build_editor(args.editor, args.hparams, args.model, **_overrides(args.set))
+    model, tokenizer = load_model(args.model)
+    records = _select(model, tokenizer, load_records(args.data), args.select_known, args.n, args.batch_size_scoring)
+    if not records:
+        raise ValueError(f"no facts to edit from {args.data}")
+    probes = [p for r in records for p in r.edit_probes()]
+    score = dict(protocols=PROTOCOLS, batch_size=args.batch_size_scoring)
+    before = score_probes(model, tokenizer, probes, **score)
+    requests = [EditRequest.from_record(r) for r in records]
+    print(f"editing {len(requests)} facts with {args.editor} ({args.mode}) into {args.model}")
+    t0 = time.perf_counter()
+    results = run_edits(editor, model, tokenizer, requests, args.mode, args.batch_size)
+    edit_seconds = time.perf_counter() - t0
+    out = Path(args.out)
+    if args.mode == "single":
+        after = []
+        for rec, result in zip(records, results):
+            result.apply(model)
+            after += score_probes(model, tokenizer, rec.edit_probes(), **score)
+            result.revert(model)
+            result.save(out / "edits" / str(rec.case_id))
+    else:
+        after = score_probes(model, tokenizer, probes, **score)
+        EditResult.merge(results).save(out / "edit")
+        if args.save_model:
+            model.save_pretrained(out / "model")
+            tokenizer.save_pretrained(out / "model")
+    acc_before, acc_after = _accuracy(before), _accuracy(after)
+    summary = {
+        "model": args.model, "editor": args.editor, "mode": args.mode, "data": args.data, "n_edits": len(requests),
+        "hparams": editor.hparams.to_dict(), "edit_seconds": edit_seconds,
+        "seconds_per_edit": edit_seconds / len(requests), "unedited": acc_before, "edited": acc_after,
+        "probes": [{"unedited": b.to_dict(), "edited": a.to_dict()} for b, a in zip(before, after)],
+    }
+    atomic_write_json(out / "scores.json", summary)
+    print(f"\n{args.editor} ({args.mode}), {len(requests)} edits of {args.model}: "
+          f"{edit_seconds:.1f} s editing ({edit_seconds / len(requests):.2f} s per edit), "
+          f"{time.perf_counter() - t_start:.0f} s in all\n")
+    print(format_edit_table(acc_before, acc_after))
+    print(f"\nresults: {out}")
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    parser = ArgumentParser(prog="retention edit", description=__doc__)
+    parser.add_class_arguments(EditArgs, nested_key=None)
+    args = EditArgs(**parser.parse_args(argv).as_dict())
+    run(args)
+    return 0

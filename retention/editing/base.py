@@ -1,0 +1,346 @@
+"""What every editor shares: edit requests, edit results (exact apply/revert, save/load), typed hyperparameters
+loadable from YAML presets, the :class:`Editor` interface and the edit modes.
+
+An editor computes weight deltas and leaves the model's weights as it found them; :meth:`EditResult.apply`
+writes them and :meth:`EditResult.revert` restores the saved original weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import types
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from retention.arch import unwrap_model
+from retention.io import atomic_write_json
+from retention.records import KnowledgeRecord
+
+log = logging.getLogger(__name__)
+
+PRESETS = Path(__file__).resolve().parents[2] / "configs" / "editors"
+"""Per-model hyperparameter presets: ``configs/editors/<editor>/<preset>.yaml``."""
+MODES = ("batch", "sequential", "single")
+
+
+class EditError(RuntimeError):
+    """An edit that cannot be made or produced an unusable update; names the request."""
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to write: ``prompt.format(subject)`` should continue with ``target_new``."""
+
+    case_id: str
+    subject: str
+    prompt: str
+    """Template with one ``{}`` for the subject."""
+    target_new: str
+    target_true: str = ""
+    augmentations: tuple[str, ...] = ()
+    """Extra phrasings (templates with ``{}``) used while editing only, never for evaluation."""
+
+    def __post_init__(self):
+        for name, template in [("prompt", self.prompt), *(("augmentations", a) for a in self.augmentations)]:
+            if template.count("{}") != 1:
+                raise ValueError(f"edit request {self.case_id}: {name} {template!r} must contain exactly one '{{}}'")
+        for name in ("subject", "target_new"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"edit request {self.case_id}: {name} is empty")
+
+    @classmethod
+    def from_record(cls, record: KnowledgeRecord) -> EditRequest:
+        return cls(str(record.case_id), record.subject, record.prompt, record.target_new, record.target_true,
+                   tuple(record.augmentations))
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        """The rewriting phrasings: the prompt, then the augmentations."""
+        return (self.prompt, *self.augmentations)
+
+    @property
+    def rewrite_prompt(self) -> str:
+        return self.prompt.format(self.subject)
+
+    def describe(self) -> str:
+        return f"edit request {self.case_id} ({self.rewrite_prompt!r} -> {self.target_new!r})"
+
+
+def check_finite(tensor: torch.Tensor, request: EditRequest | Sequence[EditRequest], what: str) -> torch.Tensor:
+    """``tensor`` itself, or an :class:`EditError` naming the request(s) when it has NaN/inf entries."""
+    if not torch.isfinite(tensor).all():
+        reqs = [request] if isinstance(request, EditRequest) else list(request)
+        raise EditError(f"{'; '.join(r.describe() for r in reqs)}: non-finite {what}; the edit is not applied "
+                        "(try a smaller learning rate, a smaller clamp or mom2_adjustment: false)")
+    return tensor
+
+
+@dataclass
+class RequestDiagnostics:
+    """How one request's edit went."""
+
+    case_id: str
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    """The optimisation loss per step (v* for ROME, the fine-tuning loss for FT)."""
+    delta_norm: float = math.nan
+    """Frobenius norm of the weight update this request made."""
+    values: dict[str, float] = field(default_factory=dict)
+    """Editor-specific numbers (e.g. ``target_prob``, ``delta_v_norm``, ``steps``)."""
+
+
+@dataclass
+class EditResult:
+    """Weight deltas of one editor call, in each parameter's stored layout, with what it cost and how it went."""
+
+    editor: str
+    deltas: dict[str, torch.Tensor]
+    """Parameter name (relative to the unwrapped model) -> float32 delta of the stored weight's shape."""
+    layers: list[int]
+    case_ids: list[str]
+    diagnostics: list[RequestDiagnostics] = field(default_factory=list)
+    hparams: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    _originals: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def applied(self) -> bool:
+        return bool(self._originals)
+
+    def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        base = unwrap_model(model)
+        params = {}
+        for name, delta in self.deltas.items():
+            try:
+                p = base.get_parameter(name)
+            except AttributeError:
+                raise EditError(f"{self.editor} result: the model has no parameter {name!r}") from None
+            if p.shape != delta.shape:
+                raise EditError(f"{self.editor} result: delta for {name} has shape {tuple(delta.shape)}, "
+                                f"the parameter {tuple(p.shape)}")
+            params[name] = p
+        return params
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> None:
+        """Add the deltas to the model's weights (computed in float32, stored in the weight's dtype)."""
+        if self.applied:
+            raise EditError(f"{self.editor} result for {len(self.case_ids)} request(s) is already applied")
+        for name, p in self._params(model).items():
+            self._originals[name] = p.detach().clone()
+            p.copy_((p.float() + self.deltas[name].to(p.device)).to(p.dtype))
+
+    @torch.no_grad()
+    def revert(self, model: nn.Module) -> None:
+        """Restore the weights saved by :meth:`apply`, bit for bit."""
+        if not self.applied:
+            raise EditError(f"{self.editor} result for {len(self.case_ids)} request(s) is not applied; nothing to revert")
+        for name, p in self._params(model).items():
+            p.copy_(self._originals[name])
+        self._originals = {}
+
+    @classmethod
+    def merge(cls, results: Sequence[EditResult]) -> EditResult:
+        """One result whose deltas are the sums of ``results``' deltas (e.g. a sequential run, for saving)."""
+        if not results:
+            raise ValueError("no edit results to merge")
+        deltas: dict[str, torch.Tensor] = {}
+        for r in results:
+            for name, d in r.deltas.items():
+                deltas[name] = deltas[name] + d if name in deltas else d.clone()
+        return cls(
+            results[0].editor, deltas, sorted({i for r in results for i in r.layers}),
+            [c for r in results for c in r.case_ids], [d for r in results for d in r.diagnostics],
+            results[0].hparams, sum(r.seconds for r in results),
+        )
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``deltas.safetensors`` and ``edit.json`` (everything else) into ``folder``."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".deltas.safetensors.tmp{id(self)}"
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in self.deltas.items()}, str(tmp))
+        tmp.replace(folder / "deltas.safetensors")
+        meta = {
+            "editor": self.editor, "layers": self.layers, "case_ids": self.case_ids, "hparams": self.hparams,
+            "seconds": self.seconds, "diagnostics": [asdict(d) for d in self.diagnostics],
+        }
+        atomic_write_json(folder / "edit.json", meta)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> EditResult:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        for name in ("edit.json", "deltas.safetensors"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder} is not a saved edit result: {name} is missing")
+        meta = json.loads((folder / "edit.json").read_text(encoding="utf-8"))
+        deltas = load_file(str(folder / "deltas.safetensors"))
+        diagnostics = [RequestDiagnostics(**d) for d in meta.pop("diagnostics")]
+        return cls(deltas=deltas, diagnostics=diagnostics, **meta)
+
+
+H = TypeVar("H", bound="EditorHParams")
+
+
+def _coerce(name: str, hint: Any, value: Any, source: str) -> Any:
+    """``value`` as the field's type (YAML reads ``5e-4`` as a string); an error names the field and the file."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        members = [a for a in args if a is not type(None)]
+        for member in members[:-1]:  # e.g. ``list[int] | str``: the first type the value fits
+            try:
+                return _coerce(name, member, value, source)
+            except ValueError:
+                pass
+        hint = members[-1]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    try:
+        if hint is float and not isinstance(value, bool):
+            return float(value)
+        if hint is int and not isinstance(value, (bool, float)):
+            return int(value)
+        if hint is bool and isinstance(value, bool):
+            return value
+        if hint is str and isinstance(value, str):
+            return value
+        if origin in (list, tuple) and isinstance(value, (list, tuple)):
+            items = [_coerce(name, args[0], v, source) for v in value] if args else list(value)
+            return items if origin is list else tuple(items)
+        if hint is typing.Any:
+            return value
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"{source}: {name}={value!r} is not a valid {getattr(hint, '__name__', hint)}")
+
+
+@dataclass
+class EditorHParams:
+    """Base of the editors' hyperparameter dataclasses (fields documented in each subclass)."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field of a value out of range."""
+
+    @classmethod
+    def from_dict(cls: type[H], data: dict[str, Any], source: str = "hyperparameters") -> H:
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown {cls.__name__} field(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}")
+        return cls(**{k: _coerce(k, hints[k], v, source) for k, v in data.items()})
+
+    @classmethod
+    def from_yaml(cls: type[H], path: str | Path) -> H:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"hyperparameter file {path} does not exist")
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of hyperparameters, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def preset_name(model_name: str) -> str:
+    """The preset a model name selects: its last path component, lower-cased (``gpt2-xl``, ``smollm2-135m``)."""
+    return Path(str(model_name).rstrip("/")).name.lower().removesuffix(".gguf")
+
+
+def resolve_hparams(cls: type[H], editor: str, hparams: str | Path | dict | H | None, model_name: str | None) -> H:
+    """Hyperparameters from an object, a dict, a YAML path, a preset name, or the preset of ``model_name``."""
+    if isinstance(hparams, cls):
+        return hparams
+    if isinstance(hparams, dict):
+        return cls.from_dict(hparams)
+    folder = PRESETS / editor
+    available = sorted(p.stem for p in folder.glob("*.yaml"))
+    if hparams is not None:
+        path = Path(hparams)
+        if path.suffix in (".yaml", ".yml") or path.exists():
+            return cls.from_yaml(path)
+        name = str(hparams)
+    elif model_name is not None:
+        name = preset_name(model_name)
+    else:
+        raise ValueError(f"{editor}: give hyperparameters (a YAML file or a preset: {', '.join(available)})")
+    if name not in available:
+        raise FileNotFoundError(f"{editor}: no preset '{name}' in {folder} (available: {', '.join(available) or 'none'}); "
+                                "pass a hyperparameter YAML file instead")
+    return cls.from_yaml(folder / f"{name}.yaml")
+
+
+class Editor(ABC):
+    """Computes weight deltas for edit requests; leaves the model's weights as it found them."""
+
+    name: ClassVar[str]
+    hparams_class: ClassVar[type[EditorHParams]]
+
+    def __init__(self, hparams: EditorHParams):
+        if not isinstance(hparams, self.hparams_class):
+            raise TypeError(f"{type(self).__name__} needs {self.hparams_class.__name__}, got {type(hparams).__name__}")
+        self.hparams = hparams
+
+    @abstractmethod
+    def edit(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> EditResult:
+        """The deltas that write all ``requests`` into ``model`` (together, as one update)."""
+
+
+def run_edits(
+    editor: Editor, model: nn.Module, tokenizer, requests: Sequence[EditRequest], mode: str = "sequential",
+    batch_size: int = 1,
+) -> list[EditResult]:
+    """Edit ``requests`` in one of :data:`MODES`.
+
+    - ``batch``: one editor call for all requests; the model is left edited; one result.
+    - ``sequential``: calls of ``batch_size`` requests, each applied before the next is computed; the model is
+      left edited; one result per call.
+    - ``single``: each request alone on the unedited model; the model is left unedited; one result per request
+      (apply one at a time).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: choose from {', '.join(MODES)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    if not requests:
+        return []
+    t0 = time.perf_counter()
+    if mode == "batch":
+        groups = [list(requests)]
+    else:
+        size = 1 if mode == "single" else batch_size
+        groups = [list(requests[i : i + size]) for i in range(0, len(requests), size)]
+    results = []
+    for i, group in enumerate(groups, 1):
+        result = editor.edit(model, tokenizer, group)
+        if mode != "single":
+            result.apply(model)
+        results.append(result)
+        log.info("%s %s: %d/%d (%d request(s)) in %.1f s", editor.name, mode, i, len(groups), len(group),
+                 result.seconds)
+    log.info("%s: %d request(s) edited (%s) in %.1f s", editor.name, len(requests), mode, time.perf_counter() - t0)
+    return results

@@ -1,0 +1,219 @@
+"""Second-moment statistics of editing keys: C = E[k kᵀ] of a layer's MLP-output-projection input over a corpus.
+
+Keys are collected from windows of ``max_length`` tokens of a text corpus — a local text file, ``hf:<id>[:config]``
+(a Hugging Face dataset's ``train`` split, ``text`` field; needs ``datasets`` and a network) or ``builtin`` (the
+project's built-in prose corpus) — with each forward stopped right after the deepest layer needed. C is
+accumulated in float64 and cached on disk under ``cache_dir()/covariance``, keyed by the model's weights hash,
+its name, the layer, the corpus (its content hash), the sample count, the window length and the dtype; a cache
+file that fails its checksum or shape check is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from retention.arch import ArchAdapter, unwrap_model
+from retention.editing.trace import capture, stop_after
+from retention.models import cache_dir, model_fingerprint
+
+log = logging.getLogger(__name__)
+
+_VERSION = 1
+"""Bump when the way statistics are computed changes, so cached files are recomputed."""
+
+
+@dataclass(frozen=True)
+class CovarianceSpec:
+    """Which keys the statistics are taken over."""
+
+    corpus: str = "builtin"
+    """A local text file, ``hf:<id>[:config]`` or ``builtin``."""
+    samples: int = 1000
+    """Number of token windows."""
+    max_length: int = 128
+    """Tokens per window (the cap that keeps long-context models from running out of memory)."""
+    batch_size: int = 8
+
+    def __post_init__(self):
+        for name in ("samples", "max_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"covariance {name}={getattr(self, name)}: must be >= 1")
+
+
+def corpus_text(corpus: str, min_chars: int) -> tuple[str, str]:
+    """The corpus text (at least ``min_chars`` when available) and an identity string for cache keys."""
+    if corpus == "builtin":
+        from retention.data.tasks.prose import builtin_prose
+
+        text = builtin_prose()
+        return text, f"builtin:{hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}"
+    if corpus.startswith("hf:"):
+        from retention.data.tasks.sources import read_hub_records
+
+        source, _, config = corpus.partition(":")[2].partition(":")
+        parts, size = [], 0
+        for _, record in read_hub_records(f"hf:{source}", config or None, "train"):
+            text = record.get("text", "") if isinstance(record, dict) else ""
+            if text.strip():
+                parts.append(text)
+                size += len(text)
+            if size >= min_chars:
+                break
+        return "\n\n".join(parts), corpus
+    path = Path(corpus)
+    if not path.is_file():
+        raise FileNotFoundError(f"covariance corpus {corpus!r} is not a file, 'builtin' or 'hf:<dataset id>'")
+    data = path.read_bytes()
+    return data.decode("utf-8", errors="replace"), f"file:{path.name}:{hashlib.blake2b(data, digest_size=8).hexdigest()}"
+
+
+def _windows(tokenizer, text: str, spec: CovarianceSpec) -> torch.Tensor:
+    """``[n, max_length]`` token windows of the corpus, each starting with the tokenizer's own special prefix."""
+    head = tokenizer("")["input_ids"]
+    body = spec.max_length - len(head)
+    need = spec.samples * body
+    ids: list[int] = []
+    paragraphs = [p for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
+    for i in range(0, len(paragraphs), 64):
+        block = "\n\n".join(paragraphs[i : i + 64]) + "\n\n"
+        ids += tokenizer(block, add_special_tokens=False)["input_ids"]
+        if len(ids) >= need:
+            break
+    n = min(spec.samples, len(ids) // body)
+    if n == 0:
+        raise ValueError(f"covariance corpus {spec.corpus!r} has fewer than {body} tokens")
+    if n < spec.samples:
+        log.warning("covariance corpus %s gives only %d of %d windows of %d tokens", spec.corpus, n, spec.samples,
+                    spec.max_length)
+    windows = torch.tensor(ids[: n * body]).view(n, body)
+    return torch.cat([torch.tensor(head, dtype=torch.long).expand(n, -1), windows], 1)
+
+
+def _cache_key(model: nn.Module, fingerprint: str, layer: int, corpus_id: str, spec: CovarianceSpec) -> dict:
+    base = unwrap_model(model)
+    return {
+        "version": _VERSION, "model": str(getattr(base.config, "_name_or_path", "")) or type(base).__name__,
+        "fingerprint": fingerprint, "layer": layer, "module": ArchAdapter.for_model(base).mlp_out_name(layer),
+        "corpus": corpus_id, "samples": spec.samples, "max_length": spec.max_length,
+        "dtype": str(next(base.parameters()).dtype),
+    }
+
+
+def _cache_path(root: Path, key: dict) -> Path:
+    digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
+    return root / key["fingerprint"] / f"layer{key['layer']}-{digest}.safetensors"
+
+
+def _checksum(c: torch.Tensor) -> str:
+    return hashlib.blake2b(c.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+
+
+def _load(path: Path, key: dict, dim: int) -> torch.Tensor | None:
+    """The cached C, or None (with a warning naming the file) when it is missing or corrupt."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            c = f.get_tensor("C")
+        problem = None
+        if json.loads(meta.get("key", "{}")) != key:
+            problem = "its key does not match"
+        elif c.shape != (dim, dim) or c.dtype != torch.float64:
+            problem = f"shape {tuple(c.shape)} {c.dtype}, expected ({dim}, {dim}) float64"
+        elif meta.get("checksum") != _checksum(c):
+            problem = "checksum mismatch"
+    except Exception as err:  # a truncated or overwritten file fails in safetensors' own parser
+        problem = f"unreadable ({type(err).__name__}: {err})"
+    if problem:
+        log.warning("corrupt covariance cache %s: %s; recomputing", path, problem)
+        return None
+    return c
+
+
+def _save(path: Path, key: dict, c: torch.Tensor, tokens: int) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    meta = {"key": json.dumps(key, sort_keys=True), "checksum": _checksum(c), "tokens": str(tokens)}
+    save_file({"C": c.contiguous()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def _compute(model: nn.Module, tokenizer, layers: Sequence[int], windows: torch.Tensor,
+             spec: CovarianceSpec) -> tuple[dict[int, torch.Tensor], int]:
+    adapter = ArchAdapter.for_model(model)
+    device = adapter.embed.weight.device
+    modules = {i: adapter.mlp_out(i) for i in layers}
+    sums: dict[int, torch.Tensor] = {}
+    tokens = 0
+    t0 = last = time.perf_counter()
+    for start in range(0, len(windows), spec.batch_size):
+        batch = windows[start : start + spec.batch_size].to(device)
+        with capture(modules, outputs=False) as rec, stop_after(modules[max(layers)]):
+            model(input_ids=batch, use_cache=False)
+        for i in layers:
+            k = rec[i].input.reshape(-1, rec[i].input.shape[-1]).to(torch.float64)
+            sums[i] = sums[i] + k.T @ k if i in sums else k.T @ k
+        tokens += batch.numel()
+        done = min(start + spec.batch_size, len(windows))
+        if time.perf_counter() - last > 10 or done == len(windows):
+            last = time.perf_counter()
+            log.info("covariance of layer(s) %s: %d/%d windows, %d tokens, %.0f s", list(layers), done,
+                     len(windows), tokens, last - t0)
+    return {i: (s / tokens).cpu() for i, s in sums.items()}, tokens
+
+
+def key_covariances(
+    model: nn.Module, tokenizer, layers: Sequence[int], spec: CovarianceSpec, fingerprint: str | None = None,
+    cache: bool = True,
+) -> dict[int, torch.Tensor]:
+    """C = E[k kᵀ] (float64, ``[in, in]``) of the MLP-output-projection keys of each of ``layers``.
+
+    Layers missing from the cache are computed together in one pass over the corpus.
+    """
+    base = unwrap_model(model)
+    adapter = ArchAdapter.for_model(base)
+    layers = sorted({i % adapter.num_layers for i in layers})
+    dim = adapter.weight_to_out_in(adapter.mlp_out_weight(layers[0])).shape[1]
+    t0 = time.perf_counter()
+    text, corpus_id = corpus_text(spec.corpus, min_chars=spec.samples * spec.max_length * 8)
+    fingerprint = fingerprint or model_fingerprint(base)
+    root = cache_dir() / "covariance"
+    keys = {i: _cache_key(base, fingerprint, i, corpus_id, spec) for i in layers}
+    out = {i: c for i in layers if cache and (c := _load(_cache_path(root, keys[i]), keys[i], dim)) is not None}
+    missing = [i for i in layers if i not in out]
+    if missing:
+        was_training = base.training
+        base.eval()
+        computed, tokens = _compute(base, tokenizer, missing, _windows(tokenizer, text, spec), spec)
+        base.train(was_training)
+        for i, c in computed.items():
+            if cache:
+                _save(_cache_path(root, keys[i]), keys[i], c, tokens)
+            out[i] = c
+        log.info("covariance of layer(s) %s over %d tokens of %s in %.1f s", missing, tokens, spec.corpus,
+                 time.perf_counter() - t0)
+    return out
+
+
+def key_covariance(model: nn.Module, tokenizer, layer: int, spec: CovarianceSpec, fingerprint: str | None = None,
+                   cache: bool = True) -> torch.Tensor:
+    """C of one layer (see :func:`key_covariances`)."""
+    layer = layer % ArchAdapter.for_model(model).num_layers
+    return key_covariances(model, tokenizer, [layer], spec, fingerprint, cache)[layer]
+

@@ -1,0 +1,326 @@
+"""The shared v*/z optimiser of the locate-then-edit editors (ROME's v*, MEMIT's z), and context templates.
+
+For each fact a vector δ is added to the output of one module at layer ``L`` — the MLP output projection
+(ROME) or the whole decoder layer (MEMIT) — at the subject's last token of every rewriting prompt, and optimised
+with Adam (Meng et al. 2022, "Locating and Editing Factual Associations in GPT", §3.1 and Appendix E.5):
+
+    loss_f = NLL(target_new | rewriting prompts) + kl_factor · KL(p₀ ‖ p_δ on "{} is a") + wd · ‖δ‖ / ‖v₀‖²
+
+then ``‖δ‖`` is clamped to ``clamp_norm_factor · ‖v₀‖``, where ``v₀`` is the module's original output at the
+subject's last token of the plain prompt. The rewriting prompts are the context templates (a plain ``"{}"``
+first, then short generated prefixes) × the request's phrasings (prompt, then augmentations), each followed by
+the target's tokens but the last (teacher forcing); the KL is taken at the subject's last token of the KL prompts.
+
+A batch of facts is optimised together: one forward/backward per step over all active facts' prompts, each fact
+with its own δ, loss, Adam state, clamp and early stop, so a batch gives the vectors that one-at-a-time
+optimisation gives. No weight gradients are computed and the frozen layers below ``L`` run once: their output is
+cached and every step starts at layer ``L``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from retention.arch import ArchAdapter, unwrap_model
+from retention.editing.base import EditRequest
+from retention.editing.trace import (
+    add_at,
+    capture,
+    layer_input,
+    patch_outputs,
+    start_at_layer,
+    subject_last_token_index,
+)
+from retention.io import atomic_write_json
+from retention.models import cache_dir
+from retention.scoring import prompt_ids, right_pad, target_ids
+
+log = logging.getLogger(__name__)
+
+SITES = ("mlp_out", "layer")
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """Hyperparameters of the δ optimisation."""
+
+    layer: int
+    site: str = "mlp_out"
+    """Where δ is added: ``mlp_out`` (the MLP output projection's output, ROME) or ``layer`` (the layer's output,
+    MEMIT)."""
+    steps: int = 20
+    lr: float = 0.5
+    weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    clamp_norm_factor: float = 4.0
+    early_stop_loss: float = 0.05
+    """A fact stops when its loss falls below this."""
+    kl_prompts: tuple[str, ...] = ("{} is a",)
+
+    def __post_init__(self):
+        if self.site not in SITES:
+            raise ValueError(f"site={self.site!r}: choose from {', '.join(SITES)}")
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps}: must be >= 1")
+        for name in ("lr", "clamp_norm_factor"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
+
+
+@dataclass
+class TargetVector:
+    """The optimised δ of one fact and how the optimisation went."""
+
+    delta: torch.Tensor
+    """float32 ``[hidden]``: the change of the site's output at the subject's last token."""
+    init: torch.Tensor
+    """float32 ``[hidden]``: the site's original output there, on the plain prompt (``v₀``)."""
+    losses: list[float] = field(default_factory=list)
+    nll: float = float("nan")
+    kl: float = float("nan")
+    target_prob: float = float("nan")
+    """Geometric-mean probability of the target tokens over the rewriting prompts at the last evaluated step."""
+    steps: int = 0
+    """Adam updates made."""
+
+    @property
+    def value(self) -> torch.Tensor:
+        """``v* = v₀ + δ``."""
+        return self.init + self.delta
+
+
+def rewriting_templates(request: EditRequest, context_templates: Sequence[str]) -> list[str]:
+    """Context templates × the request's phrasings, as templates with ``{}`` for the subject (plain prompt first)."""
+    if not context_templates or context_templates[0] != "{}":
+        raise ValueError(f"context templates must start with the plain '{{}}', got {list(context_templates)[:1]}")
+    return [c.replace("{}", t) for c in context_templates for t in request.templates]
+
+
+@dataclass
+class _Row:
+    fact: int
+    ids: list[int]
+    subject: int
+    """Position of the subject's last token (where δ is added)."""
+    targets: list[int] | None
+    """Target tokens predicted from positions ``len(ids) - len(targets)`` onwards; None for a KL row."""
+
+
+def _rows(tokenizer, requests: Sequence[EditRequest], context_templates: Sequence[str],
+          config: TargetConfig) -> list[_Row]:
+    rows = []
+    for f, req in enumerate(requests):
+        tgt = target_ids(tokenizer, req.target_new)
+        for t in rewriting_templates(req, context_templates):
+            ids = prompt_ids(tokenizer, t.format(req.subject)) + tgt[:-1]
+            rows.append(_Row(f, ids, subject_last_token_index(tokenizer, t, req.subject), tgt))
+        for t in config.kl_prompts:
+            rows.append(_Row(f, prompt_ids(tokenizer, t.format(req.subject)),
+                             subject_last_token_index(tokenizer, t, req.subject), None))
+    return rows
+
+
+@contextmanager
+def trainable_only(model: nn.Module, params: Sequence[nn.Parameter] = ()) -> Iterator[None]:
+    """Inside, only ``params`` require gradients (no weight gradients at all by default); flags restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    keep = {id(p) for p in params}
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in keep)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def optimise_targets(
+    model: nn.Module,
+    tokenizer,
+    requests: Sequence[EditRequest],
+    context_templates: Sequence[str],
+    config: TargetConfig,
+    naive: bool = False,
+) -> list[TargetVector]:
+    """Optimise one δ per request, all together (see the module docstring).
+
+    ``naive=True`` runs the same loop the slow way — every step a full forward and backward through all layers
+    with weight gradients — as the reference for tests and benchmarks.
+    """
+    if not requests:
+        return []
+    base = unwrap_model(model)
+    adapter = ArchAdapter.for_model(base)
+    layer = config.layer % adapter.num_layers
+    site = adapter.mlp_out(layer) if config.site == "mlp_out" else adapter.layer(layer)
+    device = adapter.embed.weight.device
+    rows = _rows(tokenizer, requests, context_templates, config)
+    all_ids, all_mask = (t.to(device) for t in right_pad([r.ids for r in rows], tokenizer.pad_token_id))
+    was_training = base.training
+    base.eval()
+    t0 = time.perf_counter()
+    params = list(base.parameters()) if naive else []
+    with trainable_only(base, params):
+        cached = None if naive else layer_input(base, layer, all_ids, all_mask)
+        deltas = [torch.zeros(adapter.hidden_size, device=device, requires_grad=True) for _ in requests]
+        opt = torch.optim.Adam(deltas, lr=config.lr)
+        results = [TargetVector(torch.zeros(0), torch.zeros(0)) for _ in requests]
+        kl_init: dict[int, torch.Tensor] = {}
+        active = list(range(len(requests)))
+        for step in range(config.steps):
+            row_idx = [i for i, r in enumerate(rows) if r.fact in active]
+            losses, parts = _step(base, adapter, site, rows, row_idx, all_ids, all_mask, cached, deltas, kl_init,
+                                  results, config, step == 0, layer)
+            done = []
+            for f in active:
+                res = results[f]
+                res.losses.append(losses[f].item())
+                res.nll, res.kl, res.target_prob = parts[f]
+                if losses[f].item() < config.early_stop_loss or step == config.steps - 1:
+                    done.append(f)
+            stepping = [f for f in active if f not in done]
+            if stepping:
+                opt.zero_grad(set_to_none=True)
+                torch.stack([losses[f] for f in stepping]).sum().backward()
+                for f in done:
+                    deltas[f].grad = None  # Adam skips it: a finished fact keeps its δ and Adam state
+                opt.step()
+                with torch.no_grad():
+                    for f in stepping:
+                        results[f].steps += 1
+                        max_norm = config.clamp_norm_factor * results[f].init.norm()
+                        norm = deltas[f].norm()
+                        if norm > max_norm:
+                            deltas[f].mul_(max_norm / norm)
+            if naive:
+                for p in params:
+                    p.grad = None
+            active = stepping
+            if not active:
+                break
+    base.train(was_training)
+    for f, res in enumerate(results):
+        res.delta = deltas[f].detach().float().clone()
+    log.debug("optimised %d target vector(s) at layer %d in %.2f s", len(requests), layer, time.perf_counter() - t0)
+    return results
+
+
+def _step(base, adapter, site, rows, row_idx, all_ids, all_mask, cached, deltas, kl_init, results,
+          config: TargetConfig, first: bool, layer: int):
+    """One forward over the active rows; per fact the loss tensor and (nll, kl, target_prob)."""
+    sub = [rows[i] for i in row_idx]
+    width = max(len(r.ids) for r in sub)
+    sel = torch.tensor(row_idx, device=all_ids.device)
+    ids, mask = all_ids[sel, :width], all_mask[sel, :width]
+    facts = sorted({r.fact for r in sub})
+    slot = {f: j for j, f in enumerate(facts)}
+    stacked = torch.stack([deltas[f] for f in facts])
+    values = stacked[torch.tensor([slot[r.fact] for r in sub], device=stacked.device)]
+    patch = add_at(torch.arange(len(sub)), torch.tensor([r.subject for r in sub]), values)
+    with patch_outputs({site: patch}), capture({"site": site}, inputs=False) as rec:
+        if cached is None:
+            hidden = base.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        else:
+            with start_at_layer(base, layer, cached[sel, :width]):
+                hidden = base.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    if first:
+        for j, r in enumerate(sub):
+            res = results[r.fact]
+            if res.init.numel() == 0:  # the fact's first row is its plain prompt
+                # The captured output already holds δ = 0 at this step, so it is the original output.
+                res.init = rec["site"].output[j, r.subject].detach().float().clone()
+    # Logits only where they are needed: each target token of a rewriting row, the subject token of a KL row.
+    # Log-probs are picked with one index per kind (a slice per row would make backward zero-fill a full
+    # [positions, vocab] gradient for every row).
+    pos_rows, pos_cols, tok, tok_at, tok_row, kl_at, kl_row = [], [], [], [], [], [], []
+    for j, r in enumerate(sub):
+        if r.targets is None:
+            kl_at.append(len(pos_rows))
+            kl_row.append(j)
+            pos_rows.append(j)
+            pos_cols.append(r.subject)
+        else:
+            start = len(r.ids) - len(r.targets)
+            tok_at += range(len(pos_rows), len(pos_rows) + len(r.targets))
+            tok_row += [j] * len(r.targets)
+            pos_rows += [j] * len(r.targets)
+            pos_cols += range(start, start + len(r.targets))
+            tok += r.targets
+    logits = base.get_output_embeddings()(hidden[torch.tensor(pos_rows), torch.tensor(pos_cols)]).float()
+    logprobs = torch.log_softmax(logits, -1)
+    dev = logits.device
+    tok_row_t = torch.tensor(tok_row, device=dev)
+    picked = logprobs[torch.tensor(tok_at, device=dev), torch.tensor(tok, device=dev)]
+    counts = torch.zeros(len(sub), device=dev).index_add(0, tok_row_t, torch.ones_like(picked))
+    row_nll = -torch.zeros(len(sub), device=dev).index_add(0, tok_row_t, picked) / counts.clamp(min=1)
+    row_kl = torch.zeros(len(sub), device=dev)
+    if kl_at:
+        lp = logprobs[torch.tensor(kl_at, device=dev)]
+        if first:
+            for i, j in enumerate(kl_row):
+                kl_init[row_idx[j]] = lp[i].detach()
+        ref = torch.stack([kl_init[row_idx[j]] for j in kl_row])
+        row_kl = row_kl.index_put((torch.tensor(kl_row, device=dev),), torch.sum(ref.exp() * (ref - lp), -1))
+    nll_rows: dict[int, list[int]] = {f: [] for f in facts}
+    kl_rows: dict[int, list[int]] = {f: [] for f in facts}
+    for j, r in enumerate(sub):
+        (kl_rows if r.targets is None else nll_rows)[r.fact].append(j)
+    losses, parts = {}, {}
+    for f in facts:
+        fact_nll = row_nll[nll_rows[f]]
+        nll_f = fact_nll.mean()
+        kl_f = row_kl[kl_rows[f]].mean() if kl_rows[f] else torch.zeros((), device=dev)
+        wd = config.weight_decay * deltas[f].norm() / results[f].init.norm() ** 2
+        losses[f] = nll_f + config.kl_factor * kl_f + wd
+        parts[f] = (nll_f.item(), kl_f.item(), torch.exp(-fact_nll.detach()).mean().item())
+    return losses, parts
+
+
+@torch.no_grad()
+def context_templates(
+    model: nn.Module, tokenizer, lengths: Sequence[Sequence[int]], seed: int = 0, fingerprint: str | None = None,
+) -> list[str]:
+    """``["{}"]`` followed by short sampled texts ending in ``". {}"`` (``[length, count]`` pairs), seeded.
+
+    Generated from the end-of-text token with top-5 sampling (as ROME does), then persisted under
+    ``cache_dir()/context_templates`` when ``fingerprint`` (the model's) is given, so reruns reuse them exactly.
+    """
+    spec = {"lengths": [list(map(int, lc)) for lc in lengths], "seed": seed, "start": tokenizer.eos_token}
+    path = None
+    if fingerprint is not None:
+        digest = hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=6).hexdigest()
+        path = cache_dir() / "context_templates" / f"{fingerprint}-{digest}.json"
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+                if saved["spec"] == spec and saved["templates"][0] == "{}":
+                    return list(saved["templates"])
+            except (ValueError, KeyError, IndexError, TypeError):
+                log.warning("unreadable context-template cache %s: regenerating", path)
+    base = unwrap_model(model)
+    device = ArchAdapter.for_model(base).embed.weight.device
+    start = torch.tensor([[tokenizer.eos_token_id]], device=device)
+    templates = ["{}"]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for length, count in spec["lengths"]:
+            out = base.generate(
+                start, attention_mask=torch.ones_like(start), do_sample=True, top_k=5, max_new_tokens=length,
+                num_return_sequences=count, pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None,
+            )
+            for text in tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True):
+                text = re.sub(r"\s+", " ", text.replace("{", " ").replace("}", " ")).strip()
+                templates.append(f"{text}. {{}}")
+    if path is not None:
+        atomic_write_json(path, {"spec": spec, "templates": templates})
+    return templates
