@@ -30,12 +30,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from typing_extensions import override
 
+from retention.callbacks import PIPELINE
 from retention.data.datamodule import TaskDataModule
 from retention.modules.finetune import FineTuneModule
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "accelerator": "auto",
-    "max_epochs": 1,
+    # A step budget rather than Lightning's 1000 epochs; set trainer.max_epochs (and max_steps: -1) for epochs.
+    "max_steps": 100,
     # The DataModule shards its own loaders (validation without repeated samples, DESIGN §4).
     "use_distributed_sampler": False,
     # run.validate_first measures the model before training, so no sanity check is needed.
@@ -110,6 +112,9 @@ class FitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(RunArgs, "run")
         parser.link_arguments("model.model_name", "data.tokenizer")
+        # The retention pipeline (edits, paraphrases, freeze, monitor, report): idle until edits are asked for.
+        for key, callback in PIPELINE.items():
+            parser.add_lightning_class_args(callback, key)
 
     @override
     def before_instantiate_classes(self) -> None:
