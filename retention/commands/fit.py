@@ -14,6 +14,7 @@ Every run writes into ``<run.out_dir>/<run.name>/``: the resolved ``config.yaml`
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 import re
@@ -185,5 +186,7 @@ class FitCLI(LightningCLI):
 def main(argv: list[str]) -> int:
     # LightningCLI warns when args are given and sys.argv also holds arguments: here they are the same ones.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    # Progress lines of selection, editing and key statistics (Lightning keeps its own handler).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     FitCLI(argv)
     return 0
