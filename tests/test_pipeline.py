@@ -1,0 +1,118 @@
+"""The whole pipeline through `retention fit` on a tiny model: select, edit, measure, fine-tune, measure, report;
+and the same run on 2 CPU DDP ranks (gloo) giving the same numbers as on 1 rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from editing_models import edit_model
+
+from retention.reporting import GROUPS
+
+N_EDIT, N_CONTROL = 3, 6
+PROTOCOLS = ["top1", "prob", "gen"]
+
+
+def _config(root: Path, name: str, **trainer) -> Path:
+    """A run config: a tiny editable model from a folder, the built-in facts (random models know none, so
+    ``known_protocol: none``), ROME in batch mode, and an instruct task whose examples are all the same, so that
+    every batch is the same whatever the sampler: 1 rank and 2 DDP ranks then train identically."""
+    task = root / "same.jsonl"
+    config = {
+        "model": {"model_name": str(root / "model"), "adapter": {"method": "full"},
+                  "optimizer": {"lr": 1.0e-2, "schedule": "constant"}},
+        "data": {"task": {"family": "instruct", "source": str(task), "val_fraction": 0.25}, "batch_size": 4},
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 3, "val_check_interval": 100,
+                    "check_val_every_n_epoch": None, "enable_progress_bar": False, "enable_model_summary": False,
+                    **trainer},
+        "run": {"name": name, "out_dir": str(root / "runs"), "wandb": "disabled", "validate_first": False},
+        "edits": {"knowledge": "builtin", "n_edit": N_EDIT, "n_control": N_CONTROL, "known_protocol": "none",
+                  "editor": "rome", "mode": "batch",
+                  "hparams": {"layer": 0, "context_templates": [[5, 1]], "v_steps": 10, "v_weight_decay": 0.0,
+                              "clamp_norm_factor": 1.0e4, "mom2_adjustment": False}},
+        "monitor": {"protocols": PROTOCOLS, "every_n_steps": 2, "max_new_tokens": 3},
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, tiny_llama) -> tuple[Path, Path]:
+    """The pipeline run in-process on 1 rank: (config, run folder)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    tok = tiny_llama[1]
+    # The 0.02-initialised tiny-llama barely responds to edits; this one (init 0.2) does, under `prob`.
+    edit_model("llama", len(tok)).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    rows = [{"instruction": "Say zorp blik twice.", "output": "zorp blik zorp blik"}] * 40
+    (root / "same.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    from retention.commands.fit import main
+
+    config = _config(root, "one")
+    assert main(["--config", str(config)]) == 0
+    return config, root / "runs" / "one"
+
+
+def _read(folder: Path) -> tuple[dict, dict[str, list[dict]]]:
+    summary = json.loads((folder / "summary.json").read_text())
+    probes = {p.name: [json.loads(line) for line in p.read_text().splitlines()] for p in (folder / "probes").iterdir()}
+    return summary, probes
+
+
+def test_pipeline_writes_the_run_folder(one_rank):
+    _, folder = one_rank
+    summary, probes = _read(folder)
+    run = summary["run"]
+    assert run["n_edit"] == N_EDIT and run["n_control"] == N_CONTROL and run["edited_layers"] == [0]
+    assert not set(run["edit_case_ids"]) & set(run["control_case_ids"])
+    assert summary["protocols"] == PROTOCOLS and summary["final_step"] == 3
+    # t=0, the step-2 measurement and the end; every probe once per measurement.
+    assert sorted(probes) == ["step_000000.jsonl", "step_000002.jsonl", "step_000003.jsonl"]
+    n_probes = len(probes["step_000000.jsonl"])
+    assert all(len(rows) == n_probes for rows in probes.values())
+    t0 = probes["step_000000.jsonl"]
+    assert sum(r["group"] == "edit" for r in t0) == N_EDIT and sum(r["group"] == "control" for r in t0) == N_CONTROL
+    for group in GROUPS:
+        for protocol in PROTOCOLS:
+            final = [r for r in probes["step_000003.jsonl"] if r["group"] == group]
+            before = {r["prompt"]: r["passed"][protocol] for r in t0 if r["group"] == group}
+            kept = sum(before[r["prompt"]] and r["passed"][protocol] for r in final)
+            rate = summary["retention"][protocol][group]
+            assert (rate["count"], rate["denominator"]) == (kept, sum(before.values()))
+            acc = summary["t0"][group][protocol]
+            assert (acc["count"], acc["denominator"]) == (sum(before.values()), len(before))
+    # The edits land under `prob` on this model, so edited retention has a denominator.
+    assert summary["retention"]["prob"]["edit"]["denominator"] > 0
+    assert summary["flip_ratio"]["prob"] == pytest.approx(1 - summary["retention"]["prob"]["edit"]["value"])
+    assert [p for p, _ in summary["curves"]["edit"]["prob"]] == [0, 2, 3]
+    assert summary["timings"]["edit_s"] > 0 and summary["downstream"]["train_tokens"] > 0
+    assert (folder / "retention_curves.png").stat().st_size > 10_000
+    assert (folder / "config.yaml").exists()
+    csv = (folder / "metrics.csv").read_text().splitlines()[0]
+    assert "retention/edit_prob" in csv and "accuracy/control_top1" in csv
+    assert not list(folder.rglob("*.tmp"))
+
+
+def test_pipeline_on_two_ddp_ranks_matches_one_rank(one_rank, tmp_path):
+    config, folder = one_rank
+    ddp = _config(config.parent, "two", devices=2, strategy="ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "retention", "fit", "--config", str(ddp)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, one_probes = _read(folder)
+    two, two_probes = _read(config.parent / "runs" / "two")
+    for key in ("t0", "retention", "final_accuracy", "curves"):
+        assert two[key] == one[key], key
+    # Per-probe results come back in probe order from the rank shards: none lost, none repeated.
+    strip = ("target_logprob", "alt_logprob")
+    for name, rows in one_probes.items():
+        assert [{k: v for k, v in r.items() if k not in strip} for r in two_probes[name]] == \
+               [{k: v for k, v in r.items() if k not in strip} for r in rows]
