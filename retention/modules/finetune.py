@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
-from torchmetrics.aggregation import MeanMetric
 
 from retention.arch import ArchAdapter, unwrap_model
 from retention.models import DEFAULT_MODEL, load_model
@@ -184,7 +183,8 @@ class FineTuneModule(LightningModule):
         """One entry per validation pass: ``step`` and the logged ``val/*`` values (what the CLI reports)."""
         self.train_tokens = 0
         """Input tokens (padding excluded) trained on so far, on this rank."""
-        self.val_nll = MeanMetric()
+        self._val_sums: torch.Tensor | None = None
+        """Summed validation NLL and labelled-token count of the current validation pass, on this rank."""
         self._ready = False
 
     @classmethod
@@ -243,13 +243,13 @@ class FineTuneModule(LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def _common_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean next-token loss of a batch over its labelled tokens, and their number."""
+        """Summed next-token NLL of a batch over its labelled tokens, and their number."""
         logits = self(batch["input_ids"], batch.get("attention_mask"))
-        total, count = token_nll(logits, batch["labels"])
-        return total / count.clamp(min=1), count
+        return token_nll(logits, batch["labels"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._common_step(batch)
+        total, count = self._common_step(batch)
+        loss = total / count.clamp(min=1)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}, batch {batch_idx}: "
@@ -262,16 +262,21 @@ class FineTuneModule(LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        # Plain tensors made afresh each pass: a validate() runs in inference mode and validation inside fit
+        # does not, and state carried from one into the other could not be updated in place.
+        self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, count = self._common_step(batch)
-        self.val_nll.update(loss, weight=count)
+        total, count = self._common_step(batch)
+        self._val_sums += torch.stack([total.double(), count.double()])
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_nll.update_count == 0:
+        total, count = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").tolist()
+        if count == 0:
             return
-        loss = self.val_nll.compute()
-        self.val_nll.reset()
-        metrics = {"val/loss": loss.item(), "val/ppl": math.exp(min(loss.item(), 80.0))}
+        loss = total / count
+        metrics = {"val/loss": loss, "val/ppl": math.exp(min(loss, 80.0))}
         if not self.trainer.sanity_checking:
             metrics.update(self._task_metrics())
         for name, value in metrics.items():
