@@ -116,3 +116,20 @@ def test_pipeline_on_two_ddp_ranks_matches_one_rank(one_rank, tmp_path):
     for name, rows in one_probes.items():
         assert [{k: v for k, v in r.items() if k not in strip} for r in two_probes[name]] == \
                [{k: v for k, v in r.items() if k not in strip} for r in rows]
+
+
+def test_resumed_run_continues_the_curves(one_rank):
+    """Stop after 2 steps with a checkpoint, resume to 3: the same curves as the uninterrupted run."""
+    config, folder = one_rank
+    from retention.commands.fit import main
+
+    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"every_n_train_steps": 2, "save_top_k": -1}}
+    resume = _config(config.parent, "resume", max_steps=2, enable_checkpointing=True, callbacks=[checkpoint])
+    assert main(["--config", str(resume)]) == 0
+    (ckpt,) = (config.parent / "runs" / "resume" / "checkpoints").glob("*.ckpt")
+    assert main(["--config", str(resume), "--trainer.max_steps", "3", "--ckpt_path", str(ckpt)]) == 0
+    resumed, probes = _read(config.parent / "runs" / "resume")
+    one, _ = _read(folder)
+    assert resumed["curves"] == one["curves"] and resumed["retention"] == one["retention"]
+    assert sorted(probes) == ["step_000000.jsonl", "step_000002.jsonl", "step_000003.jsonl"]
