@@ -31,7 +31,7 @@ def _config(root: Path, name: str, **trainer) -> Path:
         "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 3, "val_check_interval": 100,
                     "check_val_every_n_epoch": None, "enable_progress_bar": False, "enable_model_summary": False,
                     **trainer},
-        "run": {"name": name, "out_dir": str(root / "runs"), "wandb": "disabled", "validate_first": False},
+        "run": {"name": name, "out_dir": str(root / "runs"), "wandb": "disabled"},
         "edits": {"knowledge": "builtin", "n_edit": N_EDIT, "n_control": N_CONTROL, "known_protocol": "none",
                   "editor": "rome", "mode": "batch",
                   "hparams": {"layer": 0, "context_templates": [[5, 1]], "v_steps": 10, "v_weight_decay": 0.0,
@@ -93,6 +93,8 @@ def test_pipeline_writes_the_run_folder(one_rank):
     assert summary["flip_ratio"]["prob"] == pytest.approx(1 - summary["retention"]["prob"]["edit"]["value"])
     assert [p for p, _ in summary["curves"]["edit"]["prob"]] == [0, 2, 3]
     assert summary["timings"]["edit_s"] > 0 and summary["downstream"]["train_tokens"] > 0
+    # Validation before and after fine-tuning (`retention fit` validates after fit when the last step had none).
+    assert [v["step"] for v in (summary["downstream"]["first"], summary["downstream"]["last"])] == [0, 3]
     assert (folder / "retention_curves.png").stat().st_size > 10_000
     assert (folder / "config.yaml").exists()
     csv = (folder / "metrics.csv").read_text().splitlines()[0]
@@ -107,6 +109,7 @@ def test_pipeline_on_two_ddp_ranks_matches_one_rank(one_rank, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "retention", "fit", "--config", str(ddp)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Starting with 2 processes" in proc.stdout + proc.stderr
     one, one_probes = _read(folder)
     two, two_probes = _read(config.parent / "runs" / "two")
     for key in ("t0", "retention", "final_accuracy", "curves"):
