@@ -1,9 +1,9 @@
 """Measuring the edit and control sets of a run: probes, rank shards, torchmetrics states, gathering.
 
 Under DDP each rank scores its own shard of the probes (indices ``rank, rank + world, ...``: no padding, no
-repeats, unlike the distributed sampler) and updates count metrics that ``compute()`` sums over ranks. A model
-sharded with FSDP2 (DTensor parameters) needs every rank in every forward, so there every rank scores all
-probes and still updates the metrics with its own shard only.
+repeats, unlike the distributed sampler) on its own replica of the model, and updates count metrics that
+``compute()`` sums over ranks. (A model sharded with FSDP2 would need every rank in every forward: there each
+rank would have to score all probes and update the metrics with its own shard only.)
 """
 
 from __future__ import annotations
@@ -49,11 +49,6 @@ def shard(n: int, rank: int, world: int) -> list[int]:
     return list(range(rank, n, world))
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """Whether the model's parameters are DTensors (FSDP2), so forwards need every rank."""
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
-
-
 @dataclass
 class ScoreSettings:
     protocols: tuple[str, ...] = ("top1", "prob", "gen")
@@ -63,13 +58,9 @@ class ScoreSettings:
 
 def score_shard(model: nn.Module, tokenizer, probes: Sequence[Probe], settings: ScoreSettings) -> list[ProbeResult]:
     """Results of this rank's shard of ``probes`` (in shard order)."""
-    rank, world = rank_and_world()
-    mine = shard(len(probes), rank, world)
-    kwargs = dict(protocols=settings.protocols, batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens)
-    if world > 1 and is_sharded(model):
-        results = score_probes(model, tokenizer, probes, **kwargs)
-        return [results[i] for i in mine]
-    return score_probes(model, tokenizer, [probes[i] for i in mine], **kwargs)
+    mine = shard(len(probes), *rank_and_world())
+    return score_probes(model, tokenizer, [probes[i] for i in mine], protocols=settings.protocols,
+                        batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens)
 
 
 def gather(local: Sequence[ProbeResult], n: int) -> list[ProbeResult]:
