@@ -52,7 +52,8 @@ class TraceConfig:
     kinds: tuple[str, ...] = ("hidden", "mlp")
     """Which activations to restore: ``hidden`` (layer output), ``mlp`` (MLP output), ``attn`` (attention output)."""
     window: int = 1
-    """``mlp``/``attn``: restore this many consecutive layers centred on each layer (the paper uses 10 of 48)."""
+    """``mlp``/``attn``: restore this many consecutive layers centred on each layer, fewer at the ends of the model
+    (the paper uses 10 of 48)."""
     all_positions: bool = False
     """Restore at every position group of :data:`POSITION_GROUPS`, not only at the subject's last token."""
     rows_per_batch: int = 16
@@ -174,8 +175,9 @@ def _modules(adapter: ArchAdapter, kind: str, layer: int) -> nn.Module:
 
 
 def _window(layer: int, window: int, num_layers: int) -> range:
-    lo = max(0, layer - window // 2)
-    return range(lo, min(num_layers, lo + window))
+    """The ``window`` layers centred on ``layer``, clipped at the ends of the model (as in the paper)."""
+    lo = layer - window // 2
+    return range(max(0, lo), min(num_layers, lo + window))
 
 
 @torch.no_grad()

@@ -5,12 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from retention.editing.alphaedit import AlphaEditEditor
 from retention.editing.base import Editor, EditorHParams, resolve_hparams
 from retention.editing.ft import FtEditor
+from retention.editing.memit import MemitEditor
 from retention.editing.rome import RomeEditor
 
 EDITORS: dict[str, tuple[type[Editor], dict[str, Any]]] = {
     "rome": (RomeEditor, {}),
+    "memit": (MemitEditor, {}),
+    "alphaedit": (AlphaEditEditor, {}),
     "ft-l": (FtEditor, {"variant": "ft-l"}),
     "ft-m": (FtEditor, {"variant": "ft-m"}),
 }

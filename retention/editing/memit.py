@@ -1,0 +1,257 @@
+"""MEMIT: many facts written at once into the MLP output projections of a range of critical layers.
+
+Meng et al. 2023, "Mass-Editing Memory in a Transformer" (MEMIT, arXiv 2210.07229), §3–4:
+
+1. For each fact, a target ``z = h_L + δ`` for the hidden state at the *last* critical layer ``L`` (the decoder
+   layer's output at the subject's last token), with δ from the shared optimiser
+   (:func:`retention.editing.targets.optimise_targets`, ``site="layer"``); the facts of a batch are optimised
+   together.
+2. For each critical layer ``l`` in ascending order, on the model already updated at the layers below:
+   keys ``K`` (the projection's input at the subject's last token, averaged over the context templates), the
+   remaining residual ``R = (z − h_L) / (number of critical layers left)``, and the update
+
+       ΔW_l = R Kᵀ (λ C_l + K Kᵀ)⁻¹
+
+   solved in float64, with ``C_l = E[k kᵀ]`` of the layer's keys over a text corpus
+   (:mod:`retention.editing.covariance`) and ``λ = mom2_update_weight``; ``mom2_adjustment: false`` is the named
+   ``C = I`` fallback.
+
+Augmentation phrasings of a request share its δ and add key/value columns of their own: each phrasing gets its
+key (averaged over the context templates) and its target ``z = h_L(phrasing) + δ``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from retention.arch import ArchAdapter, unwrap_model
+from retention.editing.base import (
+    Editor,
+    EditorHParams,
+    EditRequest,
+    EditResult,
+    RequestDiagnostics,
+    check_finite,
+)
+from retention.editing.causal_trace import resolve_layers
+from retention.editing.covariance import CovarianceSpec, key_covariances
+from retention.editing.targets import TargetConfig, context_templates, optimise_targets, rewriting_templates
+from retention.editing.trace import capture, stop_after, subject_last_token_index
+from retention.models import model_fingerprint
+from retention.scoring import prompt_ids, right_pad
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MemitHParams(EditorHParams):
+    """MEMIT hyperparameters (names follow the MEMIT code where they exist)."""
+
+    layers: list[int] | str = field(default_factory=lambda: [3, 4, 5, 6, 7])
+    """The critical layers (their MLP output projections), or ``located`` (from ``retention locate``); z is taken
+    at the last one."""
+    v_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    clamp_norm_factor: float = 0.75
+    """‖δ‖ ≤ clamp_norm_factor · ‖h_L‖ (the layer output, hence a factor below 1)."""
+    early_stop_loss: float = 0.05
+    kl_prompts: list[str] = field(default_factory=lambda: ["{} is a"])
+    context_templates: list[list[int]] = field(default_factory=lambda: [[10, 5]])
+    """``[length, count]`` pairs of generated prefixes (MEMIT uses five of ten tokens)."""
+    context_seed: int = 0
+    mom2_adjustment: bool = True
+    """Use the key covariance C; false is the named ``C = I`` fallback."""
+    mom2_update_weight: float = 15000.0
+    """λ, the weight of the preserved keys' covariance against the new keys."""
+    mom2_corpus: str = "builtin"
+    """Corpus of the key statistics: a text file, ``hf:<id>[:config]`` or ``builtin``."""
+    mom2_samples: int = 1000
+    """Token windows of the key statistics."""
+    mom2_max_length: int = 128
+    """Tokens per window."""
+    batch_size: int = 64
+    """Prompts per forward pass when computing keys."""
+
+    def validate(self) -> None:
+        if isinstance(self.layers, str):
+            if self.layers != "located":
+                raise ValueError(f"layers={self.layers!r}: give a list of layer indices or 'located'")
+        elif not self.layers:
+            raise ValueError("layers: at least one critical layer is needed")
+        self.target_config(0)
+        self.covariance_spec()
+        if self.mom2_update_weight < 0:
+            raise ValueError(f"mom2_update_weight={self.mom2_update_weight}: must be >= 0")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
+        for length, count in self.context_templates:
+            if length < 1 or count < 0:
+                raise ValueError(f"context_templates: [{length}, {count}] needs length >= 1 and count >= 0")
+
+    def target_config(self, layer: int) -> TargetConfig:
+        return TargetConfig(
+            layer=layer, site="layer", steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
+            kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor,
+            early_stop_loss=self.early_stop_loss, kl_prompts=tuple(self.kl_prompts),
+        )
+
+    def covariance_spec(self) -> CovarianceSpec:
+        return CovarianceSpec(self.mom2_corpus, self.mom2_samples, self.mom2_max_length)
+
+
+@torch.no_grad()
+def keys_and_values(
+    model: nn.Module, tokenizer, requests: Sequence[EditRequest], templates: Sequence[str], key_layer: int,
+    value_layer: int, batch_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (request, phrasing) column: the key of ``key_layer`` (the MLP-out input at the subject's last token,
+    averaged over the context templates) and the output of decoder layer ``value_layer`` there on the plain
+    phrasing; float64 ``[columns, in]`` and ``[columns, hidden]``, columns request-major."""
+    adapter = ArchAdapter.for_model(model)
+    device = adapter.embed.weight.device
+    modules = {"k": adapter.mlp_out(key_layer), "z": adapter.layer(value_layer)}
+    last = max(key_layer, value_layer)
+    rows = []  # (column, is_plain, ids, subject position)
+    column = 0
+    for req in requests:
+        phrasings = len(req.templates)
+        for r, template in enumerate(rewriting_templates(req, templates)):
+            ids = prompt_ids(tokenizer, template.format(req.subject))
+            pos = subject_last_token_index(tokenizer, template, req.subject)
+            rows.append((column + r % phrasings, r < phrasings, ids, pos))
+        column += phrasings
+    dim = adapter.weight_to_out_in(adapter.mlp_out_weight(key_layer)).shape[1]
+    keys = torch.zeros(column, dim, dtype=torch.float64)
+    counts = torch.zeros(column, dtype=torch.float64)
+    values = torch.zeros(column, adapter.hidden_size, dtype=torch.float64)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        ids, mask = right_pad([row_ids for _, _, row_ids, _ in chunk], tokenizer.pad_token_id)
+        with capture(modules, outputs=True) as rec, stop_after(adapter.layer(last)):
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        at = (torch.arange(len(chunk)), torch.tensor([pos for *_, pos in chunk]))
+        k = rec["k"].input[at].to(torch.float64).cpu()
+        z = rec["z"].output[at].to(torch.float64).cpu()
+        for i, (col, plain, _, _) in enumerate(chunk):
+            keys[col] += k[i]
+            counts[col] += 1
+            if plain:
+                values[col] = z[i]
+    return keys / counts[:, None], values
+
+
+def memit_delta(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor | None, weight: float) -> torch.Tensor:
+    """``ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹`` (float64 ``[out, in]``) for keys ``[n, in]`` and residuals ``[n, out]``;
+    ``cov=None`` means C = I."""
+    k, r = keys.double().T, resid.double().T
+    c = torch.eye(k.shape[0], dtype=torch.float64) if cov is None else cov.double()
+    # (λC + KKᵀ) is symmetric, so R Kᵀ A⁻¹ = (A⁻¹ K Rᵀ)ᵀ.
+    return torch.linalg.solve(weight * c + k @ k.T, k @ r.T).T
+
+
+class MemitEditor(Editor):
+    """MEMIT: one update of every critical layer's MLP output projection for a whole batch of requests."""
+
+    name = "memit"
+    hparams_class = MemitHParams
+    hparams: MemitHParams
+
+    def __init__(self, hparams: MemitHParams):
+        super().__init__(hparams)
+        # Layers, context templates and covariances come from the first (unedited) model an instance edits, so a
+        # sequential run neither recomputes them nor looks the located layers up on edited weights.
+        self._model_id: int | None = None
+        self._layers: list[int] = []
+        self._templates: list[str] = []
+        self._covs: dict[int, torch.Tensor] = {}
+
+    def _prepare(self, model: nn.Module, tokenizer) -> bool:
+        """Set up for ``model``; True when it is a model this instance has not seen before."""
+        if self._model_id == id(model):
+            return False
+        hp = self.hparams
+        self._layers = sorted(set(resolve_layers(hp.layers, model)))
+        fingerprint = model_fingerprint(model)
+        self._templates = context_templates(model, tokenizer, hp.context_templates, hp.context_seed, fingerprint)
+        self._covs = {}
+        if hp.mom2_adjustment:
+            self._covs = key_covariances(model, tokenizer, self._layers, hp.covariance_spec(), fingerprint)
+        else:
+            log.info("%s: mom2_adjustment is off: C = I", self.name)
+        self._model_id = id(model)
+        return True
+
+    def _solve(self, index: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        """The ``[out, in]`` float64 update of critical layer ``layer`` (``index`` in the critical layers)."""
+        return memit_delta(keys, resid, self._covs.get(layer), self.hparams.mom2_update_weight)
+
+    def edit(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> EditResult:
+        """Compute the batch's update layer by layer (each on the model updated below it); the model is restored."""
+        t0 = time.perf_counter()
+        hp = self.hparams
+        base = unwrap_model(model)
+        adapter = ArchAdapter.for_model(base)
+        self._prepare(base, tokenizer)
+        layers, z_layer = self._layers, self._layers[-1]
+        targets = optimise_targets(base, tokenizer, requests, self._templates, hp.target_config(z_layer))
+        for req, target in zip(requests, targets):
+            check_finite(target.delta, req, "z delta")
+        owner = torch.tensor([f for f, req in enumerate(requests) for _ in req.templates])
+        deltas = torch.stack([t.delta.double().cpu() for t in targets])[owner]
+        applied: list[EditResult] = []
+        norms: dict[int, float] = {}
+        z = None
+        try:
+            for i, layer in enumerate(layers):
+                keys, cur = keys_and_values(base, tokenizer, requests, self._templates, layer, z_layer, hp.batch_size)
+                if z is None:
+                    z = cur + deltas
+                resid = (z - cur) / (len(layers) - i)
+                update = self._solve(i, layer, keys, resid)
+                for req in requests:
+                    check_finite(update, req, f"layer-{layer} update")
+                weight = adapter.mlp_out_weight(layer)
+                delta = adapter.delta_to_weight(update.float()).contiguous().to(weight.device)
+                step = EditResult(self.name, {f"{adapter.mlp_out_name(layer)}.weight": delta}, [layer], [])
+                step.apply(base)
+                applied.append(step)
+                norms[layer] = update.norm().item()
+                log.info("%s layer %d: %d key(s), residual %.3g, |dW| %.3g", self.name, layer, len(keys),
+                         resid.norm(dim=1).mean().item() * (len(layers) - i), norms[layer])
+            self._after_batch(base, tokenizer, requests)
+        finally:
+            for step in reversed(applied):
+                step.revert(base)
+        seconds = time.perf_counter() - t0
+        diagnostics = [
+            RequestDiagnostics(
+                req.case_id, seconds / len(requests), t.losses, math.nan,
+                {"target_prob": t.target_prob, "nll": t.nll, "kl": t.kl, "steps": t.steps,
+                 "delta_z_norm": t.delta.norm().item(), "z0_norm": t.init.norm().item()},
+            )
+            for req, t in zip(requests, targets)
+        ]
+        log.info("%s: %d request(s) into layers %s in %.1f s", self.name, len(requests), layers, seconds)
+        return EditResult(
+            self.name, {n: d for s in applied for n, d in s.deltas.items()}, list(layers),
+            [r.case_id for r in requests], diagnostics,
+            {**hp.to_dict(), "layers_used": list(layers), "context_templates_used": self._templates,
+             "update_norms": norms, **self._info()},
+            seconds,
+        )
+
+    def _after_batch(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> None:
+        """Called with the batch's updates applied (AlphaEdit records the new keys here)."""
+
+    def _info(self) -> dict:
+        """Editor-specific entries of the result's ``hparams`` record."""
+        return {}
