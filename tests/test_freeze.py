@@ -105,3 +105,22 @@ def test_frozen_weights_bit_identical_after_fine_tuning(policy, method, tiny_lla
     if policy == "only_edited" and method == "full":
         embed = "model.embed_tokens.weight"
         assert torch.equal(before[embed], after[embed]) and torch.equal(before["model.norm.weight"], after["model.norm.weight"])
+
+
+def test_located_layers_are_read_before_the_edits_change_the_weights(tiny_llama, tmp_path, monkeypatch):
+    """Located layers are keyed by the base model's weights: ApplyEdits calls on_before_edits while the model is
+    still the base model, so editing afterwards does not lose them."""
+    from types import SimpleNamespace
+
+    from retention.editing.causal_trace import save_located
+
+    model = _model(len(tiny_llama[1]))
+    monkeypatch.setenv("RETENTION_CACHE", str(tmp_path))
+    save_located(model, [1, 2])
+    module = SimpleNamespace(model=model, edited_layers=[4], frozen_layers=set())
+    freeze = FreezeLayers("located")
+    freeze.on_before_edits(None, module, [])
+    with torch.no_grad():
+        ArchAdapter.for_model(model).mlp_out(4).weight.add_(1.0)  # the edit
+    freeze.on_base_model_ready(None, module)
+    assert module.frozen_layers == {1, 2}
