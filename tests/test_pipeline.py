@@ -71,6 +71,7 @@ def test_pipeline_writes_the_run_folder(one_rank):
     summary, probes = _read(folder)
     run = summary["run"]
     assert run["n_edit"] == N_EDIT and run["n_control"] == N_CONTROL and run["edited_layers"] == [0]
+    assert [d["case_id"] for d in run["edit_diagnostics"]] == run["edit_case_ids"]
     assert not set(run["edit_case_ids"]) & set(run["control_case_ids"])
     assert summary["protocols"] == PROTOCOLS and summary["final_step"] == 3
     # t=0, the step-2 measurement and the end; every probe once per measurement.

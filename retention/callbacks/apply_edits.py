@@ -106,6 +106,7 @@ class ApplyEdits(Callback):
         self.stats: dict[str, int] = {}
         self.timings: dict[str, float] = {}
         self.edit_diagnostics: list[dict] = []
+        """Per edit request: seconds, update norm and the editor's own numbers (e.g. target probability)."""
 
     def describe(self) -> dict:
         """What this run edited and kept, for the run summary."""
@@ -116,6 +117,7 @@ class ApplyEdits(Callback):
             "augmented_phrasings": sum(len(r.augmentations) for r in self.edited_records),
             "edit_case_ids": [r.case_id for r in self.sets.edit],
             "control_case_ids": [r.case_id for r in self.sets.control], **self.stats,
+            "edit_diagnostics": self.edit_diagnostics,
         }
 
     def select(self, pl_module: LightningModule) -> KnowledgeSets:
@@ -147,7 +149,7 @@ class ApplyEdits(Callback):
         if n_dropped is not None:
             self.stats["task_examples_dropped"] = int(n_dropped)
 
-    def edit(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def edit(self, pl_module: LightningModule) -> None:
         """Apply the edits of the edit set to ``pl_module.model``."""
         t0 = time.perf_counter()
         editor = build_editor(self.editor, self.hparams, getattr(pl_module, "model_name", None))
@@ -178,7 +180,7 @@ class ApplyEdits(Callback):
             records = hook(trainer, pl_module, records) or records
         self.edited_records = records
         if records:
-            self.edit(trainer, pl_module)
+            self.edit(pl_module)
         pl_module.edited_layers = list(self.edited_layers)
         for hook in _hooks(trainer, "on_edits_applied"):
             hook(trainer, pl_module, self.sets)
