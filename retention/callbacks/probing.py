@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -77,14 +78,23 @@ def gather(local: Sequence[ProbeResult], n: int) -> list[ProbeResult]:
     return out
 
 
+def _metric_device(model: nn.Module) -> torch.device:
+    """Where metric states live: the rank's GPU under NCCL (which cannot reduce CPU tensors, and t=0 is
+    measured before the strategy moves the model), else the model's device."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return next(model.parameters()).device
+
+
 class ProbeMetrics:
     """Accuracy (``EditSuccess``) and retention vs t=0 (``Retention``) per probe group and protocol."""
 
-    def __init__(self, groups: Sequence[str], protocols: Sequence[str]):
+    def __init__(self, groups: Sequence[str], protocols: Sequence[str], device: torch.device | str = "cpu"):
         self.groups = list(dict.fromkeys(groups))
         self.protocols = check_protocols(protocols)
-        self.accuracy = {(g, p): EditSuccess() for g in self.groups for p in self.protocols}
-        self.retention = {(g, p): Retention() for g in self.groups for p in self.protocols}
+        # States live on the model's device: NCCL cannot all-reduce CPU tensors.
+        self.accuracy = {(g, p): EditSuccess().to(device) for g in self.groups for p in self.protocols}
+        self.retention = {(g, p): Retention().to(device) for g in self.groups for p in self.protocols}
 
     def update(self, baseline: Sequence[ProbeResult], now: Sequence[ProbeResult]) -> None:
         """Add one rank's shard: ``baseline`` (t=0) and ``now`` results of the same probes."""
@@ -132,7 +142,7 @@ def measure(
     """
     t0 = time.perf_counter()
     local = score_shard(model, tokenizer, probes, settings)
-    metrics = ProbeMetrics([probe_group(p.kind) for p in probes], settings.protocols)
+    metrics = ProbeMetrics([probe_group(p.kind) for p in probes], settings.protocols, _metric_device(model))
     metrics.update(local if baseline is None else baseline, local)
     rates = metrics.compute()
     results = gather(local, len(probes))

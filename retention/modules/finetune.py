@@ -202,10 +202,13 @@ class FineTuneModule(LightningModule):
         if self.model is None:
             self.model, self.tokenizer = load_model(self.model_name)
         trainer = self._trainer
-        for callback in trainer.callbacks if trainer is not None else []:
-            hook = getattr(callback, "on_base_model_ready", None)
-            if callable(hook):
-                hook(trainer, self)
+        # Lightning runs configure_model under the strategy's default-device context; editing works on the
+        # model where it is, so tensors the callbacks create must default to the model's device.
+        with torch.device(next(self.model.parameters()).device):
+            for callback in trainer.callbacks if trainer is not None else []:
+                hook = getattr(callback, "on_base_model_ready", None)
+                if callable(hook):
+                    hook(trainer, self)
         arch = ArchAdapter.for_model(self.model)
         frozen = _layer_indices(arch, self.frozen_layers)
         if self.adapter.method != "full":
@@ -292,6 +295,14 @@ class FineTuneModule(LightningModule):
         return {f"val/{name}": float(value) for name, value in result.items()}
 
     # -- optimisation ----------------------------------------------------------------------------------
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # FSDP1's precision plugin refuses norm clipping; the wrapped module clips by the norm over all shards.
+        clip_grad_norm = getattr(self.trainer.model, "clip_grad_norm_", None)
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and callable(clip_grad_norm):
+            clip_grad_norm(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         o = self.optim
