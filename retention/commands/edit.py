@@ -13,8 +13,8 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import yaml
 from jsonargparse import ArgumentParser
 
 from retention.io import atomic_write_json
@@ -42,8 +42,8 @@ class EditArgs:
     """Requests per editor call in sequential mode."""
     hparams: str | None = None
     """Editor hyperparameters: a YAML file or a preset name (default: the preset named after --model)."""
-    set: list[str] | None = None
-    """Hyperparameter overrides, KEY=VALUE (the value read as YAML), e.g. --set layer=6 --set v_lr=0.1."""
+    set: dict[str, Any] | None = None
+    """Hyperparameter overrides as a YAML mapping, e.g. --set '{layer: 6, v_lr: 0.1}'."""
     select_known: str | None = "top1"
     """Keep only facts the unedited model knows under this protocol (top1, prob, ...); 'none' keeps all."""
     out: str = "runs/edit"
@@ -52,16 +52,6 @@ class EditArgs:
     """Save the edited model (safetensors) under OUT/model."""
     batch_size_scoring: int = 16
     """Probes per forward pass when scoring."""
-
-
-def _overrides(items: list[str] | None) -> dict:
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def _select(model, tokenizer, records, protocol: str | None, n: int, batch_size: int):
@@ -105,7 +95,7 @@ def run(args: EditArgs) -> dict:
     from retention.editing.registry import build_editor
 
     t_start = time.perf_counter()
-    editor = build_editor(args.editor, args.hparams, args.model, **_overrides(args.set))
+    editor = build_editor(args.editor, args.hparams, args.model, **(args.set or {}))
     model, tokenizer = load_model(args.model)
     records = _select(model, tokenizer, load_records(args.data), args.select_known, args.n, args.batch_size_scoring)
     if not records:

@@ -1,0 +1,69 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from retention.commands.edit import EditArgs, main, run
+from retention.editing.base import EditResult
+from retention.records import KnowledgeRecord, NeighborhoodPrompt
+
+
+@pytest.fixture
+def records(tmp_path, tiny_llama):
+    recs = [
+        KnowledgeRecord("7", "Danielle Darrieux", "The mother tongue of {} is", "P103", "English", "French",
+                        paraphrases=["Danielle Darrieux grew up speaking"],
+                        neighborhood=[NeighborhoodPrompt("The mother tongue of Léon Blum is", "French")]),
+        KnowledgeRecord("8", "Toko Yasuda", "{} plays the", "P1303", "piano", "guitar"),
+    ]
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps([r.to_dict() for r in recs]), encoding="utf-8")
+    return path
+
+
+def _args(records, out, **kw):
+    base = dict(model="tiny-llama", editor="rome", hparams="smollm2-135m", data=str(records), n=2,
+                select_known="none", out=str(out),
+                set={"layer": 0, "v_steps": 2, "mom2_adjustment": False, "context_templates": [[3, 1]]})
+    return EditArgs(**{**base, **kw})
+
+
+def test_edit_command_sequential_writes_scores_result_and_model(records, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = run(_args(records, out))
+    printed = capsys.readouterr().out
+    assert "edited (E)" in printed and "E neighbourhood" in printed and "prob edited" in printed
+    saved = json.loads((out / "scores.json").read_text())
+    assert saved["n_edits"] == 2 and saved["hparams"]["layer"] == 0 and saved["hparams"]["v_steps"] == 2
+    assert saved["edited"]["edit"]["top1"]["denominator"] == 2
+    assert saved["edited"]["edit_neighborhood"]["prob"]["denominator"] == 1
+    assert len(saved["probes"]) == summary["edited"]["edit"]["prob"]["denominator"] + 2  # + paraphrase, neighbour
+    result = EditResult.load(out / "edit")
+    assert result.case_ids == ["7", "8"] and result.layers == [0]
+    (name, delta), = result.deltas.items()
+    weights = load_file(str(out / "model" / "model.safetensors"))
+    from retention.models import load_model
+
+    base, _ = load_model("tiny-llama")
+    assert torch.allclose(weights[name], base.get_parameter(name) + delta, atol=1e-6)
+    assert (out / "model" / "tokenizer.json").exists()
+
+
+def test_edit_command_single_mode_saves_one_result_per_edit(records, tmp_path):
+    out = tmp_path / "single"
+    assert main(["--model", "tiny-llama", "--editor", "ft-m", "--data", str(records), "--n", "2",
+                 "--select_known", "none", "--mode", "single", "--out", str(out), "--hparams", "smollm2-135m",
+                 "--set", "{layers: [1], steps: 2}"]) == 0
+    assert sorted(p.name for p in (out / "edits").iterdir()) == ["7", "8"]
+    assert not (out / "model").exists() and not (out / "edit").exists()
+    assert EditResult.load(out / "edits" / "8").editor == "ft-m"
+
+
+def test_edit_command_errors(records, tmp_path):
+    with pytest.raises(ValueError, match="unknown editor"):
+        run(_args(records, tmp_path, editor="nope"))
+    with pytest.raises(ValueError, match="unknown RomeHParams field.*lyer"):
+        run(_args(records, tmp_path, set={"lyer": 1}))
+    with pytest.raises(FileNotFoundError, match="no preset 'tiny-llama'"):
+        run(_args(records, tmp_path, hparams=None))
