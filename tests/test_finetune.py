@@ -176,14 +176,18 @@ def test_non_finite_loss_raises():
 def test_validation_logs_token_weighted_loss_and_ppl():
     model, tok = load_model("tiny-llama")
     module = FineTuneModule.from_model(model, tok)
-    loader = DataLoader(_batches(model.config.vocab_size, n=6), batch_size=4, collate_fn=_collate)
+    loader = DataLoader(_batches(model.config.vocab_size, n=6), batch_size=4, collate_fn=_collate)  # 4 + 2 rows
     (metrics,) = _trainer(1).validate(module, loader, verbose=False)
-    batches = list(loader)
-    with torch.no_grad():
-        sums = [token_nll(model(input_ids=b["input_ids"]).logits, b["labels"]) for b in batches]
-    expected = sum(s for s, _ in sums) / sum(c for _, c in sums)
+    with torch.no_grad():  # the Hugging Face loss is a per-batch mean over the (length - 1) * rows shifted tokens
+        pairs = [(model(**b).loss, b["input_ids"].shape[0] * 15) for b in loader]
+    expected = sum(loss * n for loss, n in pairs) / sum(n for _, n in pairs)
     assert metrics["val/loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert metrics["val/ppl"] == pytest.approx(math.exp(expected.item()), rel=1e-4)
+    labels = torch.tensor([[5, -100, 7, 8]])
+    logits = torch.randn(1, 4, 10)
+    total, count = token_nll(logits, labels)
+    assert count == 2 and total == pytest.approx(
+        -(logits[0, 1].log_softmax(-1)[7] + logits[0, 2].log_softmax(-1)[8]).item(), rel=1e-5)
 
 
 def test_export_merges_adapters(tmp_path):

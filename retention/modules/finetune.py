@@ -115,9 +115,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token negative log-likelihood over labelled positions, and their count."""
-    shift_logits = logits[:, :-1].flatten(0, 1).float()
-    shift_labels = labels[:, 1:].flatten()
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    # Shift the labels left rather than slicing the logits: no copy of the [batch, length, vocab] tensor.
+    shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].flatten()
+    total = F.cross_entropy(logits.flatten(0, 1).float(), shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     return total, (shift_labels != IGNORE_INDEX).sum()
 
 
