@@ -168,10 +168,6 @@ def test_rome_neighbourhood_dicts_and_missing_optional_lists(tmp_path):
 
 
 def test_builtin_name_resolves_to_packaged_set():
-    from importlib import resources
-
-    if not (resources.files("retention") / "resources" / "builtin_facts.json").is_file():
-        pytest.skip("retention/resources/builtin_facts.json not written yet")
     records, report = read_records("builtin")
     assert report.format == "records" and report.path == "<builtin>" and len(records) >= 300
 
