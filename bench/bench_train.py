@@ -4,6 +4,8 @@ Same model (the default SmolLM2-135M, full fine-tuning), same fixed batch of 4 x
 (param groups and constant schedule from ``retention.modules.finetune``); the plain loop takes the loss from
 the Hugging Face model (``labels=``), as a hand-written loop would. Each timed run is a fresh ``Trainer.fit``
 of ``STEPS`` steps (its setup included) or ``STEPS`` plain steps, interleaved, after one warm-up run of each.
+On a machine shared with other work, run it with ``OMP_NUM_THREADS=1``: with 2 threads on 2 oversubscribed
+cores, the same step's time varied up to 5x from run to run.
 """
 
 from __future__ import annotations
