@@ -209,19 +209,20 @@ def test_stop_on_val_loss():
     stop = StopOnValLoss(threshold=1e3, check_every_n_steps=3)
     module = FineTuneModule.from_model(model, tok, optimizer=OptimizerArgs(schedule="constant"))
     loader = DataLoader(_batches(model.config.vocab_size, n=40), batch_size=4, collate_fn=_collate)
+    val = _loader(model)
     trainer = _trainer(20, [stop])
-    trainer.fit(module, loader, loader)
+    trainer.fit(module, loader, val)
     assert stop.stopped_at_step == 3 and trainer.global_step == 3
 
     stop = StopOnValLoss(threshold=0.0, check_every_n_steps=2)
     module = FineTuneModule.from_model(*load_model("tiny-llama"), optimizer=OptimizerArgs(schedule="constant"))
     trainer = _trainer(5, [stop])
-    trainer.fit(module, loader, loader)
+    trainer.fit(module, loader, val)
     assert stop.stopped_at_step is None and trainer.global_step == 5
     assert [v["step"] for v in module.validations] == [2, 4]
 
     with pytest.raises(ValueError, match="val_check_interval"):
-        _trainer(5, [StopOnValLoss(1.0, check_every_n_steps=2)], val_check_interval=3).fit(module, loader, loader)
+        _trainer(5, [StopOnValLoss(1.0, check_every_n_steps=2)], val_check_interval=3).fit(module, loader, val)
 
 
 TINY_CONFIG = """
