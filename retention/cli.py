@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import TypeVar
+
+from jsonargparse import ArgumentParser, set_parsing_settings
+
+Args = TypeVar("Args")
 
 COMMANDS = {
     "probe": "Score a model on a knowledge set under the probe protocols.",
@@ -11,6 +16,14 @@ COMMANDS = {
     "locate": "Causal tracing: find the layers that recall facts.",
     "fit": "Edit, fine-tune and measure retention (LightningCLI; --config file.yaml).",
 }
+
+
+def parse_args(args_cls: type[Args], argv: list[str], prog: str, description: str | None) -> Args:
+    """Parse ``argv`` into the dataclass ``args_cls``; its attribute docstrings become the ``--help`` text."""
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_class_arguments(args_cls, nested_key=None)
+    return args_cls(**parser.parse_args(argv).as_dict())
 
 
 def _usage() -> str:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentParser
 
+from retention.cli import parse_args
 from retention.io import atomic_write_json
 from retention.models import DEFAULT_MODEL, load_model
 from retention.reporting import GROUP_LABELS, probe_group, rate
@@ -28,10 +28,12 @@ _GROUPS = ("edit", "edit_paraphrase", "edit_neighborhood")
 
 @dataclass
 class EditArgs:
+    """The model, editor, facts and edit mode, and what to save."""
+
     model: str = DEFAULT_MODEL
     """Model: smollm2-135m, tiny-llama, tiny-gpt2, a local folder, a .gguf file or a hub id."""
     editor: str = "rome"
-    """Editor: rome, ft-l, ft-m."""
+    """Editor: rome, ft-l, ft-m, memit, alphaedit."""
     data: str = "builtin"
     """Knowledge records: 'builtin' or a CounterFact / zsRE / retention JSON(L) file."""
     n: int = 50
@@ -140,8 +142,6 @@ def run(args: EditArgs) -> dict:
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    parser = ArgumentParser(prog="retention edit", description=__doc__)
-    parser.add_class_arguments(EditArgs, nested_key=None)
-    args = EditArgs(**parser.parse_args(argv).as_dict())
+    args = parse_args(EditArgs, argv, "retention edit", __doc__)
     run(args)
     return 0

@@ -10,13 +10,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jsonargparse import ArgumentParser
 
+from retention.cli import parse_args
 from retention.models import DEFAULT_MODEL, load_model
 
 
 @dataclass
 class LocateArgs:
+    """The facts to trace, the corruption and restorations, and the located-layer choice."""
+
     model: str = DEFAULT_MODEL
     """Model: smollm2-135m, tiny-llama, tiny-gpt2, a local folder, a .gguf file or a hub id."""
     data: str = "builtin"
@@ -63,11 +65,9 @@ def main(argv: list[str]) -> int:
     from retention.editing.causal_trace import TraceConfig, plot_trace, save_located, trace_facts
     from retention.io import atomic_write_json
 
-    parser = ArgumentParser(prog="retention locate", description=__doc__)
-    parser.add_class_arguments(LocateArgs, nested_key=None)
-    args = LocateArgs(**parser.parse_args(argv).as_dict())
+    args = parse_args(LocateArgs, argv, "retention locate", __doc__)
     if args.n < 1:
-        parser.error(f"--n={args.n}: must be >= 1")
+        raise SystemExit(f"retention locate: --n={args.n}: must be >= 1")
     config = TraceConfig(
         noise_scale=args.noise_scale, samples=args.samples, kinds=tuple(k.strip() for k in args.kinds.split(",")),
         window=args.window, all_positions=args.all_positions, seed=args.seed,

@@ -7,8 +7,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from jsonargparse import ArgumentParser
 
+from retention.cli import parse_args
 from retention.io import atomic_write_jsonl
 from retention.models import DEFAULT_MODEL, load_model
 from retention.scoring import check_protocols, score_probes
@@ -16,6 +16,8 @@ from retention.scoring import check_protocols, score_probes
 
 @dataclass
 class ProbeArgs:
+    """What to score, under which protocols, and where to write it."""
+
     model: str = DEFAULT_MODEL
     """Model: smollm2-135m, tiny-llama, tiny-gpt2, a local folder, a .gguf file or a hub id."""
     data: str = "builtin"
@@ -65,9 +67,7 @@ def format_known_table(results, relation_of: dict[str, str], protocols) -> str:
 def main(argv: list[str]) -> int:
     from retention.data.readers import read_records
 
-    parser = ArgumentParser(prog="retention probe", description=__doc__)
-    parser.add_class_arguments(ProbeArgs, nested_key=None)
-    args = ProbeArgs(**parser.parse_args(argv).as_dict())
+    args = parse_args(ProbeArgs, argv, "retention probe", __doc__)
     protocols = check_protocols([p.strip() for p in args.protocols.split(",") if p.strip()])
     records, report = read_records(args.data, on_error=args.on_error, limit=args.limit)
     if report.skipped:
