@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from retention.cli import parse_args
 from retention.io import atomic_write_json
 from retention.models import DEFAULT_MODEL, load_model

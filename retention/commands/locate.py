@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from retention.cli import parse_args
 from retention.models import DEFAULT_MODEL, load_model
 

@@ -7,7 +7,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from retention.cli import parse_args
 from retention.io import atomic_write_jsonl
 from retention.models import DEFAULT_MODEL, load_model
