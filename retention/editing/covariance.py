@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from retention.arch import ArchAdapter, unwrap_model
+from retention.editing.base import EditorHParams
 from retention.editing.trace import capture, stop_after
 from retention.models import cache_dir, model_fingerprint
 
@@ -48,6 +49,27 @@ class CovarianceSpec:
         for name in ("samples", "max_length", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"covariance {name}={getattr(self, name)}: must be >= 1")
+
+
+@dataclass
+class KeyStatsHParams(EditorHParams):
+    """The key-statistics fields shared by ROME, MEMIT and AlphaEdit (names as in their code)."""
+
+    mom2_adjustment: bool = True
+    """Use the key covariance C; false is the named ``C = I`` fallback."""
+    mom2_corpus: str = "builtin"
+    """Corpus of the key statistics: a text file, ``hf:<id>[:config]`` or ``builtin``."""
+    mom2_samples: int = 1000
+    """Token windows of the key statistics."""
+    mom2_max_length: int = 128
+    """Tokens per window."""
+
+    def validate(self) -> None:
+        super().validate()
+        self.covariance_spec()
+
+    def covariance_spec(self) -> CovarianceSpec:
+        return CovarianceSpec(self.mom2_corpus, self.mom2_samples, self.mom2_max_length)
 
 
 def corpus_text(corpus: str, min_chars: int) -> tuple[str, str]:

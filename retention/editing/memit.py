@@ -34,15 +34,20 @@ from torch import nn
 from retention.arch import ArchAdapter, unwrap_model
 from retention.editing.base import (
     Editor,
-    EditorHParams,
     EditRequest,
     EditResult,
     RequestDiagnostics,
     check_finite,
 )
 from retention.editing.causal_trace import resolve_layers
-from retention.editing.covariance import CovarianceSpec, key_covariances
-from retention.editing.targets import TargetConfig, context_templates, optimise_targets, rewriting_templates
+from retention.editing.covariance import KeyStatsHParams, key_covariances
+from retention.editing.targets import (
+    TargetConfig,
+    TargetHParams,
+    context_templates,
+    optimise_targets,
+    rewriting_templates,
+)
 from retention.editing.trace import capture, stop_after, subject_last_token_index
 from retention.models import model_fingerprint
 from retention.scoring import prompt_ids, right_pad
@@ -51,61 +56,35 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class MemitHParams(EditorHParams):
+class MemitHParams(TargetHParams, KeyStatsHParams):
     """MEMIT hyperparameters (names follow the MEMIT code where they exist)."""
 
     layers: list[int] | str = field(default_factory=lambda: [3, 4, 5, 6, 7])
     """The critical layers (their MLP output projections), or ``located`` (from ``retention locate``); z is taken
     at the last one."""
-    v_steps: int = 20
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
-    kl_factor: float = 0.0625
     clamp_norm_factor: float = 0.75
     """‖δ‖ ≤ clamp_norm_factor · ‖h_L‖ (the layer output, hence a factor below 1)."""
-    early_stop_loss: float = 0.05
-    kl_prompts: list[str] = field(default_factory=lambda: ["{} is a"])
     context_templates: list[list[int]] = field(default_factory=lambda: [[10, 5]])
     """``[length, count]`` pairs of generated prefixes (MEMIT uses five of ten tokens)."""
-    context_seed: int = 0
-    mom2_adjustment: bool = True
-    """Use the key covariance C; false is the named ``C = I`` fallback."""
     mom2_update_weight: float = 15000.0
     """λ, the weight of the preserved keys' covariance against the new keys."""
-    mom2_corpus: str = "builtin"
-    """Corpus of the key statistics: a text file, ``hf:<id>[:config]`` or ``builtin``."""
-    mom2_samples: int = 1000
-    """Token windows of the key statistics."""
-    mom2_max_length: int = 128
-    """Tokens per window."""
     batch_size: int = 64
     """Prompts per forward pass when computing keys."""
 
     def validate(self) -> None:
+        super().validate()
         if isinstance(self.layers, str):
             if self.layers != "located":
                 raise ValueError(f"layers={self.layers!r}: give a list of layer indices or 'located'")
         elif not self.layers:
             raise ValueError("layers: at least one critical layer is needed")
-        self.target_config(0)
-        self.covariance_spec()
         if self.mom2_update_weight < 0:
             raise ValueError(f"mom2_update_weight={self.mom2_update_weight}: must be >= 0")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
-        for length, count in self.context_templates:
-            if length < 1 or count < 0:
-                raise ValueError(f"context_templates: [{length}, {count}] needs length >= 1 and count >= 0")
 
     def target_config(self, layer: int) -> TargetConfig:
-        return TargetConfig(
-            layer=layer, site="layer", steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
-            kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor,
-            early_stop_loss=self.early_stop_loss, kl_prompts=tuple(self.kl_prompts),
-        )
-
-    def covariance_spec(self) -> CovarianceSpec:
-        return CovarianceSpec(self.mom2_corpus, self.mom2_samples, self.mom2_max_length)
+        return self.optimiser_config(layer, "layer")
 
 
 @torch.no_grad()

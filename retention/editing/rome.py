@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,14 +31,19 @@ from torch import nn
 from retention.arch import ArchAdapter, unwrap_model
 from retention.editing.base import (
     Editor,
-    EditorHParams,
     EditRequest,
     EditResult,
     RequestDiagnostics,
     check_finite,
 )
-from retention.editing.covariance import CovarianceSpec, key_covariance
-from retention.editing.targets import TargetConfig, context_templates, optimise_targets, rewriting_templates
+from retention.editing.covariance import KeyStatsHParams, key_covariance
+from retention.editing.targets import (
+    TargetConfig,
+    TargetHParams,
+    context_templates,
+    optimise_targets,
+    rewriting_templates,
+)
 from retention.editing.trace import capture, stop_after, subject_last_token_index
 from retention.models import model_fingerprint
 from retention.scoring import prompt_ids, right_pad
@@ -47,47 +52,14 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class RomeHParams(EditorHParams):
+class RomeHParams(TargetHParams, KeyStatsHParams):
     """ROME hyperparameters (names follow the ROME code where they exist)."""
 
     layer: int = 5
     """The edited layer (its MLP output projection)."""
-    v_steps: int = 20
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
-    kl_factor: float = 0.0625
-    clamp_norm_factor: float = 4.0
-    """‖δ‖ ≤ clamp_norm_factor · ‖v₀‖."""
-    early_stop_loss: float = 0.05
-    kl_prompts: list[str] = field(default_factory=lambda: ["{} is a"])
-    context_templates: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
-    """``[length, count]`` pairs of generated prefixes (ROME's ``context_template_length_params``)."""
-    context_seed: int = 0
-    mom2_adjustment: bool = True
-    """Use ``u = C⁻¹ k̄``; false is the named ``C = I`` fallback."""
-    mom2_corpus: str = "builtin"
-    """Corpus of the key statistics: a text file, ``hf:<id>[:config]`` or ``builtin``."""
-    mom2_samples: int = 1000
-    """Token windows of the key statistics."""
-    mom2_max_length: int = 128
-    """Tokens per window."""
-
-    def validate(self) -> None:
-        self.target_config()
-        self.covariance_spec()
-        for length, count in self.context_templates:
-            if length < 1 or count < 0:
-                raise ValueError(f"context_templates: [{length}, {count}] needs length >= 1 and count >= 0")
 
     def target_config(self) -> TargetConfig:
-        return TargetConfig(
-            layer=self.layer, site="mlp_out", steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
-            kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor,
-            early_stop_loss=self.early_stop_loss, kl_prompts=tuple(self.kl_prompts),
-        )
-
-    def covariance_spec(self) -> CovarianceSpec:
-        return CovarianceSpec(self.mom2_corpus, self.mom2_samples, self.mom2_max_length)
+        return self.optimiser_config(self.layer, "mlp_out")
 
 
 @torch.no_grad()

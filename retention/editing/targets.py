@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from retention.arch import ArchAdapter, unwrap_model
-from retention.editing.base import EditRequest
+from retention.editing.base import EditorHParams, EditRequest
 from retention.editing.trace import (
     add_at,
     capture,
@@ -349,3 +349,34 @@ def context_templates(
     if path is not None:
         atomic_write_json(path, {"spec": spec, "templates": templates})
     return templates
+
+
+@dataclass
+class TargetHParams(EditorHParams):
+    """The v*/z optimisation and context-template fields shared by ROME and MEMIT (names as in their code)."""
+
+    v_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    clamp_norm_factor: float = 4.0
+    """‖δ‖ ≤ clamp_norm_factor · ‖v₀‖ (ROME: the MLP output) or ‖h_L‖ (MEMIT: the layer output, a factor < 1)."""
+    early_stop_loss: float = 0.05
+    kl_prompts: list[str] = field(default_factory=lambda: ["{} is a"])
+    context_templates: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+    """``[length, count]`` pairs of generated prefixes (ROME's ``context_template_length_params``)."""
+    context_seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        for length, count in self.context_templates:
+            if length < 1 or count < 0:
+                raise ValueError(f"context_templates: [{length}, {count}] needs length >= 1 and count >= 0")
+        self.optimiser_config(0, SITES[0])
+
+    def optimiser_config(self, layer: int, site: str) -> TargetConfig:
+        return TargetConfig(
+            layer=layer, site=site, steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
+            kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor,
+            early_stop_loss=self.early_stop_loss, kl_prompts=tuple(self.kl_prompts),
+        )
