@@ -162,8 +162,9 @@ class ApplyEdits(Callback):
             for r in results for d in r.diagnostics
         ]
         self.timings["edit_s"] = time.perf_counter() - t0
+        where = next(pl_module.model.parameters())
         rank_zero_info(f"{self.editor} ({self.mode}): {len(requests)} edits in layers {self.edited_layers} "
-                       f"({self.timings['edit_s']:.1f} s)")
+                       f"({self.timings['edit_s']:.1f} s on {where.device}, {where.dtype})")
 
     @property
     def active(self) -> bool:

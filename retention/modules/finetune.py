@@ -199,9 +199,12 @@ class FineTuneModule(LightningModule):
     def configure_model(self) -> None:
         if self._ready:
             return
-        if self.model is None:
-            self.model, self.tokenizer = load_model(self.model_name)
         trainer = self._trainer
+        if self.model is None:
+            # Straight onto this rank's device, so the edits (run below, before the strategy wraps the model) use
+            # the accelerator; float32 weights, which the precision plugin casts or autocasts as configured.
+            device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+            self.model, self.tokenizer = load_model(self.model_name, dtype=torch.float32, device=device)
         # Lightning runs configure_model under the strategy's default-device context; editing works on the
         # model where it is, so tensors the callbacks create must default to the model's device.
         with torch.device(next(self.model.parameters()).device):
