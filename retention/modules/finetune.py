@@ -205,9 +205,10 @@ class FineTuneModule(LightningModule):
             # the accelerator; float32 weights, which the precision plugin casts or autocasts as configured.
             device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
             self.model, self.tokenizer = load_model(self.model_name, dtype=torch.float32, device=device)
-        # Lightning runs configure_model under the strategy's default-device context; editing works on the
-        # model where it is, so tensors the callbacks create must default to the model's device.
-        with torch.device(next(self.model.parameters()).device):
+        # Lightning runs configure_model under the strategy's default-device context (cuda:N on a GPU). The editing
+        # and scoring code keeps its bookkeeping on the host and moves model inputs to the model's device itself,
+        # as in `retention edit`, so the callbacks run with the host as the default device.
+        with torch.device("cpu"):
             for callback in trainer.callbacks if trainer is not None else []:
                 hook = getattr(callback, "on_base_model_ready", None)
                 if callable(hook):
