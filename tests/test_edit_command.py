@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from retention.commands.edit import EditArgs, main, run
+from retention.data.readers import RecordError
 from retention.editing.base import EditResult
 from retention.records import KnowledgeRecord, NeighborhoodPrompt
 
@@ -67,3 +68,15 @@ def test_edit_command_errors(records, tmp_path):
         run(_args(records, tmp_path, set={"lyer": 1}))
     with pytest.raises(FileNotFoundError, match="no preset 'tiny-llama'"):
         run(_args(records, tmp_path, hparams=None))
+
+
+def test_edit_command_malformed_record_raises_or_is_skipped(records, tmp_path):
+    rows = json.loads(records.read_text())
+    rows.insert(1, {**rows[0], "case_id": "9", "target_new": rows[0]["target_true"]})
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(rows), encoding="utf-8")
+    with pytest.raises(RecordError, match=r"bad\.json: record 1 \(case_id \"9\"\): field 'target_new'") as err:
+        run(_args(bad, tmp_path / "a"))
+    assert "on_error='skip'" in "".join(getattr(err.value, "__notes__", []))
+    summary = run(_args(bad, tmp_path / "b", on_error="skip", set={**_args(bad, tmp_path).set, "v_steps": 1}))
+    assert summary["n_edits"] == 2

@@ -62,6 +62,7 @@ class ApplyEdits(Callback):
         mode: Mode = "batch",
         batch_size: int = 1,
         single_index: int | None = None,
+        on_error: str = "raise",
     ):
         """
         Args:
@@ -80,6 +81,8 @@ class ApplyEdits(Callback):
                 before the next); ``single`` edits only fact ``single_index`` (one run of the single protocol).
             batch_size: requests per editor call in ``sequential`` mode.
             single_index: with ``mode: single``, which of the ``n_edit`` selected facts this run edits.
+            on_error: malformed knowledge records: ``raise`` (an error naming file, record and field) or ``skip``
+                (skipped and counted).
         """
         if n_edit < 0 or n_control < 0:
             raise ValueError(f"ApplyEdits: n_edit={n_edit}, n_control={n_control} must be >= 0")
@@ -99,6 +102,7 @@ class ApplyEdits(Callback):
         self.mode = mode
         self.batch_size = batch_size
         self.single_index = single_index
+        self.on_error = on_error
         self.sets = KnowledgeSets()
         self.edited_records: list[KnowledgeRecord] = []
         """The edit set as edited (with the phrasings the augmentation gave)."""
@@ -123,7 +127,7 @@ class ApplyEdits(Callback):
     def select(self, pl_module: LightningModule) -> KnowledgeSets:
         """Read, keep known facts, split into edit and control sets."""
         t0 = time.perf_counter()
-        records = load_records(self.knowledge)
+        records = load_records(self.knowledge, on_error=self.on_error)
         if self.max_candidates is not None and len(records) > self.max_candidates:
             records = random.Random(self.seed).sample(records, self.max_candidates)
         if self.known_protocol == "none":

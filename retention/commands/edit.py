@@ -53,6 +53,8 @@ class EditArgs:
     """Save the edited model (safetensors) under OUT/model."""
     batch_size_scoring: int = 16
     """Probes per forward pass when scoring."""
+    on_error: str = "raise"
+    """Malformed records: raise (naming file, record and field), or skip and count."""
 
 
 def _select(model, tokenizer, records, protocol: str | None, n: int, batch_size: int):
@@ -98,7 +100,8 @@ def run(args: EditArgs) -> dict:
     t_start = time.perf_counter()
     editor = build_editor(args.editor, args.hparams, args.model, **(args.set or {}))
     model, tokenizer = load_model(args.model)
-    records = _select(model, tokenizer, load_records(args.data), args.select_known, args.n, args.batch_size_scoring)
+    records = load_records(args.data, on_error=args.on_error)
+    records = _select(model, tokenizer, records, args.select_known, args.n, args.batch_size_scoring)
     if not records:
         raise ValueError(f"no facts to edit from {args.data}")
     probes = [p for r in records for p in r.edit_probes()]

@@ -26,6 +26,8 @@ class LocateArgs:
     """Number of facts to trace (the first N the model knows)."""
     known: str = "top1"
     """Protocol a fact must pass to count as known (top1, prob, token_acc, gen), or 'none' to trace any fact."""
+    on_error: str = "raise"
+    """Malformed records: raise (naming file, record and field), or skip and count."""
     k: int = 5
     """Size of the located window: the k contiguous MLP layers with the highest AIE at the subject's last token."""
     samples: int = 3
@@ -72,7 +74,7 @@ def main(argv: list[str]) -> int:
         window=args.window, all_positions=args.all_positions, seed=args.seed,
     )
     t0 = time.perf_counter()
-    records, _ = read_records(args.data)
+    records, _ = read_records(args.data, on_error=args.on_error)
     model, tokenizer = load_model(args.model)
     facts = _known_facts(model, tokenizer, records, args.n, args.known)
     if len(facts) < args.n:

@@ -34,7 +34,7 @@ class ProbeArgs:
     out: str | None = None
     """Per-probe JSONL output (default: runs/probe/<data name>.jsonl)."""
     on_error: str = "raise"
-    """Malformed records: raise, or skip and count."""
+    """Malformed records: raise (naming file, record and field), or skip and count."""
 
 
 def _probes(records, kinds: set[str]):

@@ -383,6 +383,8 @@ def read_records(
             rec = _convert(path, index, item, convert, zsre_target, seen)
         except RecordError as err:
             if not skip:
+                err.add_note("on_error='skip' (--on_error skip, edits.on_error: skip) skips malformed records and "
+                             "counts them")
                 raise
             report.skipped += 1
             report.errors.append(err)
