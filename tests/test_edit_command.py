@@ -40,6 +40,12 @@ def test_edit_command_sequential_writes_scores_result_and_model(records, tmp_pat
     assert saved["edited"]["edit"]["top1"]["denominator"] == 2
     assert saved["edited"]["edit_neighborhood"]["prob"]["denominator"] == 1
     assert len(saved["probes"]) == summary["edited"]["edit"]["prob"]["denominator"] + 2  # + paraphrase, neighbour
+    calls = saved["efficacy_by_call"]  # sequential, one request per call: each call's fact scored at the end
+    assert [(c["call"], c["facts"]) for c in calls] == [(1, 1), (2, 1)]
+    rewrite = {p["edited"]["case_id"]: p["edited"]["passed"]["prob"] for p in saved["probes"]
+               if p["edited"]["kind"] == "rewrite"}
+    assert [c["prob"]["count"] for c in calls] == [int(rewrite["7"]), int(rewrite["8"])]
+    assert "efficacy of each call's facts after the last call" in printed
     result = EditResult.load(out / "edit")
     assert result.case_ids == ["7", "8"] and result.layers == [0]
     (name, delta), = result.deltas.items()

@@ -82,6 +82,18 @@ def _accuracy(results) -> dict:
     return out
 
 
+def _efficacy_by_call(results, after) -> list[dict]:
+    """Efficacy of each editor call's facts, scored after the last call (what sequential editing kept)."""
+    rewrite = {r.probe.case_id: r for r in after if r.probe.kind == "rewrite"}
+    out = []
+    for i, result in enumerate(results):
+        rs = [rewrite[c] for c in map(str, result.case_ids) if c in rewrite]
+        out.append({"call": i + 1, "facts": len(rs),
+                    **{p: rate(sum(bool(r.passed.get(p)) for r in rs), sum(p in r.passed for r in rs))
+                       for p in PROTOCOLS}})
+    return out
+
+
 def format_edit_table(before: dict, after: dict) -> str:
     """Edit success per probe group and protocol, unedited -> edited."""
     lines = [f"{'probes':<18}{'n':>6}" + "".join(f"{p + ' unedited':>16}{p + ' edited':>14}" for p in PROTOCOLS)]
@@ -133,11 +145,18 @@ def run(args: EditArgs) -> dict:
         "seconds_per_edit": edit_seconds / len(requests), "unedited": acc_before, "edited": acc_after,
         "probes": [{"unedited": b.to_dict(), "edited": a.to_dict()} for b, a in zip(before, after)],
     }
+    if args.mode == "sequential":
+        summary["efficacy_by_call"] = _efficacy_by_call(results, after)
     atomic_write_json(out / "scores.json", summary)
     print(f"\n{args.editor} ({args.mode}), {len(requests)} edits of {args.model}: "
           f"{edit_seconds:.1f} s editing ({edit_seconds / len(requests):.2f} s per edit), "
           f"{time.perf_counter() - t_start:.0f} s in all\n")
     print(format_edit_table(acc_before, acc_after))
+    if len(summary.get("efficacy_by_call", [])) > 1:
+        print("\nefficacy of each call's facts after the last call:")
+        for c in summary["efficacy_by_call"]:
+            cells = "  ".join(f"{p} {c[p]['value']:.1%} ({c[p]['count']}/{c[p]['denominator']})" for p in PROTOCOLS)
+            print(f"  call {c['call']:>3} ({c['facts']} facts)  {cells}")
     print(f"\nresults: {out}")
     return summary
 
