@@ -45,7 +45,7 @@ def test_edit_command_sequential_writes_scores_result_and_model(records, tmp_pat
     rewrite = {p["edited"]["case_id"]: p["edited"]["passed"]["prob"] for p in saved["probes"]
                if p["edited"]["kind"] == "rewrite"}
     assert [c["prob"]["count"] for c in calls] == [int(rewrite["7"]), int(rewrite["8"])]
-    assert "efficacy of each call's facts after the last call" in printed
+    assert "efficacy of each call's facts" not in printed  # printed only for calls of several facts
     result = EditResult.load(out / "edit")
     assert result.case_ids == ["7", "8"] and result.layers == [0]
     (name, delta), = result.deltas.items()
@@ -86,3 +86,9 @@ def test_edit_command_malformed_record_raises_or_is_skipped(records, tmp_path):
     assert "on_error='skip'" in "".join(getattr(err.value, "__notes__", []))
     summary = run(_args(bad, tmp_path / "b", on_error="skip", set={**_args(bad, tmp_path).set, "v_steps": 1}))
     assert summary["n_edits"] == 2
+
+
+def test_edit_command_prints_efficacy_per_call_of_several_facts(records, tmp_path, capsys):
+    summary = run(_args(records, tmp_path / "calls", batch_size=2))
+    assert [(c["call"], c["facts"]) for c in summary["efficacy_by_call"]] == [(1, 2)]
+    assert "call   1 (2 facts)" in capsys.readouterr().out

@@ -152,7 +152,7 @@ def run(args: EditArgs) -> dict:
           f"{edit_seconds:.1f} s editing ({edit_seconds / len(requests):.2f} s per edit), "
           f"{time.perf_counter() - t_start:.0f} s in all\n")
     print(format_edit_table(acc_before, acc_after))
-    if len(summary.get("efficacy_by_call", [])) > 1:
+    if any(c["facts"] > 1 for c in summary.get("efficacy_by_call", [])):  # calls of one fact: the table says it
         print("\nefficacy of each call's facts after the last call:")
         for c in summary["efficacy_by_call"]:
             cells = "  ".join(f"{p} {c[p]['value']:.1%} ({c[p]['count']}/{c[p]['denominator']})" for p in PROTOCOLS)
