@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA, needs_data
 from editing_models import edit_model, same_state, state
 from memit_cases import REQUESTS, tiny_hparams, top1, write_corpus
 
@@ -112,3 +113,35 @@ def test_target_optimisation_in_chunks_gives_the_same_vectors(tiny_llama):
         # Equal up to float noise: the padded widths of the forwards differ.
         assert ((a.delta - b.delta).norm() / b.delta.norm()).item() < 1e-5
         assert a.losses == pytest.approx(b.losses, rel=1e-5)
+
+
+@pytest.mark.slow
+@needs_data
+@pytest.mark.parametrize("editor", ["memit", "alphaedit"])
+def test_batch_editors_on_the_default_model(real_model, tmp_path, monkeypatch, editor):
+    """Four known CounterFact facts in one batch with the SmolLM2 preset (smaller key statistics for time): every
+    edit lands under `prob`, most neighbours keep their answer, and revert restores the model bit for bit."""
+    from retention.data.readers import load_records
+    from retention.data.selection import select_known_facts
+    from retention.scoring import score_probes
+
+    monkeypatch.setenv("RETENTION_CACHE", str(tmp_path))
+    model, tokenizer = real_model
+    known = select_known_facts(model, tokenizer, load_records(DATA / "counterfact" / "counterfact_preknown.json",
+                                                              limit=16))[:4]
+    saved = state(model)
+    requests = [EditRequest.from_record(r) for r in known]
+    (result,) = run_edits(build_editor(editor, model_name="smollm2-135m", mom2_samples=100), model, tokenizer,
+                          requests, "batch")
+    try:
+        scored = score_probes(model, tokenizer, [p for r in known for p in r.edit_probes()])
+    finally:
+        result.revert(model)
+    assert same_state(model, saved)
+    assert result.layers == [3, 4, 5, 6, 7]
+    rewrite = [s for s in scored if s.probe.kind == "rewrite"]
+    neighbours = [s for s in scored if s.probe.kind == "neighborhood"]
+    assert sum(s.passed["prob"] for s in rewrite) == 4
+    assert sum(s.passed["prob"] for s in neighbours) >= 0.7 * len(neighbours)
+    if editor == "alphaedit":
+        assert all(0 < r < 1536 for r in result.hparams["projector_ranks"].values())
