@@ -1,7 +1,7 @@
 """Batched target optimisation (MEMIT's z-vectors) vs one fact at a time, on the default model.
 
 32 CounterFact facts, the smollm2-135m MEMIT preset (its z layer, learning rate and context templates; 10 steps to
-keep the section short on a shared CPU): one :func:`optimise_targets` call for all 32 facts against 32 calls of
+keep the section short on a CPU): one :func:`optimise_targets` call for all 32 facts against 32 calls of
 one fact each, run side by side; the vectors must agree (max relative difference of δ over the facts).
 """
 
@@ -21,6 +21,7 @@ from retention.models import load_model, model_fingerprint
 DATA = "../shared/data/counterfact/counterfact_preknown.json"
 N_FACTS = 32
 STEPS = 10
+REPEATS = 3
 
 
 def run() -> None:
@@ -29,7 +30,8 @@ def run() -> None:
     config = replace(hp.target_config(max(resolve_layers(hp.layers, model))), steps=STEPS)
     templates = context_templates(model, tok, hp.context_templates, hp.context_seed, model_fingerprint(model))
     requests = [EditRequest.from_record(r) for r in load_records(DATA, limit=N_FACTS)]
-    print(f"{N_FACTS} facts, z at layer {config.layer}, {config.steps} steps at most, {len(templates)} context templates")
+    print(f"{N_FACTS} facts, z at layer {config.layer}, {config.steps} steps at most, {len(templates)} context templates, "
+          f"median of {REPEATS} interleaved runs")
 
     out = {}
 
@@ -39,7 +41,7 @@ def run() -> None:
     def one_at_a_time():
         out["alone"] = [optimise_targets(model, tok, [r], templates, config)[0] for r in requests]
 
-    med = interleaved_medians({"batched": batched, "one at a time": one_at_a_time}, repeats=1)
+    med = interleaved_medians({"batched": batched, "one at a time": one_at_a_time}, repeats=REPEATS)
     together, alone = out["batched"], out["alone"]
     rel = max(((a.delta - b.delta).norm() / b.delta.norm()).item() for a, b in zip(together, alone))
     print(f"same vectors: max relative difference of δ over the facts {rel:.2e}; Adam steps "
