@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -161,14 +162,10 @@ def test_errors_name_file_record_and_field(tmp_path):
         TaskConfig(family="math", fields={"sentence": "x"})
 
 
-def test_hub_source_without_datasets_is_a_clear_error():
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="hf:wikitext needs the 'datasets' package"):
-            load_examples(_config(family="text", source="hf:wikitext"))
-    else:
-        pytest.skip("datasets is installed (the error path is for its absence)")
+def test_hub_source_without_datasets_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError, installed or not
+    with pytest.raises(ImportError, match="hf:wikitext needs the 'datasets' package"):
+        load_examples(_config(family="text", source="hf:wikitext"))
 
 
 # -- built-in defaults --------------------------------------------------------------------------------
