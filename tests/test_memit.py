@@ -12,7 +12,7 @@ from retention.editing import causal_trace
 from retention.editing.base import PRESETS, EditRequest, run_edits
 from retention.editing.memit import MemitEditor, MemitHParams, keys_and_values, memit_delta
 from retention.editing.registry import build_editor
-from retention.editing.targets import TargetConfig, optimise_targets
+from retention.editing.targets import TargetConfig, _chunks, _Row, optimise_targets
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_hparams_errors_and_presets():
 
 
 def test_target_optimisation_in_chunks_gives_the_same_vectors(tiny_llama):
-    """A step over many facts runs in chunks of whole facts (bounded memory); the vectors do not change."""
+    """A step over many facts runs in chunks of rows (bounded memory); the vectors do not change."""
     tokenizer = tiny_llama[1]
     model = edit_model("llama", len(tokenizer))
     config = TargetConfig(layer=1, site="layer", steps=4, weight_decay=0.0, clamp_norm_factor=1e4)
@@ -145,3 +145,14 @@ def test_batch_editors_on_the_default_model(real_model, tmp_path, monkeypatch, e
     assert sum(s.passed["prob"] for s in neighbours) >= 0.7 * len(neighbours)
     if editor == "alphaedit":
         assert all(0 < r < 1536 for r in result.hparams["projector_ranks"].values())
+
+
+def test_target_rows_are_chunked_by_length():
+    """Every row of the wanted facts runs exactly once, at most ``max_rows`` per chunk, short rows apart from long."""
+    lengths = [3, 20, 4, 21, 5, 22, 3, 20]
+    rows = [_Row(f // 2, [0] * n, 0, [1], 1.0) for f, n in enumerate(lengths)]
+    groups = _chunks(rows, range(4), max_rows=4)
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    assert all(0 < len(g) <= 4 for g in groups)
+    assert all(len({lengths[i] < 10 for i in g}) == 1 for g in groups)
+    assert _chunks(rows, [1], max_rows=3) == [[2, 3]]

@@ -13,8 +13,9 @@ the target's tokens but the last (teacher forcing); the KL is taken at the subje
 
 A batch of facts is optimised together: one forward/backward per step over all active facts' prompts, each fact
 with its own δ, loss, Adam state, clamp and early stop, so a batch gives the vectors that one-at-a-time
-optimisation gives. No weight gradients are computed and the frozen layers below ``L`` run once: their output is
-cached and every step starts at layer ``L``.
+optimisation gives. A fact's loss is a weighted sum over its prompt rows, so the rows of all facts are sorted by
+length and run in chunks of similar length (little padding), their gradients adding up. No weight gradients are
+computed and the frozen layers below ``L`` run once: their output is cached and every step starts at layer ``L``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -67,8 +69,8 @@ class TargetConfig:
     """A fact stops when its loss falls below this."""
     kl_prompts: tuple[str, ...] = ("{} is a",)
     max_rows: int = 64
-    """Prompt rows per forward/backward: a step over more facts runs in chunks of whole facts whose gradients add
-    up (the memory of a backward grows with the rows, about 30 MB per row on a 135M model)."""
+    """Prompt rows per forward/backward: a step over more rows runs in chunks whose gradients add up (the memory
+    of a backward grows with the rows, about 30 MB per row on a 135M model)."""
 
     def __post_init__(self):
         if self.site not in SITES:
@@ -119,6 +121,10 @@ class _Row:
     """Position of the subject's last token (where δ is added)."""
     targets: list[int] | None
     """Target tokens predicted from positions ``len(ids) - len(targets)`` onwards; None for a KL row."""
+    share: float
+    """The row's weight in its fact's mean NLL (rewriting row) or mean KL (KL row)."""
+    plain: bool = False
+    """The fact's plain prompt, where ``v₀`` is read."""
 
 
 def _rows(tokenizer, requests: Sequence[EditRequest], context_templates: Sequence[str],
@@ -126,12 +132,14 @@ def _rows(tokenizer, requests: Sequence[EditRequest], context_templates: Sequenc
     rows = []
     for f, req in enumerate(requests):
         tgt = target_ids(tokenizer, req.target_new)
-        for t in rewriting_templates(req, context_templates):
+        templates = rewriting_templates(req, context_templates)
+        for k, t in enumerate(templates):
             ids = prompt_ids(tokenizer, t.format(req.subject)) + tgt[:-1]
-            rows.append(_Row(f, ids, subject_last_token_index(tokenizer, t, req.subject), tgt))
+            rows.append(_Row(f, ids, subject_last_token_index(tokenizer, t, req.subject), tgt, 1 / len(templates),
+                             plain=k == 0))
         for t in config.kl_prompts:
             rows.append(_Row(f, prompt_ids(tokenizer, t.format(req.subject)),
-                             subject_last_token_index(tokenizer, t, req.subject), None))
+                             subject_last_token_index(tokenizer, t, req.subject), None, 1 / len(config.kl_prompts)))
     return rows
 
 
@@ -183,24 +191,35 @@ def optimise_targets(
         kl_init: dict[int, torch.Tensor] = {}
         active = list(range(len(requests)))
         for step in range(config.steps):
+            last = step == config.steps - 1
             opt.zero_grad(set_to_none=True)
-            done = []
+            nll, kl, prob = ([0.0] * len(requests) for _ in range(3))
             for chunk in _chunks(rows, active, config.max_rows):
-                row_idx = [i for i, r in enumerate(rows) if r.fact in chunk]
-                losses, parts = _step(base, adapter, site, rows, row_idx, all_ids, all_mask, cached, deltas,
-                                      kl_init, results, config, step == 0, layer)
-                for f in chunk:
-                    res = results[f]
-                    res.losses.append(losses[f].item())
-                    res.nll, res.kl, res.target_prob = parts[f]
-                    if losses[f].item() < config.early_stop_loss or step == config.steps - 1:
-                        done.append(f)
-                chunk_stepping = [f for f in chunk if f not in done]
-                if chunk_stepping:
-                    torch.stack([losses[f] for f in chunk_stepping]).sum().backward()
-            stepping = [f for f in active if f not in done]
+                values = _step(base, adapter, site, rows, chunk, all_ids, all_mask, cached, deltas, kl_init,
+                               results, step == 0, layer)
+                # A fact's loss is a weighted sum over its rows, so chunks of rows add up to it exactly.
+                weights = torch.tensor([r.share * (1.0 if r.targets else config.kl_factor)
+                                        for r in (rows[i] for i in chunk)], device=values.device)
+                if not last:  # after the last step nothing is updated
+                    (weights * values).sum().backward()
+                for i, v in zip(chunk, values.tolist()):
+                    r = rows[i]
+                    if r.targets is None:
+                        kl[r.fact] += r.share * v
+                    else:
+                        nll[r.fact] += r.share * v
+                        prob[r.fact] += r.share * math.exp(-v)
+            decays = {f: config.weight_decay * deltas[f].norm() / results[f].init.norm() ** 2 for f in active}
+            stepping = []
+            for f in active:
+                res = results[f]
+                res.nll, res.kl, res.target_prob = nll[f], kl[f], prob[f]
+                res.losses.append(nll[f] + config.kl_factor * kl[f] + decays[f].item())
+                if res.losses[-1] >= config.early_stop_loss and not last:
+                    stepping.append(f)
             if stepping:
-                for f in done:
+                torch.stack([decays[f] for f in stepping]).sum().backward()
+                for f in set(active) - set(stepping):
                     deltas[f].grad = None  # Adam skips it: a finished fact keeps its δ and Adam state
                 opt.step()
                 with torch.no_grad():
@@ -223,29 +242,37 @@ def optimise_targets(
     return results
 
 
+_CHUNK_COST = 32
+"""A forward/backward's fixed cost in padded token positions, weighed against padding when rows are grouped."""
+
+
 def _chunks(rows: Sequence[_Row], facts: Sequence[int], max_rows: int) -> list[list[int]]:
-    """``facts`` in groups whose rows number at most ``max_rows`` (a fact with more rows is a group of its own)."""
-    count = {f: 0 for f in facts}
-    for r in rows:
-        if r.fact in count:
-            count[r.fact] += 1
-    groups: list[list[int]] = [[]]
-    size = 0
-    for f in facts:
-        if groups[-1] and size + count[f] > max_rows:
-            groups.append([])
-            size = 0
-        groups[-1].append(f)
-        size += count[f]
-    return groups
+    """The rows of ``facts``, sorted by length and cut into groups of at most ``max_rows`` rows that minimise the
+    padded positions computed plus a fixed cost per group (dynamic programming over the sorted lengths)."""
+    wanted = set(facts)
+    order = sorted((i for i, r in enumerate(rows) if r.fact in wanted), key=lambda i: len(rows[i].ids))
+    cost = [0.0] + [math.inf] * len(order)
+    cut = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        width = len(rows[order[end - 1]].ids)
+        for begin in range(max(0, end - max_rows), end):
+            c = cost[begin] + (end - begin) * width + _CHUNK_COST
+            if c < cost[end]:
+                cost[end], cut[end] = c, begin
+    groups = []
+    end = len(order)
+    while end:
+        groups.append(order[cut[end]:end])
+        end = cut[end]
+    return groups[::-1]
 
 
-def _step(base, adapter, site, rows, row_idx, all_ids, all_mask, cached, deltas, kl_init, results,
-          config: TargetConfig, first: bool, layer: int):
-    """One forward over the active rows; per fact the loss tensor and (nll, kl, target_prob)."""
-    sub = [rows[i] for i in row_idx]
+def _step(base, adapter, site, rows, chunk, all_ids, all_mask, cached, deltas, kl_init, results, first: bool,
+          layer: int) -> torch.Tensor:
+    """One forward over the rows ``chunk``; per row its target NLL (rewriting row) or KL (KL row)."""
+    sub = [rows[i] for i in chunk]
     width = max(len(r.ids) for r in sub)
-    sel = torch.tensor(row_idx, device=all_ids.device)
+    sel = torch.tensor(chunk, device=all_ids.device)
     ids, mask = all_ids[sel, :width], all_mask[sel, :width]
     facts = sorted({r.fact for r in sub})
     slot = {f: j for j, f in enumerate(facts)}
@@ -260,10 +287,9 @@ def _step(base, adapter, site, rows, row_idx, all_ids, all_mask, cached, deltas,
                 hidden = base.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     if first:
         for j, r in enumerate(sub):
-            res = results[r.fact]
-            if res.init.numel() == 0:  # the fact's first row is its plain prompt
+            if r.plain:
                 # The captured output already holds δ = 0 at this step, so it is the original output.
-                res.init = rec["site"].output[j, r.subject].detach().float().clone()
+                results[r.fact].init = rec["site"].output[j, r.subject].detach().float().clone()
     # Logits only where they are needed: each target token of a rewriting row, the subject token of a KL row.
     # Log-probs are picked with one index per kind (a slice per row would make backward zero-fill a full
     # [positions, vocab] gradient for every row).
@@ -284,31 +310,20 @@ def _step(base, adapter, site, rows, row_idx, all_ids, all_mask, cached, deltas,
     logits = base.get_output_embeddings()(hidden[torch.tensor(pos_rows), torch.tensor(pos_cols)]).float()
     logprobs = torch.log_softmax(logits, -1)
     dev = logits.device
-    tok_row_t = torch.tensor(tok_row, device=dev)
-    picked = logprobs[torch.tensor(tok_at, device=dev), torch.tensor(tok, device=dev)]
-    counts = torch.zeros(len(sub), device=dev).index_add(0, tok_row_t, torch.ones_like(picked))
-    row_nll = -torch.zeros(len(sub), device=dev).index_add(0, tok_row_t, picked) / counts.clamp(min=1)
-    row_kl = torch.zeros(len(sub), device=dev)
+    per_row = torch.zeros(len(sub), device=dev)
+    if tok:
+        tok_row_t = torch.tensor(tok_row, device=dev)
+        picked = logprobs[torch.tensor(tok_at, device=dev), torch.tensor(tok, device=dev)]
+        counts = torch.zeros(len(sub), device=dev).index_add(0, tok_row_t, torch.ones_like(picked))
+        per_row = per_row - torch.zeros(len(sub), device=dev).index_add(0, tok_row_t, picked) / counts.clamp(min=1)
     if kl_at:
         lp = logprobs[torch.tensor(kl_at, device=dev)]
         if first:
             for i, j in enumerate(kl_row):
-                kl_init[row_idx[j]] = lp[i].detach()
-        ref = torch.stack([kl_init[row_idx[j]] for j in kl_row])
-        row_kl = row_kl.index_put((torch.tensor(kl_row, device=dev),), torch.sum(ref.exp() * (ref - lp), -1))
-    nll_rows: dict[int, list[int]] = {f: [] for f in facts}
-    kl_rows: dict[int, list[int]] = {f: [] for f in facts}
-    for j, r in enumerate(sub):
-        (kl_rows if r.targets is None else nll_rows)[r.fact].append(j)
-    losses, parts = {}, {}
-    for f in facts:
-        fact_nll = row_nll[nll_rows[f]]
-        nll_f = fact_nll.mean()
-        kl_f = row_kl[kl_rows[f]].mean() if kl_rows[f] else torch.zeros((), device=dev)
-        wd = config.weight_decay * deltas[f].norm() / results[f].init.norm() ** 2
-        losses[f] = nll_f + config.kl_factor * kl_f + wd
-        parts[f] = (nll_f.item(), kl_f.item(), torch.exp(-fact_nll.detach()).mean().item())
-    return losses, parts
+                kl_init[chunk[j]] = lp[i].detach()
+        ref = torch.stack([kl_init[chunk[j]] for j in kl_row])
+        per_row = per_row.index_put((torch.tensor(kl_row, device=dev),), torch.sum(ref.exp() * (ref - lp), -1))
+    return per_row
 
 
 @torch.no_grad()
