@@ -105,7 +105,7 @@ def test_spec_and_corpus_errors(tiny_llama, corpus, tmp_path):
     model, tokenizer = tiny_llama
     with pytest.raises(ValueError, match="max_length=0"):
         CovarianceSpec(max_length=0)
-    with pytest.raises(FileNotFoundError, match="not a file, 'builtin'"):
+    with pytest.raises(FileNotFoundError, match="mom2_corpus='.*missing.txt' is not a file"):
         key_covariance(model, tokenizer, 0, _spec(tmp_path / "missing.txt"))
     short = tmp_path / "short.txt"
     short.write_text("tiny")

@@ -94,7 +94,8 @@ def corpus_text(corpus: str, min_chars: int) -> tuple[str, str]:
         return "\n\n".join(parts), corpus
     path = Path(corpus)
     if not path.is_file():
-        raise FileNotFoundError(f"covariance corpus {corpus!r} is not a file, 'builtin' or 'hf:<dataset id>'")
+        raise FileNotFoundError(f"mom2_corpus={corpus!r} is not a file (relative to {Path.cwd()}), 'builtin' or "
+                                "'hf:<dataset id>'")
     data = path.read_bytes()
     return data.decode("utf-8", errors="replace"), f"file:{path.name}:{hashlib.blake2b(data, digest_size=8).hexdigest()}"
 
