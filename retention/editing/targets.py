@@ -190,6 +190,8 @@ def optimise_targets(
         results = [TargetVector(torch.zeros(0), torch.zeros(0)) for _ in requests]
         kl_init: dict[int, torch.Tensor] = {}
         active = list(range(len(requests)))
+        # A fact's loss is a weighted sum over its rows, so chunks of rows add up to it exactly.
+        weights = torch.tensor([r.share * (1.0 if r.targets else config.kl_factor) for r in rows], device=device)
         for step in range(config.steps):
             last = step == config.steps - 1
             opt.zero_grad(set_to_none=True)
@@ -197,11 +199,8 @@ def optimise_targets(
             for chunk in _chunks(rows, active, config.max_rows):
                 values = _step(base, adapter, site, rows, chunk, all_ids, all_mask, cached, deltas, kl_init,
                                results, step == 0, layer)
-                # A fact's loss is a weighted sum over its rows, so chunks of rows add up to it exactly.
-                weights = torch.tensor([r.share * (1.0 if r.targets else config.kl_factor)
-                                        for r in (rows[i] for i in chunk)], device=values.device)
                 if not last:  # after the last step nothing is updated
-                    (weights * values).sum().backward()
+                    (weights[chunk] * values).sum().backward()
                 for i, v in zip(chunk, values.tolist()):
                     r = rows[i]
                     if r.targets is None:
@@ -311,11 +310,11 @@ def _step(base, adapter, site, rows, chunk, all_ids, all_mask, cached, deltas, k
     logprobs = torch.log_softmax(logits, -1)
     dev = logits.device
     per_row = torch.zeros(len(sub), device=dev)
-    if tok:
+    if tok:  # a chunk may hold KL rows only
         tok_row_t = torch.tensor(tok_row, device=dev)
         picked = logprobs[torch.tensor(tok_at, device=dev), torch.tensor(tok, device=dev)]
         counts = torch.zeros(len(sub), device=dev).index_add(0, tok_row_t, torch.ones_like(picked))
-        per_row = per_row - torch.zeros(len(sub), device=dev).index_add(0, tok_row_t, picked) / counts.clamp(min=1)
+        per_row = -per_row.index_add(0, tok_row_t, picked) / counts.clamp(min=1)
     if kl_at:
         lp = logprobs[torch.tensor(kl_at, device=dev)]
         if first:
