@@ -15,6 +15,8 @@ COMMANDS = {
     "edit": "Edit facts into a model and report edit success.",
     "locate": "Causal tracing: find the layers that recall facts.",
     "fit": "Edit, fine-tune and measure retention (LightningCLI; --config file.yaml).",
+    "study": "Run a whole study (arms x seeds, or single edits) resumably; --config study.yaml.",
+    "report": "Retention with confidence intervals over study or run folders.",
 }
 
 

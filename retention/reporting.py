@@ -101,6 +101,7 @@ def summarize(
         "flip_ratio": {p: 1.0 - retention[p]["edit"]["value"] for p in protocols if "edit" in retention[p]},
         "final_accuracy": last["accuracy"],
         "curves": curves(measurements),
+        "measurements": [{k: m[k] for k in ("step", "accuracy", "retention")} for m in measurements],
         "downstream": dict(downstream or {}),
         "timings": dict(timings or {}),
     }

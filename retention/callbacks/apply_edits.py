@@ -28,17 +28,24 @@ import random
 import time
 from typing import Any, Literal
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from retention.arch import unwrap_model
 from retention.callbacks.probing import KnowledgeSets
 from retention.data.readers import load_records
 from retention.data.selection import select_known_facts, split_edit_control
+from retention.diskcache import DiskCache, digest
 from retention.editing.base import EditRequest, run_edits
 from retention.editing.registry import build_editor
+from retention.models import cache_dir, model_fingerprint
 from retention.records import KnowledgeRecord
 
 Mode = Literal["batch", "sequential", "single"]
+SELECTION_CACHE_VERSION = 1
+EDIT_CACHE_VERSION = 1
+"""Bump when selection or editing changes what it computes, so cached entries are recomputed."""
 
 
 def _hooks(trainer: Trainer, name: str) -> list:
@@ -63,6 +70,7 @@ class ApplyEdits(Callback):
         batch_size: int = 1,
         single_index: int | None = None,
         on_error: str = "raise",
+        cache: bool = True,
     ):
         """
         Args:
@@ -83,6 +91,9 @@ class ApplyEdits(Callback):
             single_index: with ``mode: single``, which of the ``n_edit`` selected facts this run edits.
             on_error: malformed knowledge records: ``raise`` (an error naming file, record and field) or ``skip``
                 (skipped and counted).
+            cache: reuse the known-fact selection and the edited weights of an earlier run with the same base
+                weights, knowledge file, selection settings, editor, hyperparameters and edit requests (cached
+                under ``$RETENTION_CACHE``; a study's arms that differ only after editing share one edit).
         """
         if n_edit < 0 or n_control < 0:
             raise ValueError(f"ApplyEdits: n_edit={n_edit}, n_control={n_control} must be >= 0")
@@ -103,6 +114,11 @@ class ApplyEdits(Callback):
         self.batch_size = batch_size
         self.single_index = single_index
         self.on_error = on_error
+        self.cache = cache
+        self.fingerprint: str | None = None
+        """The base model's weight fingerprint (cache keys), computed once per run when ``cache`` is on."""
+        self.reused: dict[str, bool] = {}
+        """Which steps came from the cache: ``selection``, ``edit``."""
         self.sets = KnowledgeSets()
         self.edited_records: list[KnowledgeRecord] = []
         """The edit set as edited (with the phrasings the augmentation gave)."""
@@ -121,7 +137,7 @@ class ApplyEdits(Callback):
             "augmented_phrasings": sum(len(r.augmentations) for r in self.edited_records),
             "edit_case_ids": [r.case_id for r in self.sets.edit],
             "control_case_ids": [r.case_id for r in self.sets.control], **self.stats,
-            "edit_diagnostics": self.edit_diagnostics,
+            "edit_diagnostics": self.edit_diagnostics, "reused": self.reused,
         }
 
     def select(self, pl_module: LightningModule) -> KnowledgeSets:
@@ -133,7 +149,7 @@ class ApplyEdits(Callback):
         if self.known_protocol == "none":
             known = list(records)
         else:
-            known = select_known_facts(pl_module.model, pl_module.tokenizer, records, self.known_protocol)
+            known = self._known(pl_module, records)
         edit, control = split_edit_control(known, self.n_edit, self.n_control, self.seed)
         if self.single_index is not None:
             edit = [edit[self.single_index]]
@@ -142,6 +158,21 @@ class ApplyEdits(Callback):
         rank_zero_info(f"{self.knowledge}: {len(known)} of {len(records)} facts known under {self.known_protocol}; "
                        f"{len(edit)} to edit, {len(control)} controls ({self.timings['select_s']:.1f} s)")
         return KnowledgeSets(edit, control)
+
+    def _known(self, pl_module: LightningModule, records: list[KnowledgeRecord]) -> list[KnowledgeRecord]:
+        """The records the base model knows, from the selection cache when the same selection ran before."""
+        cache = DiskCache(cache_dir() / "selection")
+        key = {"version": SELECTION_CACHE_VERSION, "model": self.fingerprint, "protocol": self.known_protocol,
+               "records": digest([dataclasses.asdict(r) for r in records])}
+        hit = cache.get(key) if self.cache else None
+        self.reused["selection"] = hit is not None
+        if hit is not None:
+            known_ids = set(hit[0]["known"])
+            return [r for r in records if str(r.case_id) in known_ids]
+        known = select_known_facts(pl_module.model, pl_module.tokenizer, records, self.known_protocol)
+        if self.cache:
+            cache.put(key, {"known": [str(r.case_id) for r in known]})
+        return known
 
     def _exclude_from_task(self, trainer: Trainer) -> None:
         datamodule = trainer.datamodule
@@ -159,15 +190,36 @@ class ApplyEdits(Callback):
         editor = build_editor(self.editor, self.hparams, getattr(pl_module, "model_name", None))
         requests = [EditRequest.from_record(r) for r in self.edited_records]
         mode = "batch" if self.mode == "single" else self.mode
-        results = run_edits(editor, pl_module.model, pl_module.tokenizer, requests, mode, self.batch_size)
-        self.edited_layers = sorted({i for r in results for i in r.layers})
-        self.edit_diagnostics = [
-            {"case_id": d.case_id, "seconds": d.seconds, "delta_norm": d.delta_norm, **d.values}
-            for r in results for d in r.diagnostics
-        ]
+        cache = DiskCache(cache_dir() / "edits")
+        key = {"version": EDIT_CACHE_VERSION, "model": self.fingerprint, "editor": self.editor,
+               "hparams": editor.hparams.to_dict(), "mode": mode, "batch_size": self.batch_size,
+               "requests": [dataclasses.asdict(r) for r in requests]}
+        hit = cache.get(key) if self.cache else None
+        self.reused["edit"] = hit is not None
+        base = unwrap_model(pl_module.model)
+        if hit is not None:
+            payload, weights = hit
+            with torch.no_grad():
+                for name, value in weights.items():
+                    base.get_parameter(name).copy_(value)
+            self.edited_layers, self.edit_diagnostics = payload["layers"], payload["diagnostics"]
+        else:
+            results = run_edits(editor, pl_module.model, pl_module.tokenizer, requests, mode, self.batch_size)
+            self.edited_layers = sorted({i for r in results for i in r.layers})
+            self.edit_diagnostics = [
+                {"case_id": d.case_id, "seconds": d.seconds, "delta_norm": d.delta_norm, **d.values}
+                for r in results for d in r.diagnostics
+            ]
+            if self.cache:
+                # The edited weights themselves, not the deltas: W0 + (d1 + d2) is not (W0 + d1) + d2 in floats,
+                # and a reused edit must give the model the editor left, bit for bit.
+                names = sorted({n for r in results for n in r.deltas})
+                cache.put(key, {"layers": self.edited_layers, "diagnostics": self.edit_diagnostics},
+                          {n: base.get_parameter(n).detach() for n in names})
         self.timings["edit_s"] = time.perf_counter() - t0
         where = next(pl_module.model.parameters())
-        rank_zero_info(f"{self.editor} ({self.mode}): {len(requests)} edits in layers {self.edited_layers} "
+        how = "reused from the edit cache" if hit is not None else "edited"
+        rank_zero_info(f"{self.editor} ({self.mode}): {len(requests)} edits in layers {self.edited_layers} {how} "
                        f"({self.timings['edit_s']:.1f} s on {where.device}, {where.dtype})")
 
     @property
@@ -177,6 +229,8 @@ class ApplyEdits(Callback):
     def on_base_model_ready(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.active:
             return
+        if self.cache and self.fingerprint is None:
+            self.fingerprint = model_fingerprint(unwrap_model(pl_module.model))
         self.sets = self.select(pl_module)
         self._exclude_from_task(trainer)
         # Augmentation is opt-in (ParaphraseAugmentation): the records' own phrasings are not used by default.

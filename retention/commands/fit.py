@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -64,6 +65,10 @@ class RunArgs:
     """Validate before training, so the report shows the loss before and after fine-tuning."""
     save_model: bool = False
     """Export the fine-tuned model (adapters merged) to ``<run folder>/model``."""
+    group: str | None = None
+    """W&B run group (``retention study`` sets it to the study's name)."""
+    tags: list[str] | None = None
+    """W&B run tags (``retention study`` sets the arm, the grid cell and the seed)."""
 
 
 def default_run_name(data: TaskDataModule, model: FineTuneModule) -> str:
@@ -81,27 +86,36 @@ def wandb_has_credentials() -> bool:
         return False
 
 
-def run_loggers(run_dir: Path, name: str, wandb: str) -> list[Logger]:
+def run_loggers(run_dir: Path, name: str, wandb: str, group: str | None = None,
+                tags: list[str] | None = None) -> list[Logger]:
     """A CSV logger writing into the run folder, and W&B (its folders inside the run folder) unless disabled."""
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
     if wandb != "disabled":
         for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR"):
             os.environ[var] = str(run_dir)
         online = wandb == "online" or (wandb == "auto" and wandb_has_credentials())
-        loggers.append(WandbLogger(name=name, save_dir=str(run_dir), project="retention", offline=not online))
+        loggers.append(WandbLogger(name=name, save_dir=str(run_dir), project="retention", offline=not online,
+                                   group=group, tags=tags))
     return loggers
 
 
 class FitCLI(LightningCLI):
     """LightningCLI for :class:`FineTuneModule` on a :class:`TaskDataModule`, with run folders and a report."""
 
-    def __init__(self, args: list[str]):
+    def __init__(self, args: list[str], parse_only: bool = False):
+        """Parse ``args`` and run ``fit``; with ``parse_only``, parse and build the model, data and pipeline
+        objects (whose constructors check their options) without a trainer, a model load or a run folder."""
         set_parsing_settings(docstring_parse_attribute_docstrings=True)
+        # LightningCLI warns when args are given and sys.argv also holds arguments (`retention fit ...`, or a
+        # study resolving its runs): the args are what counts.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
         self.fit_seconds = 0.0
+        self.parse_only = parse_only
         super().__init__(
             FineTuneModule, TaskDataModule, subclass_mode_model=False, subclass_mode_data=False,
-            trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0,
-            save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=["fit", *args], run=True,
+            trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0, save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False, args=args if parse_only else ["fit", *args], run=not parse_only,
+            parser_kwargs={"exit_on_error": False} if parse_only else None,
         )
 
     @staticmethod
@@ -117,9 +131,21 @@ class FitCLI(LightningCLI):
         for key, callback in PIPELINE.items():
             parser.add_lightning_class_args(callback, key)
 
+    @property
+    def fit_config(self):
+        """The parsed ``fit`` configuration (a jsonargparse Namespace)."""
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    @override
+    def instantiate_classes(self) -> None:
+        if self.parse_only:
+            self.config_init = self.parser.instantiate_classes(self.config)
+            return
+        super().instantiate_classes()
+
     @override
     def before_instantiate_classes(self) -> None:
-        trainer = self.config[self.subcommand].trainer
+        trainer = self.fit_config.trainer
         if trainer.precision is None:
             gpu = trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
             trainer.precision = "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
@@ -138,7 +164,7 @@ class FitCLI(LightningCLI):
         name = run.name or default_run_name(self.datamodule, self.model)
         run_dir = Path(run.out_dir) / name
         user_loggers = self.config_init[self.subcommand].trainer.get("logger")
-        loggers = run_loggers(run_dir, name, run.wandb)
+        loggers = run_loggers(run_dir, name, run.wandb, run.group, run.tags)
         if isinstance(user_loggers, Logger):
             loggers.append(user_loggers)
         elif isinstance(user_loggers, list):
@@ -184,9 +210,20 @@ class FitCLI(LightningCLI):
 
 
 def main(argv: list[str]) -> int:
-    # LightningCLI warns when args are given and sys.argv also holds arguments: here they are the same ones.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     # Progress lines of selection, editing and key statistics (Lightning keeps its own handler).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     FitCLI(argv)
     return 0
+
+
+def resolve_config(argv: list[str]) -> dict[str, Any]:
+    """The fully resolved ``fit`` configuration of ``argv`` as a plain dict, checked as far as it can be without
+    loading a model (``retention study --dry_run``); raises on a bad option."""
+    seed_log = logging.getLogger("lightning.fabric.utilities.seed")
+    level = seed_log.level
+    seed_log.setLevel(logging.WARNING)  # "Seed set to N" once per resolved run is noise here
+    try:
+        cli = FitCLI(argv, parse_only=True)
+    finally:
+        seed_log.setLevel(level)
+    return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))

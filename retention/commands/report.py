@@ -1,0 +1,48 @@
+"""``retention report``: retention with confidence intervals over one or more study or run folders.
+
+    retention report runs/studies/paper_smollm2_cpu
+    retention report runs/demo runs/demo_freeze --out runs/report
+
+Writes report.md, report.csv, comparisons.csv and PNGs (see docs/studies.md for the statistics).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from retention.cli import parse_args
+from retention.study.report import ReportError, write_report
+
+
+@dataclass
+class ReportArgs:
+    """Which folders to report on and where to write."""
+
+    folders: list[str] = field(default_factory=list)
+    """Study folders (holding study.json) or run folders (holding summary.json)."""
+    out: str | None = None
+    """Output folder; default <the folder>/report for one folder, else runs/report."""
+    plots: bool = True
+    """Write the PNGs (retention curves with interval bands, final retention per arm)."""
+
+
+def main(argv: list[str]) -> int:
+    # Folders may be given positionally: `retention report DIR...`.
+    folders = [a for a in argv if not a.startswith("-")] if argv and not argv[0].startswith("-") else []
+    rest = argv[len(folders):] if folders else argv
+    args = parse_args(ReportArgs, rest, "retention report", __doc__.split("\n\n")[0])
+    folders = folders + list(args.folders)
+    if not folders:
+        print("retention report: give one or more study or run folders", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else (Path(folders[0]) / "report" if len(folders) == 1 else Path("runs/report"))
+    try:
+        paths = write_report(folders, out, plots=args.plots)
+    except ReportError as err:
+        print(f"retention report: {err}", file=sys.stderr)
+        return 2
+    print(paths["markdown"].read_text(encoding="utf-8"))
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0

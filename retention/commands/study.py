@@ -1,0 +1,75 @@
+"""``retention study``: run a whole study (grid cells x arms x seeds, or the single-edit protocol) as one
+resumable command, then write its report.
+
+    retention study --config configs/studies/paper_smollm2_cpu.yaml
+    retention study --config configs/studies/paper_gpt2xl.yaml --dry_run true
+    retention study --config my_study.yaml --jobs 4            # 4 runs at a time (one per GPU where GPUs exist)
+
+Re-running the same command after an interruption (even ``kill -9``) keeps the finished runs and redoes the one
+that was cut off. See docs/studies.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+from retention.cli import parse_args
+from retention.study import Study, StudyError, StudySpec
+from retention.study.report import write_report
+
+
+@dataclass
+class StudyArgs:
+    """Which study to run and how."""
+
+    config: str
+    """The study file (YAML): base fit config, grid, arms, seeds, protocol (see docs/studies.md)."""
+    out_dir: str | None = None
+    """Folder holding study folders; default the study file's ``out_dir`` (runs/studies)."""
+    dry_run: bool = False
+    """Print the expanded runs and check that every run's config resolves, without loading a model."""
+    jobs: int = 1
+    """Runs at a time: 1 runs them one after another in this process; N > 1 runs N subprocesses (CPU threads
+    split between them; at most one run per GPU where GPUs exist)."""
+    redo_changed: bool = False
+    """Discard and rerun finished runs whose config changed since they ran (default: stop and list them)."""
+    report: bool = True
+    """Write the report into <study folder>/report when the runs are done."""
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(StudyArgs, argv, "retention study", __doc__.split("\n\n")[0])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.jobs < 1:
+        print(f"retention study: --jobs {args.jobs} must be at least 1", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        spec = StudySpec.from_file(args.config)
+        study = Study(spec, args.out_dir)
+        if args.dry_run:
+            planned = study.plan()
+            print(f"study {spec.name}: {len(planned)} runs into {study.folder}; every config resolves")
+            for p in planned:
+                overrides = ", ".join(f"{k}={v}" for k, v in p.run.overrides.items())
+                print(f"  {p.run.name}: {overrides}")
+            return 0
+        states = study.run(args.jobs, args.redo_changed)
+    except StudyError as err:
+        print(f"retention study: {err}", file=sys.stderr)
+        return 2
+    failed = [name for name, s in states.items() if s["state"] != "done"]
+    print(f"study {spec.name}: {len(states) - len(failed)} of {len(states)} runs finished "
+          f"({time.perf_counter() - t0:.0f} s); folder {study.folder}")
+    if args.report and len(failed) < len(states):
+        paths = write_report([study.folder], study.folder / "report")
+        print((study.folder / "report" / "report.md").read_text(encoding="utf-8"))
+        print("report: " + ", ".join(str(p) for p in paths.values()))
+    if failed:
+        print(f"failed runs ({len(failed)}): {', '.join(failed)}; their errors are in {study.folder / 'study.json'}",
+              file=sys.stderr)
+        return 1
+    return 0

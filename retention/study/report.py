@@ -1,0 +1,414 @@
+"""``retention report``: retention over seeds with intervals, edited vs intrinsic and every arm vs the baseline,
+from study folders or single run folders.
+
+Per condition (study, grid cell, arm), protocol, probe group and measured step: the rate of each seed (the
+counts of a seed's runs pooled: under the ``single`` protocol a seed has one run per fact), their mean with a
+t-interval over seeds, and the pooled count / denominator with Wilson's interval. At the final step: edited
+minus intrinsic per arm and each arm minus the baseline arm, paired by seed (paired t-interval) when there are
+two seeds or more, else from the pooled counts (Newcombe's interval). See :mod:`retention.study.stats`.
+
+Outputs (atomically): ``report.md``, ``report.csv`` (one row per condition x protocol x group x step),
+``comparisons.csv``, ``curves_<cell>.png`` (retention against steps, edited and intrinsic side by side, with
+interval bands) and ``final_retention.png`` (final retention per arm with intervals).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from retention.io import atomic_path, atomic_write_text
+from retention.reporting import GROUP_LABELS, GROUPS
+from retention.study.runner import DONE
+from retention.study.stats import Interval, newcombe, paired_interval, t_interval, wilson
+
+log = logging.getLogger(__name__)
+
+Counts = dict[int, dict[str, dict[str, tuple[int, int]]]]
+"""step -> group -> protocol -> (count, denominator)."""
+COMPARED_GROUPS = ("edit", "control", "edit_paraphrase")
+
+
+class ReportError(ValueError):
+    """A folder that is not a finished study or run."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    study: str
+    cell: str
+    arm: str
+
+
+@dataclass
+class RunResult:
+    condition: Condition
+    seed: int
+    fact: int | None
+    summary: dict
+    folder: Path
+
+
+def _counts(summary: dict) -> Counts:
+    """Per-step counts of a run's summary (older summaries without ``measurements`` give the final step only)."""
+    out: Counts = {}
+    measurements = summary.get("measurements") or [
+        {"step": summary["final_step"],
+         "retention": {g: {p: summary["retention"][p][g] for p in summary["retention"] if g in summary["retention"][p]}
+                       for g in GROUPS}}
+    ]
+    for m in measurements:
+        out[int(m["step"])] = {g: {p: (int(r["count"]), int(r["denominator"])) for p, r in by_p.items()}
+                               for g, by_p in m["retention"].items() if by_p}
+    return out
+
+
+def _read_summary(folder: Path) -> dict:
+    path = folder / "summary.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReportError(f"{folder}: no summary.json (not a finished run)") from None
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path}: not valid JSON ({err})") from None
+
+
+def load_results(folders: Sequence[str | Path]) -> tuple[list[RunResult], dict[str, str], list[str]]:
+    """Finished runs of the given study or run folders; the baseline arm of each study; what was left out."""
+    results, baselines, missing = [], {}, []
+    for folder in map(Path, folders):
+        if (folder / "study.json").is_file():
+            state = json.loads((folder / "study.json").read_text(encoding="utf-8"))
+            name = state["spec"]["name"]
+            baselines[name] = state["spec"]["baseline"]
+            for run in state["runs"]:
+                run_dir = folder / "runs" / run["name"]
+                if run["state"] != "done" or not (run_dir / DONE).is_file():
+                    missing.append(f"{name}/{run['name']} ({run['state']})")
+                    continue
+                cell = ", ".join(f"{a}={v}" for a, v in run["cell"].items()) or "all"
+                results.append(RunResult(Condition(name, cell, run["arm"]), run["seed"], run["fact"],
+                                         _read_summary(run_dir), run_dir))
+        elif (folder / "summary.json").is_file():
+            summary = _read_summary(folder)
+            results.append(RunResult(Condition(folder.name, "all", folder.name), int(summary["run"].get("seed", 0)),
+                                     None, summary, folder))
+        else:
+            raise ReportError(f"{folder}: neither a study folder (study.json) nor a run folder (summary.json)")
+    if not results:
+        raise ReportError(f"no finished runs in {', '.join(map(str, folders))}")
+    return results, baselines, missing
+
+
+@dataclass
+class Aggregate:
+    """One condition's per-seed counts (facts pooled) at every step all its seeds measured."""
+
+    condition: Condition
+    seeds: list[int]
+    n_runs: int
+    counts: dict[int, Counts]
+    """seed -> per-step counts."""
+
+    @property
+    def steps(self) -> list[int]:
+        common = set.intersection(*(set(c) for c in self.counts.values()))
+        return sorted(common)
+
+    @property
+    def final_step(self) -> int:
+        return self.steps[-1]
+
+    def per_seed(self, step: int, group: str, protocol: str) -> list[float]:
+        out = []
+        for seed in self.seeds:
+            k, n = self.counts[seed].get(step, {}).get(group, {}).get(protocol, (0, 0))
+            out.append(k / n if n else math.nan)
+        return out
+
+    def pooled(self, step: int, group: str, protocol: str) -> tuple[int, int]:
+        pairs = [self.counts[s].get(step, {}).get(group, {}).get(protocol, (0, 0)) for s in self.seeds]
+        return sum(k for k, _ in pairs), sum(n for _, n in pairs)
+
+    def rate(self, step: int, group: str, protocol: str) -> tuple[Interval, Interval]:
+        """(mean over seeds with t-interval, pooled with Wilson interval)."""
+        return (t_interval(self.per_seed(step, group, protocol), bounds=(0.0, 1.0)),
+                wilson(*self.pooled(step, group, protocol)))
+
+    def protocols(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for by_step in self.counts.values():
+            for by_group in by_step.values():
+                for by_p in by_group.values():
+                    seen.update(dict.fromkeys(by_p))
+        return list(seen)
+
+
+def aggregate(results: Sequence[RunResult]) -> list[Aggregate]:
+    by_condition: dict[Condition, dict[int, list[RunResult]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        by_condition[r.condition][r.seed].append(r)
+    out = []
+    for condition, by_seed in by_condition.items():
+        counts: dict[int, Counts] = {}
+        for seed, runs in sorted(by_seed.items()):
+            pooled: Counts = {}
+            per_run = [_counts(r.summary) for r in runs]
+            for step in set.intersection(*(set(c) for c in per_run)):
+                for c in per_run:
+                    for g, by_p in c[step].items():
+                        for p, (k, n) in by_p.items():
+                            k0, n0 = pooled.setdefault(step, {}).setdefault(g, {}).get(p, (0, 0))
+                            pooled[step][g][p] = (k0 + k, n0 + n)
+            counts[seed] = pooled
+        out.append(Aggregate(condition, sorted(by_seed), sum(len(v) for v in by_seed.values()), counts))
+    return out
+
+
+def _difference(a: Aggregate, b: Aggregate, step_a: int, step_b: int, group_a: str, group_b: str,
+                protocol: str) -> tuple[Interval, str]:
+    """``a - b``: paired over common seeds when there are two or more, else Newcombe on pooled counts."""
+    common = [s for s in a.seeds if s in b.seeds]
+    if len(common) >= 2:
+        xa = [a.per_seed(step_a, group_a, protocol)[a.seeds.index(s)] for s in common]
+        xb = [b.per_seed(step_b, group_b, protocol)[b.seeds.index(s)] for s in common]
+        return paired_interval(xa, xb), "paired t over seeds"
+    return newcombe(*a.pooled(step_a, group_a, protocol), *b.pooled(step_b, group_b, protocol)), "Newcombe (pooled)"
+
+
+def comparisons(aggregates: Sequence[Aggregate], baselines: dict[str, str]) -> list[dict]:
+    """Edited minus intrinsic per condition, and each arm minus its cell's baseline arm, at the final step."""
+    rows = []
+    index = {(a.condition.study, a.condition.cell, a.condition.arm): a for a in aggregates}
+    for agg in aggregates:
+        c, step = agg.condition, agg.final_step
+        for protocol in agg.protocols():
+            diff, method = _difference(agg, agg, step, step, "edit", "control", protocol)
+            rows.append(_comparison_row(c, protocol, "edited - intrinsic", "edit-control", step, diff, method))
+            base = index.get((c.study, c.cell, baselines.get(c.study, "")))
+            if base is None or base is agg:
+                continue
+            for group in COMPARED_GROUPS:
+                diff, method = _difference(agg, base, step, base.final_step, group, group, protocol)
+                rows.append(_comparison_row(c, protocol, f"arm - {base.condition.arm}", group, step, diff, method))
+    return rows
+
+
+def _comparison_row(c: Condition, protocol: str, comparison: str, group: str, step: int, d: Interval,
+                    method: str) -> dict:
+    return {"study": c.study, "cell": c.cell, "arm": c.arm, "protocol": protocol, "comparison": comparison,
+            "group": group, "step": step, "n": d.n, "estimate": d.estimate, "ci_low": d.low, "ci_high": d.high,
+            "excludes_zero": d.excludes_zero, "method": method}
+
+
+def rate_rows(aggregates: Sequence[Aggregate]) -> list[dict]:
+    rows = []
+    for agg in aggregates:
+        c = agg.condition
+        for protocol in agg.protocols():
+            for group in GROUPS:
+                for step in agg.steps:
+                    mean, pooled = agg.rate(step, group, protocol)
+                    if pooled.n == 0 and mean.n == 0:
+                        continue
+                    k, n = agg.pooled(step, group, protocol)
+                    rows.append({
+                        "study": c.study, "cell": c.cell, "arm": c.arm, "protocol": protocol, "group": group,
+                        "step": step, "final": step == agg.final_step, "n_seeds": mean.n, "n_runs": agg.n_runs,
+                        "mean": mean.estimate, "ci_low": mean.low, "ci_high": mean.high, "count": k,
+                        "denominator": n, "pooled": pooled.estimate, "wilson_low": pooled.low,
+                        "wilson_high": pooled.high,
+                    })
+    return rows
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def _cell(agg: Aggregate, step: int, group: str, protocol: str) -> str:
+    mean, pooled = agg.rate(step, group, protocol)
+    if pooled.n == 0:
+        return "-"
+    k, n = agg.pooled(step, group, protocol)
+    main = mean.fmt() if len(agg.seeds) >= 2 else pooled.fmt()
+    return f"{main} ({k}/{n})"
+
+
+def _diff_cell(rows: dict, key: tuple) -> str:
+    row = rows.get(key)
+    if row is None:
+        return "-"
+    d = Interval(row["estimate"], row["ci_low"], row["ci_high"], row["n"])
+    text = f"{d.estimate:+.2f} [{d.low:+.2f}, {d.high:+.2f}]" if not math.isnan(d.low) else d.fmt()
+    return f"**{text}**" if d.excludes_zero else text
+
+
+def markdown(aggregates: Sequence[Aggregate], comparison_rows: list[dict], missing: list[str]) -> str:
+    by_key = {(r["study"], r["cell"], r["arm"], r["protocol"], r["comparison"], r["group"]): r
+              for r in comparison_rows}
+    lines = ["# Retention report", ""]
+    studies = sorted({a.condition.study for a in aggregates})
+    n_runs = sum(a.n_runs for a in aggregates)
+    lines.append(f"{n_runs} finished runs from {', '.join(studies)}; {len(aggregates)} conditions.")
+    if missing:
+        lines.append(f"Left out (not finished): {len(missing)} runs: {', '.join(missing[:10])}"
+                     + (" ..." if len(missing) > 10 else ""))
+    lines += [
+        "",
+        "Retention = of the probes passing at t=0, the fraction still passing. Rates: mean over seeds "
+        "[95 % t-interval] (pooled kept/passing at t=0); with one seed, the pooled rate [95 % Wilson]. "
+        "Differences: paired by seed [95 % paired t-interval], or Newcombe's interval from pooled counts with one "
+        "seed; **bold** when the interval excludes zero.",
+    ]
+    for (study, cell), aggs in _by_cell(aggregates).items():
+        step = aggs[0].final_step
+        seeds = sorted({s for a in aggs for s in a.seeds})
+        lines += ["", f"## {study}: {cell}", "",
+                  f"Final retention at step {step}; seeds {seeds}; runs per arm "
+                  f"{', '.join(f'{a.condition.arm} {a.n_runs}' for a in aggs)}.", ""]
+        base = next((r["comparison"].removeprefix("arm - ") for r in comparison_rows
+                     if r["study"] == study and r["cell"] == cell and r["comparison"].startswith("arm - ")), None)
+        header = ["arm", "protocol", GROUP_LABELS["edit"], GROUP_LABELS["control"], "E − I"]
+        if base:
+            header += [f"E: arm − {base}", f"I: arm − {base}"]
+        lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        for agg in aggs:
+            c = agg.condition
+            for protocol in agg.protocols():
+                cells = [c.arm, protocol, _cell(agg, agg.final_step, "edit", protocol),
+                         _cell(agg, agg.final_step, "control", protocol),
+                         _diff_cell(by_key, (study, cell, c.arm, protocol, "edited - intrinsic", "edit-control"))]
+                if base:
+                    cells += [_diff_cell(by_key, (study, cell, c.arm, protocol, f"arm - {base}", g))
+                              for g in ("edit", "control")]
+                lines.append("| " + " | ".join(cells) + " |")
+        others = [g for g in ("edit_paraphrase", "control_paraphrase", "edit_neighborhood")
+                  if any(agg.pooled(agg.final_step, g, p)[1] for agg in aggs for p in agg.protocols())]
+        if others:
+            lines += ["", "| arm | protocol | " + " | ".join(GROUP_LABELS[g] for g in others) + " |",
+                      "|" + " --- |" * (len(others) + 2)]
+            for agg in aggs:
+                for protocol in agg.protocols():
+                    lines.append(f"| {agg.condition.arm} | {protocol} | "
+                                 + " | ".join(_cell(agg, agg.final_step, g, protocol) for g in others) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _by_cell(aggregates: Sequence[Aggregate]) -> dict[tuple[str, str], list[Aggregate]]:
+    out: dict[tuple[str, str], list[Aggregate]] = defaultdict(list)
+    for a in aggregates:
+        out[(a.condition.study, a.condition.cell)].append(a)
+    return dict(out)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def _band(agg: Aggregate, step: int, group: str, protocol: str) -> Interval:
+    mean, pooled = agg.rate(step, group, protocol)
+    return mean if len(agg.seeds) >= 2 else pooled
+
+
+def plot_curves(aggs: Sequence[Aggregate], path: Path, title: str) -> Path:
+    """Rows: arms; columns: protocols; edited (red) and intrinsic (blue) retention with interval bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    protocols = aggs[0].protocols()
+    fig, axes = plt.subplots(len(aggs), len(protocols), figsize=(3.6 * len(protocols), 2.6 * len(aggs)),
+                             squeeze=False, sharex=True, sharey=True)
+    for row, agg in zip(axes, aggs):
+        for ax, protocol in zip(row, protocols):
+            for group, color in (("edit", "C3"), ("control", "C0")):
+                points = [(s, _band(agg, s, group, protocol)) for s in agg.steps]
+                points = [(s, i) for s, i in points if not math.isnan(i.estimate)]
+                if not points:
+                    continue
+                xs = [s for s, _ in points]
+                ax.plot(xs, [i.estimate for _, i in points], color=color, marker="o", markersize=3,
+                        label=GROUP_LABELS[group])
+                lows = [i.low if not math.isnan(i.low) else i.estimate for _, i in points]
+                highs = [i.high if not math.isnan(i.high) else i.estimate for _, i in points]
+                ax.fill_between(xs, lows, highs, color=color, alpha=0.18, linewidth=0)
+            ax.set_ylim(-0.03, 1.03)
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{agg.condition.arm} · {protocol}", fontsize=9)
+        row[0].set_ylabel("retention")
+    for ax in axes[-1]:
+        ax.set_xlabel("fine-tuning step")
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_final(aggregates: Sequence[Aggregate], path: Path) -> Path:
+    """Final retention per condition, edited and intrinsic side by side, one panel per protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    protocols = list(dict.fromkeys(p for a in aggregates for p in a.protocols()))
+    labels = [f"{a.condition.cell}\n{a.condition.arm}" if a.condition.cell != "all" else a.condition.arm
+              for a in aggregates]
+    fig, axes = plt.subplots(len(protocols), 1, figsize=(max(6.0, 0.9 * len(aggregates) + 2), 2.8 * len(protocols)),
+                             squeeze=False)
+    for ax, protocol in zip(axes[:, 0], protocols):
+        for offset, (group, color) in zip((-0.2, 0.2), (("edit", "C3"), ("control", "C0"))):
+            bands = [_band(a, a.final_step, group, protocol) for a in aggregates]
+            xs = [i + offset for i in range(len(aggregates))]
+            ys = [b.estimate for b in bands]
+            err = [[max(0.0, b.estimate - b.low) if not math.isnan(b.low) else 0 for b in bands],
+                   [max(0.0, b.high - b.estimate) if not math.isnan(b.high) else 0 for b in bands]]
+            ax.bar(xs, ys, width=0.4, color=color, alpha=0.8, yerr=err, capsize=3, label=GROUP_LABELS[group])
+        ax.set_xticks(range(len(aggregates)))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel(f"retention ({protocol})")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def write_report(folders: Sequence[str | Path], out: str | Path, plots: bool = True) -> dict[str, Path]:
+    """Write the report files of ``folders`` into ``out``; returns their paths by kind."""
+    results, baselines, missing = load_results(folders)
+    aggregates = aggregate(results)
+    out = Path(out)
+    comparison_rows = comparisons(aggregates, baselines)
+    paths = {
+        "markdown": atomic_write_text(out / "report.md", markdown(aggregates, comparison_rows, missing)),
+        "csv": atomic_write_text(out / "report.csv", _csv(rate_rows(aggregates))),
+        "comparisons": atomic_write_text(out / "comparisons.csv", _csv(comparison_rows)),
+    }
+    if plots:
+        for (study, cell), aggs in _by_cell(aggregates).items():
+            slug = re.sub(r"[^\w.=-]+", "_", f"{study}_{cell}" if len(_by_cell(aggregates)) > 1 else cell)
+            paths[f"curves {study} {cell}"] = plot_curves(aggs, out / f"curves_{slug}.png", f"{study}: {cell}")
+        paths["final"] = plot_final(aggregates, out / "final_retention.png")
+    return paths

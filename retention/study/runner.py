@@ -1,0 +1,253 @@
+"""Running a study: resolve every run's config, skip finished runs, restart interrupted ones, run the rest.
+
+The study folder ``<out_dir>/<name>/`` holds ``study.json`` (the spec, every run's overrides, config digest and
+state; rewritten atomically after every change), ``configs/`` (the override file of each run), ``logs/`` (each
+subprocess's output under ``--jobs``), ``runs/<run>/`` (what ``retention fit`` writes) and ``report/``.
+
+A run is finished when its folder holds ``study_run.json``, written atomically after ``retention fit`` returned
+with a ``summary.json``; it records the digest of the run's resolved config. Anything else in ``runs/`` (a run
+killed half-way) is deleted and run again from nothing. A finished run whose config has since changed (the study
+file or a file it includes was edited) is reported and the study stops, unless ``redo_changed`` discards it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from retention.diskcache import digest
+from retention.io import atomic_write_json, atomic_write_text
+from retention.study.spec import StudyError, StudyRun, StudySpec
+
+log = logging.getLogger(__name__)
+
+DONE = "study_run.json"
+"""Written into a run folder when the run finished; its absence marks the folder incomplete."""
+IGNORED_KEYS = ("run.wandb",)
+"""Resolved keys that do not change a run's results, left out of its config digest."""
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and scalars are leaves)."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+@dataclass
+class PlannedRun:
+    run: StudyRun
+    argv: list[str]
+    config: dict[str, Any]
+    """The resolved config, flattened (dotted keys)."""
+
+    @property
+    def digest(self) -> str:
+        return digest({k: v for k, v in self.config.items() if k not in IGNORED_KEYS})
+
+
+class Study:
+    """A study spec bound to its folder."""
+
+    def __init__(self, spec: StudySpec, out_dir: str | None = None):
+        self.spec = spec
+        self.folder = spec.folder(out_dir)
+        self.runs_dir = self.folder / "runs"
+
+    # -- planning --------------------------------------------------------------------------------------------
+
+    def _base_args(self) -> list[str]:
+        if isinstance(self.spec.base, dict):
+            path = atomic_write_text(self.folder / "configs" / "base.yaml", yaml.safe_dump(self.spec.base))
+            return ["--config", str(path)]
+        return [a for p in self.spec.base for a in ("--config", str(p))]
+
+    def _argv(self, run: StudyRun | None, overrides: dict[str, Any]) -> list[str]:
+        name = run.name if run else "_base"
+        path = atomic_write_text(self.folder / "configs" / f"{name}.yaml",
+                                 yaml.safe_dump(overrides, sort_keys=False, allow_unicode=True))
+        return [*self._base_args(), "--config", str(path)]
+
+    def plan(self) -> list[PlannedRun]:
+        """Every run with its argv and resolved config; raises :class:`StudyError` naming a run that does not
+        resolve (a bad key or value), before any model is loaded."""
+        from retention.commands.fit import resolve_config
+
+        n_edit = None
+        if self.spec.protocol == "single":
+            base = flatten(resolve_config(self._argv(None, dict(self.spec.set))))
+            n_edit = int(base["edits.n_edit"])
+        planned = []
+        for run in self.spec.expand(n_edit):
+            overrides = {
+                **run.overrides, "run.name": run.name, "run.out_dir": str(self.runs_dir),
+                "run.group": self.spec.name, "run.tags": run.tags,
+            }
+            argv = self._argv(run, overrides)
+            try:
+                config = flatten(resolve_config(argv))
+            except (Exception, SystemExit) as err:  # jsonargparse raises ArgumentError; constructors ValueError
+                raise StudyError(f"study {self.spec.name}: run {run.name} does not resolve "
+                                 f"(overrides {run.overrides}): {err}") from None
+            if n_edit is not None and int(config["edits.n_edit"]) != n_edit:
+                raise StudyError(f"study {self.spec.name}: run {run.name} has edits.n_edit "
+                                 f"{config['edits.n_edit']}; the single protocol needs the same {n_edit} everywhere")
+            planned.append(PlannedRun(run, argv, config))
+        return planned
+
+    # -- state -----------------------------------------------------------------------------------------------
+
+    def finished(self, run: StudyRun) -> dict | None:
+        """The finished-run record of ``run``, or None when it has not finished."""
+        path = self.runs_dir / run.name / DONE
+        if not path.is_file() or not (self.runs_dir / run.name / "summary.json").is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def write_state(self, planned: list[PlannedRun], states: dict[str, dict]) -> None:
+        atomic_write_json(self.folder / "study.json", {
+            "spec": self.spec.to_dict(),
+            "runs": [{"name": p.run.name, "cell": dict(p.run.cell), "arm": p.run.arm, "seed": p.run.seed,
+                      "fact": p.run.fact, "overrides": p.run.overrides, "config_digest": p.digest,
+                      **states.get(p.run.name, {"state": "pending"})} for p in planned],
+        })
+
+    def changed(self, planned: list[PlannedRun]) -> list[tuple[str, list[str]]]:
+        """Finished runs whose config differs from the one they ran with: (name, the differing keys)."""
+        out = []
+        for p in planned:
+            done = self.finished(p.run)
+            if done is not None and done["config_digest"] != p.digest:
+                old = done.get("config", {})
+                keys = sorted(k for k in set(old) | set(p.config)
+                              if k not in IGNORED_KEYS and old.get(k, "<absent>") != p.config.get(k, "<absent>"))
+                out.append((p.run.name, keys))
+        return out
+
+    # -- running ---------------------------------------------------------------------------------------------
+
+    def run(self, jobs: int = 1, redo_changed: bool = False) -> dict[str, dict]:
+        """Run every unfinished run; returns the state of each run by name."""
+        t0 = time.perf_counter()
+        planned = self.plan()
+        changed = self.changed(planned)
+        if changed and not redo_changed:
+            lines = "\n".join(f"  {name}: {', '.join(keys[:6]) or 'the config digest'}" for name, keys in changed)
+            raise StudyError(
+                f"study {self.spec.name}: {len(changed)} finished run(s) in {self.runs_dir} ran with another config "
+                f"than the study file gives now (differing keys):\n{lines}\nTheir results are not mixed with new "
+                "ones: restore the study file, use another name or out_dir, or pass --redo_changed true to "
+                "discard and rerun them."
+            )
+        for name, _ in changed:
+            shutil.rmtree(self.runs_dir / name)
+        states: dict[str, dict] = {}
+        todo = []
+        for p in planned:
+            done = self.finished(p.run)
+            if done is not None:
+                states[p.run.name] = {"state": "done", "seconds": done.get("seconds")}
+                continue
+            if (self.runs_dir / p.run.name).exists():
+                log.info("run %s was interrupted: its folder is deleted and the run starts again", p.run.name)
+                shutil.rmtree(self.runs_dir / p.run.name)
+            todo.append(p)
+        log.info("study %s: %d runs, %d finished before, %d to run (%s)", self.spec.name, len(planned),
+                 len(planned) - len(todo), len(todo), f"{jobs} at a time" if jobs > 1 else "in this process")
+        self.write_state(planned, states)
+
+        def finish(p: PlannedRun, seconds: float, error: str | None) -> None:
+            summary = self.runs_dir / p.run.name / "summary.json"
+            if error is None and not summary.is_file():
+                error = "retention fit returned without a summary.json (no edit or control set measured?)"
+            if error is None:
+                atomic_write_json(self.runs_dir / p.run.name / DONE,
+                                  {"config_digest": p.digest, "config": p.config, "seconds": seconds})
+                states[p.run.name] = {"state": "done", "seconds": seconds}
+            else:
+                states[p.run.name] = {"state": "failed", "seconds": seconds, "error": error}
+                log.error("run %s failed: %s", p.run.name, error)
+            self.write_state(planned, states)
+            n_done = sum(s["state"] == "done" for s in states.values())
+            log.info("study %s: run %s %s in %.0f s (%d/%d done, %.0f s so far)", self.spec.name, p.run.name,
+                     states[p.run.name]["state"], seconds, n_done, len(planned), time.perf_counter() - t0)
+
+        if jobs <= 1:
+            for p in todo:
+                self._run_here(p, finish)
+        else:
+            self._run_parallel(todo, jobs, finish)
+        return states
+
+    def _run_here(self, p: PlannedRun, finish) -> None:
+        from retention.commands.fit import main as fit_main
+
+        log.info("study %s: run %s (%s, %s, seed %d)", self.spec.name, p.run.name, p.run.cell_label, p.run.arm,
+                 p.run.seed)
+        t = time.perf_counter()
+        try:
+            fit_main(p.argv)
+            error = None
+        except Exception as err:  # one failed run does not end the study; it is recorded and reported
+            error = f"{type(err).__name__}: {err}"
+        finish(p, time.perf_counter() - t, error)
+
+    def _run_parallel(self, todo: list[PlannedRun], jobs: int, finish) -> None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        jobs = min(jobs, gpus) if gpus else jobs
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        free_gpus = list(range(gpus))
+        pending = list(todo)
+        running: dict[subprocess.Popen, tuple[PlannedRun, float, int | None, Any]] = {}
+        logs = self.folder / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        while pending or running:
+            while pending and len(running) < jobs:
+                p = pending.pop(0)
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+                gpu = free_gpus.pop(0) if gpus else None
+                if gpu is not None:
+                    env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+                out = open(logs / f"{p.run.name}.log", "w", encoding="utf-8")  # noqa: SIM115 (closed below)
+                proc = subprocess.Popen([sys.executable, "-m", "retention", "fit", *p.argv], env=env, stdout=out,
+                                        stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                log.info("study %s: run %s started (pid %d, %d threads%s)", self.spec.name, p.run.name, proc.pid,
+                         threads, f", GPU {gpu}" if gpu is not None else "")
+                running[proc] = (p, time.perf_counter(), gpu, out)
+            time.sleep(0.5)
+            for proc in [q for q in running if q.poll() is not None]:
+                p, started, gpu, out = running.pop(proc)
+                out.close()
+                if gpu is not None:
+                    free_gpus.append(gpu)
+                error = None if proc.returncode == 0 else (
+                    f"exit status {proc.returncode}; see {logs / (p.run.name + '.log')}")
+                finish(p, time.perf_counter() - started, error)
+
+
+def _die_with_parent() -> None:
+    """In a ``--jobs`` child: be killed when the study process dies (even by ``kill -9``), so a rerun of the
+    study never meets a run still writing into a folder it restarts."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
