@@ -11,33 +11,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from editing_models import edit_model
+from tiny_runs import N_CONTROL, N_EDIT, PROTOCOLS, fit_config, prepare
 
 from retention.reporting import GROUPS
 
-N_EDIT, N_CONTROL = 3, 6
-PROTOCOLS = ["top1", "prob", "gen"]
 
 
 def _config(root: Path, name: str, **trainer) -> Path:
-    """A run config: a tiny editable model from a folder, the built-in facts (random models know none, so
-    ``known_protocol: none``), ROME in batch mode, and an instruct task whose examples are all the same, so that
-    every batch is the same whatever the sampler: 1 rank and 2 DDP ranks then train identically."""
-    task = root / "same.jsonl"
-    config = {
-        "model": {"model_name": str(root / "model"), "adapter": {"method": "full"},
-                  "optimizer": {"lr": 1.0e-2, "schedule": "constant"}},
-        "data": {"task": {"family": "instruct", "source": str(task), "val_fraction": 0.25}, "batch_size": 4},
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 3, "val_check_interval": 100,
-                    "check_val_every_n_epoch": None, "enable_progress_bar": False, "enable_model_summary": False,
-                    **trainer},
-        "run": {"name": name, "out_dir": str(root / "runs"), "wandb": "disabled"},
-        "edits": {"knowledge": "builtin", "n_edit": N_EDIT, "n_control": N_CONTROL, "known_protocol": "none",
-                  "editor": "rome", "mode": "batch",
-                  "hparams": {"layer": 0, "context_templates": [[5, 1]], "v_steps": 10, "v_weight_decay": 0.0,
-                              "clamp_norm_factor": 1.0e4, "mom2_adjustment": False}},
-        "monitor": {"protocols": PROTOCOLS, "every_n_steps": 2, "max_new_tokens": 3},
-    }
+    """The tiny run config, editing on every rank (no edit cache: the DDP test checks that ranks edit alike)."""
+    config = fit_config(root, name, **trainer)
+    config["edits"]["cache"] = False
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
@@ -47,12 +30,7 @@ def _config(root: Path, name: str, **trainer) -> Path:
 def one_rank(tmp_path_factory, tiny_llama) -> tuple[Path, Path]:
     """The pipeline run in-process on 1 rank: (config, run folder)."""
     root = tmp_path_factory.mktemp("pipeline")
-    tok = tiny_llama[1]
-    # The 0.02-initialised tiny-llama barely responds to edits; this one (init 0.2) does, under `prob`.
-    edit_model("llama", len(tok)).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    rows = [{"instruction": "Say zorp blik twice.", "output": "zorp blik zorp blik"}] * 40
-    (root / "same.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    prepare(root, tiny_llama[1])
     from retention.commands.fit import main
 
     config = _config(root, "one")

@@ -29,9 +29,9 @@ class ReportArgs:
 
 
 def main(argv: list[str]) -> int:
-    # Folders may be given positionally: `retention report DIR...`.
-    folders = [a for a in argv if not a.startswith("-")] if argv and not argv[0].startswith("-") else []
-    rest = argv[len(folders):] if folders else argv
+    # Folders may be given positionally before the options: `retention report DIR... [--out OUT]`.
+    n = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
+    folders, rest = argv[:n], argv[n:]
     args = parse_args(ReportArgs, rest, "retention report", __doc__.split("\n\n")[0])
     folders = folders + list(args.folders)
     if not folders:

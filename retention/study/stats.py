@@ -109,7 +109,10 @@ def wilson(count: int, n: int, level: float = LEVEL) -> Interval:
     p = count / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return Interval(p, max(0.0, centre - half), min(1.0, centre + half), n)
+    # At k = 0 (k = n) the lower (upper) bound is exactly 0 (1); the formula leaves rounding noise there.
+    low = 0.0 if count == 0 else max(0.0, centre - half)
+    high = 1.0 if count == n else min(1.0, centre + half)
+    return Interval(p, low, high, n)
 
 
 def newcombe(k1: int, n1: int, k2: int, n2: int, level: float = LEVEL) -> Interval:

@@ -1,0 +1,45 @@
+"""A tiny editable model, a one-example task and a `retention fit` config around them, for pipeline and study
+tests: random models know no facts (``known_protocol: none``), and a task whose examples are all the same makes
+every batch the same whatever the sampler (1 rank and 2 DDP ranks train identically)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from editing_models import edit_model
+
+N_EDIT, N_CONTROL = 3, 6
+PROTOCOLS = ["top1", "prob", "gen"]
+ROME = {"layer": 0, "context_templates": [[5, 1]], "v_steps": 10, "v_weight_decay": 0.0, "clamp_norm_factor": 1.0e4,
+        "mom2_adjustment": False}
+
+
+def prepare(root: Path, tokenizer) -> None:
+    """Write ``root/model`` (the 0.2-initialised tiny llama, which responds to edits) and ``root/same.jsonl``."""
+    if (root / "model").exists():
+        return
+    edit_model("llama", len(tokenizer)).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rows = [{"instruction": "Say zorp blik twice.", "output": "zorp blik zorp blik"}] * 40
+    (root / "same.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def fit_config(root: Path, name: str | None = None, protocols: list[str] = PROTOCOLS, **trainer) -> dict:
+    """A run config: ROME in batch mode on the built-in facts, 3 steps of full fine-tuning, measured every 2."""
+    config = {
+        "model": {"model_name": str(root / "model"), "adapter": {"method": "full"},
+                  "optimizer": {"lr": 1.0e-2, "schedule": "constant"}},
+        "data": {"task": {"family": "instruct", "source": str(root / "same.jsonl"), "val_fraction": 0.25},
+                 "batch_size": 4},
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 3, "val_check_interval": 100,
+                    "check_val_every_n_epoch": None, "enable_progress_bar": False, "enable_model_summary": False,
+                    **trainer},
+        "run": {"out_dir": str(root / "runs"), "wandb": "disabled"},
+        "edits": {"knowledge": "builtin", "n_edit": N_EDIT, "n_control": N_CONTROL, "known_protocol": "none",
+                  "editor": "rome", "mode": "batch", "hparams": dict(ROME)},
+        "monitor": {"protocols": protocols, "every_n_steps": 2, "max_new_tokens": 3},
+    }
+    if name is not None:
+        config["run"]["name"] = name
+    return config
