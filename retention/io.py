@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+_UNSAFE = re.compile(r"[^\w.=-]+")
 
 
 @contextmanager
@@ -37,3 +40,10 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 def atomic_write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+
+
+def safe_name(text: str) -> str:
+    """``text`` as one path component that stays inside its folder: runs of other characters than letters,
+    digits, ``_ . = -`` (path separators included) become ``_``, and names of only dots get a leading ``_``."""
+    name = _UNSAFE.sub("_", str(text)) or "_"
+    return f"_{name}" if set(name) == {"."} else name

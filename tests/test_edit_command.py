@@ -92,3 +92,23 @@ def test_edit_command_prints_efficacy_per_call_of_several_facts(records, tmp_pat
     summary = run(_args(records, tmp_path / "calls", batch_size=2))
     assert [(c["call"], c["facts"]) for c in summary["efficacy_by_call"]] == [(1, 2)]
     assert "call   1 (2 facts)" in capsys.readouterr().out
+
+
+def test_edit_command_refuses_a_non_positive_n(records, tmp_path, capsys):
+    assert main(["--model", "tiny-llama", "--data", str(records), "--n", "-1", "--out", str(tmp_path)]) == 2
+    assert "--n -1 must be at least 1" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_case_ids_from_data_never_leave_the_output_folder(records, tmp_path):
+    rows = json.loads(records.read_text())
+    rows[0]["case_id"], rows[1]["case_id"] = "../../escaped", str(tmp_path / "absolute")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    assert main(["--model", "tiny-llama", "--editor", "ft-m", "--data", str(bad), "--n", "2", "--select_known",
+                 "none", "--mode", "single", "--out", str(out), "--hparams", "smollm2-135m",
+                 "--set", "{layers: [1], steps: 1}"]) == 0
+    saved = sorted(p.name for p in (out / "edits").iterdir())
+    assert len(saved) == 2 and all("/" not in n and n not in (".", "..") for n in saved)
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "absolute").exists()

@@ -102,3 +102,10 @@ def test_ft_hparams_validation():
     with pytest.raises(ValueError, match="norm_constraint"):
         FtHParams(norm_constraint=0.0)
     assert FtHParams.from_dict({"norm_constraint": None, "lr": "5e-4"}).lr == 5e-4
+
+
+def test_ft_layers_outside_the_model_are_an_error(tiny_llama):
+    tokenizer = tiny_llama[1]
+    model = edit_model("llama", len(tokenizer))
+    with pytest.raises(ValueError, match="layers: 5 is out of range for a model with 2 layers"):
+        FtEditor(FtHParams(variant="ft-m", layers=[1, 5], steps=1)).edit(model, tokenizer, [FACT])

@@ -291,3 +291,15 @@ def test_rome_on_the_default_model(real_model, tmp_path, monkeypatch):
     neighbours = [s for s in scored if s.probe.kind == "neighborhood"]
     assert sum(s.passed["prob"] for s in rewrite) == 3
     assert sum(s.passed["prob"] for s in neighbours) >= 0.7 * len(neighbours)
+
+
+@pytest.mark.parametrize("layer", [7, -3])
+def test_a_layer_outside_the_model_is_an_error_not_a_wrapped_index(tiny_llama, corpus, layer):
+    """A preset for a deeper model (layer 7 on 2 layers) used to edit layer 7 % 2 = 1 while recording 7."""
+    tokenizer = tiny_llama[1]
+    model = edit_model("llama", len(tokenizer))
+    saved = state(model)
+    for mom2 in (False, True):
+        with pytest.raises(ValueError, match=f"layers: {layer} is out of range for a model with 2 layers"):
+            RomeEditor(_hp(corpus, mom2_adjustment=mom2, layer=layer)).edit(model, tokenizer, [FACT])
+    assert same_state(model, saved)

@@ -16,7 +16,6 @@ from tiny_runs import N_CONTROL, N_EDIT, PROTOCOLS, fit_config, prepare
 from retention.reporting import GROUPS
 
 
-
 def _config(root: Path, name: str, **trainer) -> Path:
     """The tiny run config, editing on every rank (no edit cache: the DDP test checks that ranks edit alike)."""
     config = fit_config(root, name, **trainer)
@@ -72,6 +71,8 @@ def test_pipeline_writes_the_run_folder(one_rank):
     assert summary["flip_ratio"]["prob"] == pytest.approx(1 - summary["retention"]["prob"]["edit"]["value"])
     assert [p for p, _ in summary["curves"]["edit"]["prob"]] == [0, 2, 3]
     assert summary["timings"]["edit_s"] > 0 and summary["downstream"]["train_tokens"] > 0
+    env = summary["environment"]
+    assert env["device"] == "cpu" and env["world_size"] == 1 and env["threads"] >= 1 and env["torch"]
     # Validation before and after fine-tuning (`retention fit` validates after fit when the last step had none).
     assert [v["step"] for v in (summary["downstream"]["first"], summary["downstream"]["last"])] == [0, 3]
     assert (folder / "retention_curves.png").stat().st_size > 10_000

@@ -19,7 +19,6 @@ from tiny_runs import fit_config, prepare
 
 from retention.cli import main as cli_main
 from retention.study import Study, StudyError, StudySpec
-from retention.study.report import write_report
 from retention.study.stats import newcombe, paired_interval, t_interval, t_quantile, wilson
 
 STUDIES = sorted((Path(__file__).resolve().parents[1] / "configs" / "studies").glob("*.yaml"))
@@ -315,3 +314,33 @@ def test_study_plan_names_a_run_that_does_not_resolve(tmp_path):
                                 "out_dir": str(tmp_path)}, root=tmp_path)
     with pytest.raises(StudyError, match=r"run bad__seed0 does not resolve .*freeze.policy"):
         Study(spec).plan()
+
+
+def test_jobs_run_as_subprocesses_with_their_logs(tiny_study, tmp_path):
+    assert _study_main(tiny_study, "--jobs", "2") == 0
+    folder = tmp_path / "studies" / "tiny"
+    state = json.loads((folder / "study.json").read_text())
+    assert [r["state"] for r in state["runs"]] == ["done"] * 4
+    for run in state["runs"]:
+        assert (folder / "runs" / run["name"] / "summary.json").exists()
+        assert "Retention after 3 fine-tuning steps" in (folder / "logs" / f"{run['name']}.log").read_text()
+    assert (folder / "report" / "report.csv").exists()
+
+
+def test_runs_are_grouped_and_tagged_in_wandb(tmp_path, monkeypatch):
+    from retention.commands.fit import run_loggers
+
+    for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR"):  # run_loggers sets them; restored afterwards
+        monkeypatch.setenv(var, str(tmp_path))
+
+    _, wandb = run_loggers(tmp_path, "r", "offline", group="paper", tags=["arm=baseline", "seed=0"])
+    assert wandb._wandb_init["group"] == "paper" and wandb._wandb_init["tags"] == ["arm=baseline", "seed=0"]
+
+
+@pytest.mark.parametrize("name", ["../outside", "/tmp/absolute", "a/b"])
+def test_fit_refuses_a_run_name_that_is_a_path(tiny_study, tmp_path, name):
+    from retention.commands.fit import main as fit_main
+
+    with pytest.raises(ValueError, match="run.name .* must be a plain folder name"):
+        fit_main(["--config", str(tmp_path / "base.yaml"), "--run.name", name])
+    assert not (tmp_path / "outside").exists()

@@ -17,8 +17,12 @@ loaded and before adapters, freezing and the strategy's wrap/shard, so the edits
 Under DDP every rank runs these steps itself (they are deterministic), so no weights need broadcasting.
 
 The paper's ``single`` protocol (each edit on a fresh copy of the base model, then its own fine-tune) is N runs,
-one per edit: run ``retention fit`` with ``edits.single_index: i`` for i in 0..n_edit-1 (the same seed keeps the
-same selection), then add the runs' counts (every rate in ``summary.json`` carries its count and denominator).
+one per edit, with ``edits.single_index: i`` for i in 0..n_edit-1 (the same seed keeps the same selection):
+``retention study`` with ``protocol: single`` runs them and pools their counts (``retention.study``).
+
+With ``cache`` on, the known-fact selection and the edited weights are cached on disk by content (the base
+model's weight fingerprint, the candidates, the editor, its resolved hyperparameters and the requests), so runs
+that differ only after editing reuse one edit.
 """
 
 from __future__ import annotations

@@ -33,6 +33,22 @@ def _find(trainer: Trainer, cls: type) -> Callback:
     raise ValueError(f"RunReport needs a {cls.__name__} callback in trainer.callbacks")
 
 
+def environment(trainer: Trainer) -> dict:
+    """What can change a run's numbers besides its config: library versions, device, precision and CPU threads
+    (summation order, hence float results, depends on the thread count)."""
+    import platform
+
+    import lightning
+    import torch
+    import transformers
+
+    return {
+        "torch": torch.__version__, "transformers": transformers.__version__, "lightning": lightning.__version__,
+        "python": platform.python_version(), "device": str(trainer.strategy.root_device),
+        "world_size": trainer.world_size, "precision": str(trainer.precision), "threads": torch.get_num_threads(),
+    }
+
+
 def probe_rows(m: Measurement) -> list[dict]:
     return [{"step": m.step, "group": probe_group(r.probe.kind), **r.to_dict()} for r in m.results or []]
 
@@ -113,6 +129,7 @@ class RunReport(Callback):
                "frozen_layers": sorted(getattr(pl_module, "frozen_layers", []))}
         self.summary = summarize(run, monitor.protocols, [m.to_dict() for m in monitor.measurements],
                                  self._downstream(pl_module), timings)
+        self.summary["environment"] = environment(trainer)
         folder = self.folder(trainer)
         atomic_write_json(folder / "summary.json", self.summary)
         if self.plot:

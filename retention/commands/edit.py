@@ -10,13 +10,14 @@ is applied alone to the unedited model).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from retention.cli import parse_args
-from retention.io import atomic_write_json
+from retention.io import atomic_write_json, safe_name
 from retention.models import DEFAULT_MODEL, load_model
 from retention.reporting import GROUP_LABELS, probe_group, rate
 from retention.scoring import score_probes
@@ -131,7 +132,7 @@ def run(args: EditArgs) -> dict:
             result.apply(model)
             after += score_probes(model, tokenizer, rec.edit_probes(), **score)
             result.revert(model)
-            result.save(out / "edits" / str(rec.case_id))
+            result.save(out / "edits" / safe_name(rec.case_id))  # case ids come from data: never a path
     else:
         after = score_probes(model, tokenizer, probes, **score)
         EditResult.merge(results).save(out / "edit")
@@ -164,5 +165,9 @@ def run(args: EditArgs) -> dict:
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = parse_args(EditArgs, argv, "retention edit", __doc__)
+    if args.n < 1:
+        # records[:-1] would edit all facts but one and exit 0.
+        print(f"retention edit: --n {args.n} must be at least 1 (the number of facts to edit)", file=sys.stderr)
+        return 2
     run(args)
     return 0

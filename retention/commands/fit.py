@@ -162,6 +162,9 @@ class FitCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         run = self.run_args
         name = run.name or default_run_name(self.datamodule, self.model)
+        if Path(name).is_absolute() or len(Path(name).parts) != 1 or name in (".", ".."):
+            raise ValueError(f"run.name {name!r} must be a plain folder name inside run.out_dir (no '/', no '..'); "
+                             "set run.out_dir for another place")
         run_dir = Path(run.out_dir) / name
         user_loggers = self.config_init[self.subcommand].trainer.get("logger")
         loggers = run_loggers(run_dir, name, run.wandb, run.group, run.tags)

@@ -31,6 +31,7 @@ from retention.editing.base import (
     RequestDiagnostics,
     check_finite,
 )
+from retention.editing.causal_trace import resolve_layers
 from retention.editing.targets import trainable_only
 from retention.editing.trace import layer_input, patch_outputs, start_at_layer
 from retention.scoring import prompt_ids, right_pad, target_ids
@@ -101,7 +102,7 @@ class FtEditor(Editor):
         hp = self.hparams
         base = unwrap_model(model)
         adapter = ArchAdapter.for_model(base)
-        layers = sorted({i % adapter.num_layers for i in hp.layers})
+        layers = sorted(set(resolve_layers(hp.layers, base)))
         device = adapter.embed.weight.device
         rows = self._rows(tokenizer, requests)
         ids, mask = (t.to(device) for t in right_pad([r[0] for r in rows], tokenizer.pad_token_id))

@@ -36,6 +36,7 @@ from retention.editing.base import (
     RequestDiagnostics,
     check_finite,
 )
+from retention.editing.causal_trace import resolve_layers
 from retention.editing.covariance import KeyStatsHParams, key_covariance
 from retention.editing.targets import (
     TargetConfig,
@@ -104,7 +105,8 @@ class RomeEditor(Editor):
         self.templates = context_templates(model, tokenizer, hp.context_templates, hp.context_seed, fingerprint)
         self._cov_lu = None
         if hp.mom2_adjustment:
-            c = key_covariance(model, tokenizer, hp.layer, hp.covariance_spec(), fingerprint)
+            (layer,) = resolve_layers([hp.layer], model)
+            c = key_covariance(model, tokenizer, layer, hp.covariance_spec(), fingerprint)
             self._cov_lu = torch.linalg.lu_factor(c)
         else:
             log.info("rome: mom2_adjustment is off: C = I (u is the averaged key itself)")
@@ -132,7 +134,7 @@ class RomeEditor(Editor):
         t0 = time.perf_counter()
         hp = self.hparams
         adapter = ArchAdapter.for_model(model)
-        layer = hp.layer % adapter.num_layers
+        (layer,) = resolve_layers([hp.layer], model)
         k = check_finite(average_key(model, tokenizer, layer, request, self.templates), request, "key")
         u = torch.linalg.lu_solve(*self._cov_lu, k[:, None])[:, 0] if self._cov_lu is not None else k
         target = optimise_targets(model, tokenizer, [request], self.templates, hp.target_config())[0]

@@ -92,17 +92,24 @@ class Study:
             base = flatten(resolve_config(self._argv(None, dict(self.spec.set))))
             n_edit = int(base["edits.n_edit"])
         planned = []
+        resolved: dict[str, dict[str, Any]] = {}
         for run in self.spec.expand(n_edit):
-            overrides = {
-                **run.overrides, "run.name": run.name, "run.out_dir": str(self.runs_dir),
-                "run.group": self.spec.name, "run.tags": run.tags,
-            }
+            per_run = {"run.name": run.name, "run.tags": run.tags, "edits.single_index": run.fact}
+            overrides = {**run.overrides, "run.name": run.name, "run.out_dir": str(self.runs_dir),
+                         "run.group": self.spec.name, "run.tags": run.tags}
             argv = self._argv(run, overrides)
+            # Runs that differ only in name, tags and fact index (the single protocol's N runs) resolve once.
+            shared = digest({k: v for k, v in overrides.items() if k not in per_run})
             try:
-                config = flatten(resolve_config(argv))
+                if shared not in resolved:
+                    resolved[shared] = flatten(resolve_config(argv))
             except (Exception, SystemExit) as err:  # jsonargparse raises ArgumentError; constructors ValueError
                 raise StudyError(f"study {self.spec.name}: run {run.name} does not resolve "
                                  f"(overrides {run.overrides}): {err}") from None
+            config = {**resolved[shared], **per_run}
+            if run.fact is not None and not 0 <= run.fact < int(config["edits.n_edit"]):
+                raise StudyError(f"study {self.spec.name}: run {run.name}: fact {run.fact} outside the "
+                                 f"{config['edits.n_edit']} edits")
             if n_edit is not None and int(config["edits.n_edit"]) != n_edit:
                 raise StudyError(f"study {self.spec.name}: run {run.name} has edits.n_edit "
                                  f"{config['edits.n_edit']}; the single protocol needs the same {n_edit} everywhere")
