@@ -3,16 +3,18 @@ caches) against the same runs with ``edits.cache: false`` (every run selects and
 
 4 arms that differ only after editing (baseline, freeze edited, freeze a +-2 window, only edited) x 1 seed; ROME
 sequential on 4 built-in facts, 8 controls, 10 fine-tuning steps, top1 and prob. With sharing, the first run
-selects and edits and the other three reuse both. Each way starts from an empty selection/edit cache (the
-converted model and the key statistics are shared, as they would be between any two studies). One timed run
+selects and edits and the other three reuse both. Each way starts with no selection or edit cache entries (the
+converted model, key statistics, context templates and projectors are kept, as between any two studies). One timed run
 of each way, sharing first (a whole study is minutes; the ratio is what to read).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from retention.models import cache_dir
 from retention.study import Study, StudySpec
 
 ROOT = Path(__file__).resolve().parents[1]
+
 
 def _spec(out_dir: str, cache: bool) -> StudySpec:
     return StudySpec.from_dict({
@@ -37,39 +40,42 @@ def _spec(out_dir: str, cache: bool) -> StudySpec:
         "seeds": [0],
     }, source="bench", root=ROOT)
 
-def _fresh_cache(tmp: Path) -> Path:
-    """A cache folder sharing the converted model and key statistics, with no selection or edit entries."""
-    cache = tmp / "cache"
-    cache.mkdir()
-    for shared in ("models", "covariance", "prose"):
-        if (cache_dir() / shared).exists():
-            (cache / shared).symlink_to(cache_dir() / shared)
-    return cache
+@contextlib.contextmanager
+def _no_shared_entries():
+    """The user cache without selection and edit entries (set aside and put back afterwards): the converted
+    model, key statistics, context templates and projectors stay, as they would between any two studies."""
+    root = cache_dir()
+    kept = {name: root / f"{name}.bench-set-aside" for name in ("selection", "edits")}
+    for name, aside in kept.items():
+        if (root / name).exists():
+            (root / name).rename(aside)
+    try:
+        yield
+    finally:
+        for name, aside in kept.items():
+            shutil.rmtree(root / name, ignore_errors=True)
+            if aside.exists():
+                aside.rename(root / name)
+
 
 def run() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    cwd, previous = os.getcwd(), os.environ.get("RETENTION_CACHE")
+    cwd = os.getcwd()
     os.chdir(ROOT)  # the ROME preset reads its key-statistics corpus relative to the repository root
     seconds, reused = {}, {}
     try:
         for cache in (True, False):
-            with tempfile.TemporaryDirectory() as tmp:
-                os.environ["RETENTION_CACHE"] = str(_fresh_cache(Path(tmp)))
+            with tempfile.TemporaryDirectory() as tmp, _no_shared_entries():
                 study = Study(_spec(tmp, cache))
                 t0 = time.perf_counter()
                 states = study.run()
                 seconds[cache] = time.perf_counter() - t0
                 assert all(s["state"] == "done" for s in states.values()), states
-
                 reused[cache] = sum(
                     json.loads((study.runs_dir / name / "summary.json").read_text())["run"]["reused"].get("edit", False)
                     for name in states)
     finally:
         os.chdir(cwd)
-        if previous is None:
-            os.environ.pop("RETENTION_CACHE", None)
-        else:
-            os.environ["RETENTION_CACHE"] = previous
     print(f"study of 4 runs: with sharing {seconds[True]:.0f} s ({4 - reused[True]} edit(s) computed, "
           f"{reused[True]} reused), without {seconds[False]:.0f} s ({4 - reused[False]} edits computed): "
           f"{seconds[False] / seconds[True]:.2f}x")

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 _UNSAFE = re.compile(r"[^\w.=-]+")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read the process umask (os.umask can only be read by setting it)
 
 
 @contextmanager
@@ -21,6 +23,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results are as readable as any other file
     try:
         yield Path(tmp)
         os.replace(tmp, path)

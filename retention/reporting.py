@@ -9,12 +9,11 @@ edited (``edit``) and intrinsic (``control``) retention side by side under every
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from retention.io import atomic_path
 from retention.metrics import ratio
 
 GROUP_OF_KIND = {
@@ -147,13 +146,9 @@ def plot_curves(curve_data: Mapping[str, Mapping[str, Sequence[Sequence[float]]]
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path

@@ -319,9 +319,11 @@ def _by_cell(aggregates: Sequence[Aggregate]) -> dict[tuple[str, str], list[Aggr
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -373,7 +375,9 @@ def plot_final(aggregates: Sequence[Aggregate], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     protocols = list(dict.fromkeys(p for a in aggregates for p in a.protocols()))
-    labels = [f"{a.condition.cell}\n{a.condition.arm}" if a.condition.cell != "all" else a.condition.arm
+    # "editor=rome-sequential, lr=0.001" -> "rome-sequential, 0.001": the axis names are in the report's tables.
+    labels = [a.condition.arm if a.condition.cell == "all" else
+              f"{a.condition.arm}\n{', '.join(part.split('=', 1)[-1] for part in a.condition.cell.split(', '))}"
               for a in aggregates]
     fig, axes = plt.subplots(len(protocols), 1, figsize=(max(6.0, 0.9 * len(aggregates) + 2), 2.8 * len(protocols)),
                              squeeze=False)
@@ -386,7 +390,7 @@ def plot_final(aggregates: Sequence[Aggregate], path: Path) -> Path:
                    [max(0.0, b.high - b.estimate) if not math.isnan(b.high) else 0 for b in bands]]
             ax.bar(xs, ys, width=0.4, color=color, alpha=0.8, yerr=err, capsize=3, label=GROUP_LABELS[group])
         ax.set_xticks(range(len(aggregates)))
-        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_xticklabels(labels, fontsize=7, rotation=35, ha="right")
         ax.set_ylim(0, 1.05)
         ax.set_ylabel(f"retention ({protocol})")
         ax.grid(axis="y", alpha=0.3)
