@@ -95,9 +95,10 @@ def test_edit_command_prints_efficacy_per_call_of_several_facts(records, tmp_pat
 
 
 def test_edit_command_refuses_a_non_positive_n(records, tmp_path, capsys):
-    assert main(["--model", "tiny-llama", "--data", str(records), "--n", "-1", "--out", str(tmp_path)]) == 2
+    out = tmp_path / "out"
+    assert main(["--model", "tiny-llama", "--data", str(records), "--n", "-1", "--out", str(out)]) == 2
     assert "--n -1 must be at least 1" in capsys.readouterr().err
-    assert not any(tmp_path.iterdir())
+    assert not out.exists()
 
 
 def test_case_ids_from_data_never_leave_the_output_folder(records, tmp_path):
