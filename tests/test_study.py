@@ -162,7 +162,8 @@ def test_study_runs_reports_and_shares_the_edit(tiny_study):
     assert any(",baseline,prob,edit,3,True,2," in r for r in rows)
     comparisons = (report / "comparisons.csv").read_text()
     assert "arm - baseline" in comparisons and "edited - intrinsic" in comparisons
-    assert "| frozen | prob |" in (report / "report.md").read_text()
+    markdown = (report / "report.md").read_text()
+    assert "| frozen | prob |" in markdown and "![retention curves, tiny: all](curves_all.png)" in markdown
     assert (report / "curves_all.png").stat().st_size > 10_000 and (report / "final_retention.png").exists()
 
 

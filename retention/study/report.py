@@ -411,8 +411,16 @@ def write_report(folders: Sequence[str | Path], out: str | Path, plots: bool = T
         "comparisons": atomic_write_text(out / "comparisons.csv", _csv(comparison_rows)),
     }
     if plots:
-        for (study, cell), aggs in _by_cell(aggregates).items():
-            slug = re.sub(r"[^\w.=-]+", "_", f"{study}_{cell}" if len(_by_cell(aggregates)) > 1 else cell)
-            paths[f"curves {study} {cell}"] = plot_curves(aggs, out / f"curves_{slug}.png", f"{study}: {cell}")
+        cells = _by_cell(aggregates)
+        one_study = len({study for study, _ in cells}) == 1
+        images = []
+        for (study, cell), aggs in cells.items():
+            slug = re.sub(r"[^\w.=-]+", "_", cell if one_study else f"{study}_{cell}")
+            path = plot_curves(aggs, out / f"curves_{slug}.png", f"{study}: {cell}")
+            paths[f"curves {study} {cell}"] = path
+            images.append(f"![retention curves, {study}: {cell}]({path.name})")
         paths["final"] = plot_final(aggregates, out / "final_retention.png")
+        images.insert(0, "![final retention per arm](final_retention.png)")
+        atomic_write_text(out / "report.md", paths["markdown"].read_text(encoding="utf-8")
+                          + "\n## Plots\n\n" + "\n\n".join(images) + "\n")
     return paths
