@@ -1,4 +1,5 @@
-"""Edit success, retention and flip ratio: a functional core and torchmetrics classes (DESIGN §2).
+"""Edit success, retention and flip ratio: a functional core and torchmetrics classes (definitions:
+docs/design.md).
 
 Every number is a count over probes scored under one protocol. Retention of a set from model A (t=0, after
 editing, before fine-tuning) to model B is ``|{x : p(A,x) ∧ p(B,x)}| / |{x : p(A,x)}|``, always reported with

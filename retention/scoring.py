@@ -1,4 +1,4 @@
-"""Batched probe scoring under the four protocols of DESIGN §2.
+"""Batched probe scoring under the four protocols of docs/design.md.
 
 - ``top1``: the argmax next token after the prompt is the first token of ``" " + target``.
 - ``prob``: the mean per-token log-prob of ``" " + target`` exceeds that of ``" " + alternative``.

@@ -32,7 +32,7 @@ class RetentionMonitor(Callback):
     ):
         """
         Args:
-            protocols: scoring protocols (DESIGN §2): any of top1, prob, token_acc, gen.
+            protocols: scoring protocols (docs/design.md): any of top1, prob, token_acc, gen.
             every_n_steps: measure every this many optimizer steps (0: only t=0 and the end).
             batch_size: probes per scoring forward.
             max_new_tokens: greedy tokens generated per probe for the ``gen`` protocol.

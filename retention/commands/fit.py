@@ -40,7 +40,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "accelerator": "auto",
     # A step budget rather than Lightning's 1000 epochs; set trainer.max_epochs (and max_steps: -1) for epochs.
     "max_steps": 100,
-    # The DataModule shards its own loaders (validation without repeated samples, DESIGN §4).
+    # The DataModule shards its own loaders (validation without repeated samples; docs/design.md).
     "use_distributed_sampler": False,
     # run.validate_first measures the model before training, so no sanity check is needed.
     "num_sanity_val_steps": 0,

@@ -25,7 +25,8 @@ def train_sampler(dataset: Dataset, seed: int, num_replicas: int = 1, rank: int 
 
 
 def val_sampler(dataset: Dataset, num_replicas: int = 1, rank: int = 0) -> Sampler:
-    """In order; sharded across ranks without repeating a sample (DESIGN §4), so metrics count each once."""
+    """In order; sharded across ranks without repeating a sample, so metrics count each once (docs/design.md,
+    distributed measurement)."""
     if num_replicas > 1:
         if len(dataset) < num_replicas:
             raise ValueError(
