@@ -145,6 +145,13 @@ def plot_curves(curve_data: Mapping[str, Mapping[str, Sequence[Sequence[float]]]
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     try:
         with atomic_path(path) as tmp:

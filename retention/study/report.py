@@ -25,9 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from retention.io import atomic_path, atomic_write_text
-from retention.reporting import GROUP_LABELS, GROUPS
+from retention.io import atomic_write_text
+from retention.reporting import GROUP_LABELS, GROUPS, save_figure
 from retention.study.runner import DONE
+from retention.study.spec import cell_label
 from retention.study.stats import Interval, newcombe, paired_interval, t_interval, wilson
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,7 @@ def load_results(folders: Sequence[str | Path]) -> tuple[list[RunResult], dict[s
                 if run["state"] != "done" or not (run_dir / DONE).is_file():
                     missing.append(f"{name}/{run['name']} ({run['state']})")
                     continue
-                cell = ", ".join(f"{a}={v}" for a, v in run["cell"].items()) or "all"
-                results.append(RunResult(Condition(name, cell, run["arm"]), run["seed"], run["fact"],
+                results.append(RunResult(Condition(name, cell_label(list(run["cell"].items())), run["arm"]), run["seed"], run["fact"],
                                          _read_summary(run_dir), run_dir))
         elif (folder / "summary.json").is_file():
             summary = _read_summary(folder)
@@ -258,7 +258,8 @@ def _diff_cell(rows: dict, key: tuple) -> str:
     return f"**{text}**" if d.excludes_zero else text
 
 
-def markdown(aggregates: Sequence[Aggregate], comparison_rows: list[dict], missing: list[str]) -> str:
+def markdown(aggregates: Sequence[Aggregate], comparison_rows: list[dict], baselines: dict[str, str],
+             missing: list[str], images: Sequence[str] = ()) -> str:
     by_key = {(r["study"], r["cell"], r["arm"], r["protocol"], r["comparison"], r["group"]): r
               for r in comparison_rows}
     lines = ["# Retention report", ""]
@@ -281,8 +282,9 @@ def markdown(aggregates: Sequence[Aggregate], comparison_rows: list[dict], missi
         lines += ["", f"## {study}: {cell}", "",
                   f"Final retention at step {step}; seeds {seeds}; runs per arm "
                   f"{', '.join(f'{a.condition.arm} {a.n_runs}' for a in aggs)}.", ""]
-        base = next((r["comparison"].removeprefix("arm - ") for r in comparison_rows
-                     if r["study"] == study and r["cell"] == cell and r["comparison"].startswith("arm - ")), None)
+        base = baselines.get(study)
+        if len(aggs) < 2 or all(a.condition.arm != base for a in aggs):
+            base = None  # no other arm to compare, or the baseline arm has no finished run in this cell
         header = ["arm", "protocol", GROUP_LABELS["edit"], GROUP_LABELS["control"], "E − I"]
         if base:
             header += [f"E: arm − {base}", f"I: arm − {base}"]
@@ -306,6 +308,8 @@ def markdown(aggregates: Sequence[Aggregate], comparison_rows: list[dict], missi
                 for protocol in agg.protocols():
                     lines.append(f"| {agg.condition.arm} | {protocol} | "
                                  + " | ".join(_cell(agg, agg.final_step, g, protocol) for g in others) + " |")
+    if images:
+        lines += ["", "## Plots", "", "\n\n".join(images)]
     return "\n".join(lines) + "\n"
 
 
@@ -314,17 +318,6 @@ def _by_cell(aggregates: Sequence[Aggregate]) -> dict[tuple[str, str], list[Aggr
     for a in aggregates:
         out[(a.condition.study, a.condition.cell)].append(a)
     return dict(out)
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
-    return path
 
 
 def _band(agg: Aggregate, step: int, group: str, protocol: str) -> Interval:
@@ -364,7 +357,7 @@ def plot_curves(aggs: Sequence[Aggregate], path: Path, title: str) -> Path:
     axes[0][-1].legend(fontsize=7, loc="lower left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_final(aggregates: Sequence[Aggregate], path: Path) -> Path:
@@ -396,7 +389,7 @@ def plot_final(aggregates: Sequence[Aggregate], path: Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_report(folders: Sequence[str | Path], out: str | Path, plots: bool = True) -> dict[str, Path]:
@@ -405,22 +398,22 @@ def write_report(folders: Sequence[str | Path], out: str | Path, plots: bool = T
     aggregates = aggregate(results)
     out = Path(out)
     comparison_rows = comparisons(aggregates, baselines)
-    paths = {
-        "markdown": atomic_write_text(out / "report.md", markdown(aggregates, comparison_rows, missing)),
-        "csv": atomic_write_text(out / "report.csv", _csv(rate_rows(aggregates))),
-        "comparisons": atomic_write_text(out / "comparisons.csv", _csv(comparison_rows)),
-    }
+    paths: dict[str, Path] = {}
+    images: list[str] = []
     if plots:
         cells = _by_cell(aggregates)
         one_study = len({study for study, _ in cells}) == 1
-        images = []
+        paths["final"] = plot_final(aggregates, out / "final_retention.png")
+        images.append("![final retention per arm](final_retention.png)")
         for (study, cell), aggs in cells.items():
             slug = re.sub(r"[^\w.=-]+", "_", cell if one_study else f"{study}_{cell}")
             path = plot_curves(aggs, out / f"curves_{slug}.png", f"{study}: {cell}")
             paths[f"curves {study} {cell}"] = path
             images.append(f"![retention curves, {study}: {cell}]({path.name})")
-        paths["final"] = plot_final(aggregates, out / "final_retention.png")
-        images.insert(0, "![final retention per arm](final_retention.png)")
-        atomic_write_text(out / "report.md", paths["markdown"].read_text(encoding="utf-8")
-                          + "\n## Plots\n\n" + "\n\n".join(images) + "\n")
-    return paths
+    text = markdown(aggregates, comparison_rows, baselines, missing, images)
+    return {
+        "markdown": atomic_write_text(out / "report.md", text),
+        "csv": atomic_write_text(out / "report.csv", _csv(rate_rows(aggregates))),
+        "comparisons": atomic_write_text(out / "comparisons.csv", _csv(comparison_rows)),
+        **paths,
+    }

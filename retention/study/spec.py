@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,11 @@ import yaml
 Protocol = Literal["runs", "single"]
 SEED_KEYS = ("seed_everything", "edits.seed", "paraphrases.seed")
 """Where a study's seed goes by default: training, selection and split, augmentation."""
+
+
+def cell_label(cell: Sequence[tuple[str, str]]) -> str:
+    """``editor=rome-sequential, model.adapter.method=lora``; ``all`` for a study without a grid."""
+    return ", ".join(f"{axis}={label}" for axis, label in cell) or "all"
 
 
 class StudyError(ValueError):
@@ -54,7 +60,7 @@ class StudyRun:
 
     @property
     def cell_label(self) -> str:
-        return ", ".join(f"{axis}={label}" for axis, label in self.cell) or "all"
+        return cell_label(self.cell)
 
     @property
     def tags(self) -> list[str]:
