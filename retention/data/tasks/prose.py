@@ -30,6 +30,9 @@ _VERSION = 1
 MIN_BYTES = 1_500_000
 _SKIP_DIRS = {"test", "tests", "testing", "idlelib", "turtledemo", "lib2to3", "site-packages", "dist-packages",
               "__pycache__", "examples", "benchmarks", "_vendor", "vendor", "third_party"}
+_TEST_ONLY = ("hypothesis", "_hypothesis", "sortedcontainers")
+"""Top-level names of test-only distributions (the ``dev`` extra's property-testing tool and its dependency),
+left out so that installing the test tools changes neither the corpus nor any number measured on it."""
 _DOC_SUFFIXES = {".rst", ".md", ".txt"}
 _SKIP_DOC_NAMES = {"license", "licence", "copying", "notice", "authors", "record", "top_level", "entry_points",
                    "requirements", "changelog", "changes", "history", "news", "wheel", "installer"}
@@ -101,8 +104,11 @@ def _docstrings(path: Path) -> Iterator[str]:
 def _walk(root: Path, suffixes: set[str]) -> Iterator[Path]:
     """Files under ``root`` with one of ``suffixes``, in sorted order, skipping tests, caches and vendored code."""
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")
+                             and not (dirpath == str(root) and d.startswith(_TEST_ONLY)))
         for name in sorted(filenames):
+            if dirpath == str(root) and name.startswith(_TEST_ONLY):
+                continue
             p = Path(dirpath) / name
             if p.suffix in suffixes or (p.name == "METADATA" and ".py" not in suffixes):
                 yield p
@@ -137,7 +143,8 @@ def _cache_key(min_bytes: int) -> str:
     for _, root, _ in _sources():
         h.update(str(root).encode())
         if root.exists():
-            h.update(" ".join(sorted(os.listdir(root))).encode())  # installed distributions
+            installed = sorted(n for n in os.listdir(root) if not n.startswith(_TEST_ONLY))
+            h.update(" ".join(installed).encode())  # installed distributions
     return h.hexdigest()
 
 
