@@ -1,47 +1,125 @@
-"""Atomic file writing: a reader never sees a half-written result."""
+"""Atomic file writing: a reader never sees a half-written result, and a killed writer's leftovers are found.
+
+A temporary is written beside its target as ``.<name>.<random>.tmp<pid>`` and renamed over the target when done;
+:func:`remove_stale_temporaries` removes the ones left by writers that died.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 _UNSAFE = re.compile(r"[^\w.=-]+")
+_TEMPORARY = re.compile(r"\.tmp(\d*)$")
+"""Temporaries of this module (``.tmp<pid>``), of its earlier versions (``.tmp``) and of the caches' earlier
+hand-rolled writers (``<name>.tmp<pid>``)."""
+STALE_AFTER_S = 3600
+"""A temporary untouched for this long is stale even when a process with its writer's pid is running."""
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read the process umask (os.umask can only be read by setting it)
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; it replaces ``path`` when the block ends without error."""
+def atomic_path(path: str | Path, folder: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to (an empty folder when ``folder``); it replaces ``path`` when
+    the block ends without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results are as readable as any other file
+    prefix, suffix = f".{path.name}.", f".tmp{os.getpid()}"
+    if folder:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=suffix))
+    else:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
+        os.close(fd)
+        tmp = Path(name)
+    # mkstemp/mkdtemp make private entries; results are as readable as any other file
+    os.chmod(tmp, (0o777 if folder else 0o666) & ~_UMASK)
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        yield tmp
+        if folder and path.is_dir():
+            # A folder cannot be renamed over a non-empty one: the old one is moved aside (a temporary) first.
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=suffix))
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        _remove(tmp)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _last_modified(path: Path) -> float:
+    times = [path.lstat().st_mtime]
+    if path.is_dir() and not path.is_symlink():
+        times += [p.lstat().st_mtime for p in path.rglob("*")]
+    return max(times)
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporaries of interrupted atomic writes directly in ``folder``: those whose writer (the pid in
+    their name) is no longer running, and any untouched for :data:`STALE_AFTER_S`. Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        match = _TEMPORARY.search(entry.name)
+        if match is None:
+            continue
+        pid = int(match[1]) if match[1] else None
+        try:
+            stale = (pid is not None and not _running(pid)) or time.time() - _last_modified(entry) > STALE_AFTER_S
+        except FileNotFoundError:  # its writer finished (or another sweep removed it) meanwhile
+            continue
+        if stale:
+            _remove(entry)
+            removed.append(entry)
+            log.warning("removed %s, the temporary of an interrupted write", entry)
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def atomic_write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    """Write ``rows`` as JSON lines to ``path`` atomically."""
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import time
 
 import pytest
 import torch
 
 from retention.diskcache import DiskCache
-from retention.io import atomic_path, atomic_write_json, safe_name
+from retention.io import STALE_AFTER_S, atomic_path, atomic_write_json, remove_stale_temporaries, safe_name
 
 
 def test_atomic_writes_leave_no_temporary_and_normal_permissions(tmp_path):
@@ -47,6 +49,56 @@ def test_disk_cache_round_trip_and_rejects_tampered_entries(tmp_path, caplog):
     data = bytearray(tensor_file.read_bytes())
     data[-4:] = b"\x00\x00\x80\x7f"
     tensor_file.write_bytes(bytes(data))
-    assert cache.get(key) is None and "does not match the recorded digest" in caplog.text
+    assert cache.get(key) is None and "does not match its recorded digest" in caplog.text
     cache.put(key, {"layers": [5]}, weights)  # recomputed and written again
     assert cache.get(key)[0] == {"layers": [5]}
+    # A well-formed record whose payload was changed fails the record's own digest.
+    (record_file,) = tmp_path.glob("*.json")
+    record = json.loads(record_file.read_text())
+    record["payload"]["layers"] = [6]
+    record_file.write_text(json.dumps(record))
+    assert cache.get(key) is None and "the record does not match its digest" in caplog.text
+    record_file.write_text('{"key": {"model": "abc"}}')  # an older format, or damaged
+    assert cache.get(key) is None and "not a whole record" in caplog.text
+
+
+def test_disk_cache_verifies_data_written_by_its_owner(tmp_path, caplog):
+    cache = DiskCache(tmp_path, name=lambda key: f"model-{key['size']}")
+    key = {"size": 3}
+    folder = cache.data_path(key)
+    with atomic_path(folder, folder=True) as tmp:
+        (tmp / "a.bin").write_bytes(b"abc")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.txt").write_text("b")
+    record = json.loads(cache.put(key, {}, data=folder).read_text())
+    assert sorted(record["files"]) == ["model-3/a.bin", "model-3/sub/b.txt"]
+    assert cache.get(key) == ({}, {})
+    (folder / "sub" / "b.txt").unlink()
+    assert cache.get(key) is None and "b.txt" in caplog.text
+
+
+def test_atomic_folder_replaces_the_old_one(tmp_path):
+    target = tmp_path / "m"
+    for content in (b"old", b"new"):
+        with atomic_path(target, folder=True) as tmp:
+            assert tmp.name.startswith(".m.") and tmp.name.endswith(f".tmp{os.getpid()}")
+            (tmp / "w").write_bytes(content)
+    assert (target / "w").read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_only_stale_temporaries_are_removed(tmp_path):
+    dead = tmp_path / f".x.json.abc.tmp{2**22 + 1}"  # above any pid_max: its writer is gone
+    dead.mkdir()
+    (dead / "f").write_bytes(b"half")
+    live = tmp_path / f".y.json.abc.tmp{os.getpid()}"
+    live.write_text("{")
+    no_pid = tmp_path / ".z.json.abc.tmp"  # written by an earlier version, owner unknown
+    no_pid.write_text("{")
+    old = tmp_path / ".w.json.abc.tmp"
+    old.write_text("{")
+    long_ago = time.time() - STALE_AFTER_S - 60
+    os.utime(old, (long_ago, long_ago))
+    kept = tmp_path / "entry.json"
+    kept.write_text("{}")
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted([dead, old])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, no_pid.name, kept.name])
