@@ -6,12 +6,14 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from retention.diskcache import DiskCache
+from retention.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +60,17 @@ def _dequantised_from_gguf(gguf: Path):
 
 
 def _converted_folder(gguf: Path) -> Path:
-    """A safetensors copy of a GGUF model, made once and reused (keyed by the GGUF's size and name)."""
-    target = cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
-        return target
-    model, tokenizer = _dequantised_from_gguf(gguf)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    """A safetensors copy of a GGUF model, made once (keyed by the GGUF's name and size) and verified on every
+    use: the size and digest of each of its files are recorded, and a folder failing the check is converted again."""
+    entries = DiskCache(cache_dir() / "models", name=lambda key: f"{key['gguf']}-{key['size']}")
+    key = {"gguf": gguf.stem, "size": gguf.stat().st_size}
+    target = entries.data_path(key)
+    if entries.get(key) is None:
+        model, tokenizer = _dequantised_from_gguf(gguf)
+        with atomic_path(target, folder=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        entries.put(key, {}, data=target)
     return target
 
 

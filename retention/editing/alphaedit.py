@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from retention.arch import ArchAdapter
+from retention.diskcache import DiskCache
 from retention.editing.base import EditRequest
 from retention.editing.memit import MemitEditor, MemitHParams, keys_and_values
 from retention.models import cache_dir
@@ -70,28 +70,16 @@ def _digest(tensor: torch.Tensor) -> str:
 
 
 def null_space_projector(cov: torch.Tensor, threshold: float, relative: bool = False) -> tuple[torch.Tensor, int]:
-    """``P = U Uᵀ`` for :func:`null_space_basis` and its rank; the basis is stored under
-    ``cache_dir()/projectors`` (keyed by the covariance's digest and the threshold) and reused, an unreadable
-    file is recomputed."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    key = f"{_digest(cov.double())}-{'rel' if relative else 'abs'}{threshold:g}"
-    path = cache_dir() / "projectors" / f"{key}.safetensors"
-    basis = None
-    if path.is_file():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                if (f.metadata() or {}).get("key") == key:
-                    basis = f.get_tensor("U")
-        except Exception as err:  # a truncated file fails inside safetensors' own parser
-            log.warning("unreadable projector cache %s (%s: %s); recomputing", path, type(err).__name__, err)
-    if basis is None or basis.shape[0] != cov.shape[0]:
+    """``P = U Uᵀ`` for :func:`null_space_basis` and its rank; the basis is cached under ``cache_dir()/projectors``
+    (keyed by the covariance's digest and the threshold) and reused, an entry failing its check is recomputed."""
+    entries = DiskCache(cache_dir() / "projectors")
+    key = {"covariance": _digest(cov.double()), "threshold": threshold, "relative": relative}
+    hit = entries.get(key)
+    if hit is None:
         basis = null_space_basis(cov, threshold, relative)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file({"U": basis}, str(tmp), metadata={"key": key})
-        os.replace(tmp, path)
+        entries.put(key, {"rank": basis.shape[1]}, {"U": basis})
+    else:
+        basis = hit[1]["U"]
     return basis @ basis.T, basis.shape[1]
 
 

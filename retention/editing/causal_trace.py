@@ -14,7 +14,6 @@ All restorations of one fact and one noise draw run as one batch of corrupted ro
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -26,8 +25,8 @@ import torch
 from torch import nn
 
 from retention.arch import ArchAdapter, unwrap_model
+from retention.diskcache import DiskCache
 from retention.editing.trace import capture, patch_outputs, start_at_layer, subject_token_span
-from retention.io import atomic_write_json
 from retention.models import cache_dir, model_fingerprint
 from retention.records import KnowledgeRecord
 from retention.scoring import prompt_ids, target_ids
@@ -329,13 +328,13 @@ def plot_trace(result: TraceResult, path: str | Path, k: int | None = None, titl
     return path
 
 
-def _located_path(fingerprint: str) -> Path:
-    return cache_dir() / "located" / f"{fingerprint}.json"
+def _located() -> DiskCache:
+    return DiskCache(cache_dir() / "located", name=lambda key: key["fingerprint"])
 
 
 def save_located(model: nn.Module, layers: Sequence[int], info: dict | None = None) -> Path:
     """Store the located layers of ``model`` (keyed by its weights' fingerprint) for :func:`located_layers`."""
-    return atomic_write_json(_located_path(model_fingerprint(model)), {"layers": list(layers), **(info or {})})
+    return _located().put({"fingerprint": model_fingerprint(model)}, {"layers": list(layers), **(info or {})})
 
 
 class LayersNotLocated(FileNotFoundError):
@@ -344,16 +343,17 @@ class LayersNotLocated(FileNotFoundError):
 
 def located_layers(model: nn.Module) -> list[int]:
     """The layers ``retention locate`` found for this model (``layers: located`` in presets and freeze policies)."""
-    path = _located_path(model_fingerprint(model))
+    entries, key = _located(), {"fingerprint": model_fingerprint(model)}
+    path = entries.data_path(key, ".json")
     if not path.exists():
         raise LayersNotLocated(
             f"no located layers for this model (looked for {path}): run 'retention locate --model <model>' first, "
             "or give the layers explicitly"
         )
-    try:
-        return [int(i) for i in json.loads(path.read_text())["layers"]]
-    except (ValueError, KeyError, TypeError) as err:
-        raise LayersNotLocated(f"{path} is not a located-layers file ({err}): rerun 'retention locate'") from None
+    hit = entries.get(key)  # a failed check is logged, with what was wrong
+    if hit is None:
+        raise LayersNotLocated(f"{path} failed its check: rerun 'retention locate'")
+    return [int(i) for i in hit[0]["layers"]]
 
 
 def resolve_layers(layers: Sequence[int] | str, model: nn.Module) -> list[int]:

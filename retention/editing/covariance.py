@@ -3,17 +3,15 @@
 Keys are collected from windows of ``max_length`` tokens of a text corpus — a local text file, ``hf:<id>[:config]``
 (a Hugging Face dataset's ``train`` split, ``text`` field; needs ``datasets`` and a network) or ``builtin`` (the
 project's built-in prose corpus) — with each forward stopped right after the deepest layer needed. C is
-accumulated in float64 and cached on disk under ``cache_dir()/covariance``, keyed by the model's weights hash,
-its name, the layer, the corpus (its content hash), the sample count, the window length and the dtype; a cache
-file that fails its checksum or shape check is recomputed.
+accumulated in float64 and cached on disk (:class:`~retention.diskcache.DiskCache`) under
+``cache_dir()/covariance/<weights hash>``, keyed by the model's weights hash, its name, the layer, the corpus (its
+content hash), the sample count, the window length and the dtype; an entry that fails its check is recomputed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 
 from retention.arch import ArchAdapter, unwrap_model
+from retention.diskcache import DiskCache
 from retention.editing.base import EditorHParams
 from retention.editing.trace import capture, stop_after
 from retention.models import cache_dir, model_fingerprint
@@ -132,50 +131,6 @@ def _cache_key(model: nn.Module, fingerprint: str, layer: int, corpus_id: str, s
     }
 
 
-def _cache_path(root: Path, key: dict) -> Path:
-    digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
-    return root / key["fingerprint"] / f"layer{key['layer']}-{digest}.safetensors"
-
-
-def _checksum(c: torch.Tensor) -> str:
-    return hashlib.blake2b(c.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
-
-
-def _load(path: Path, key: dict, dim: int) -> torch.Tensor | None:
-    """The cached C, or None (with a warning naming the file) when it is missing or corrupt."""
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            c = f.get_tensor("C")
-        problem = None
-        if json.loads(meta.get("key", "{}")) != key:
-            problem = "its key does not match"
-        elif c.shape != (dim, dim) or c.dtype != torch.float64:
-            problem = f"shape {tuple(c.shape)} {c.dtype}, expected ({dim}, {dim}) float64"
-        elif meta.get("checksum") != _checksum(c):
-            problem = "checksum mismatch"
-    except Exception as err:  # a truncated or overwritten file fails in safetensors' own parser
-        problem = f"unreadable ({type(err).__name__}: {err})"
-    if problem:
-        log.warning("corrupt covariance cache %s: %s; recomputing", path, problem)
-        return None
-    return c
-
-
-def _save(path: Path, key: dict, c: torch.Tensor, tokens: int) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    meta = {"key": json.dumps(key, sort_keys=True), "checksum": _checksum(c), "tokens": str(tokens)}
-    save_file({"C": c.contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def _compute(model: nn.Module, tokenizer, layers: Sequence[int], windows: torch.Tensor,
              spec: CovarianceSpec) -> tuple[dict[int, torch.Tensor], int]:
@@ -212,13 +167,12 @@ def key_covariances(
     base = unwrap_model(model)
     adapter = ArchAdapter.for_model(base)
     layers = sorted({i % adapter.num_layers for i in layers})
-    dim = adapter.weight_to_out_in(adapter.mlp_out_weight(layers[0])).shape[1]
     t0 = time.perf_counter()
     text, corpus_id = corpus_text(spec.corpus, min_chars=spec.samples * spec.max_length * 8)
     fingerprint = fingerprint or model_fingerprint(base)
-    root = cache_dir() / "covariance"
+    entries = DiskCache(cache_dir() / "covariance" / fingerprint)
     keys = {i: _cache_key(base, fingerprint, i, corpus_id, spec) for i in layers}
-    out = {i: c for i in layers if cache and (c := _load(_cache_path(root, keys[i]), keys[i], dim)) is not None}
+    out = {i: hit[1]["C"] for i in layers if cache and (hit := entries.get(keys[i])) is not None}
     missing = [i for i in layers if i not in out]
     if missing:
         was_training = base.training
@@ -227,7 +181,7 @@ def key_covariances(
         base.train(was_training)
         for i, c in computed.items():
             if cache:
-                _save(_cache_path(root, keys[i]), keys[i], c, tokens)
+                entries.put(keys[i], {"tokens": tokens}, {"C": c})
             out[i] = c
         log.info("covariance of layer(s) %s over %d tokens of %s in %.1f s", missing, tokens, spec.corpus,
                  time.perf_counter() - t0)

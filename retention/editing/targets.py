@@ -20,8 +20,6 @@ computed and the frozen layers below ``L`` run once: their output is cached and 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import re
@@ -34,6 +32,7 @@ import torch
 from torch import nn
 
 from retention.arch import ArchAdapter, unwrap_model
+from retention.diskcache import DiskCache
 from retention.editing.base import EditorHParams, EditRequest
 from retention.editing.trace import (
     add_at,
@@ -43,7 +42,6 @@ from retention.editing.trace import (
     start_at_layer,
     subject_last_token_index,
 )
-from retention.io import atomic_write_json
 from retention.models import cache_dir
 from retention.scoring import prompt_ids, right_pad, target_ids
 
@@ -335,17 +333,10 @@ def context_templates(
     ``cache_dir()/context_templates`` when ``fingerprint`` (the model's) is given, so reruns reuse them exactly.
     """
     spec = {"lengths": [list(map(int, lc)) for lc in lengths], "seed": seed, "start": tokenizer.eos_token}
-    path = None
-    if fingerprint is not None:
-        digest = hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=6).hexdigest()
-        path = cache_dir() / "context_templates" / f"{fingerprint}-{digest}.json"
-        if path.is_file():
-            try:
-                saved = json.loads(path.read_text(encoding="utf-8"))
-                if saved["spec"] == spec and saved["templates"][0] == "{}":
-                    return list(saved["templates"])
-            except (ValueError, KeyError, IndexError, TypeError):
-                log.warning("unreadable context-template cache %s: regenerating", path)
+    entries = DiskCache(cache_dir() / "context_templates")
+    key = {"fingerprint": fingerprint, **spec}
+    if fingerprint is not None and (hit := entries.get(key)) is not None:
+        return list(hit[0]["templates"])
     base = unwrap_model(model)
     device = ArchAdapter.for_model(base).embed.weight.device
     start = torch.tensor([[tokenizer.eos_token_id]], device=device)
@@ -360,8 +351,8 @@ def context_templates(
             for text in tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True):
                 text = re.sub(r"\s+", " ", text.replace("{", " ").replace("}", " ")).strip()
                 templates.append(f"{text}. {{}}")
-    if path is not None:
-        atomic_write_json(path, {"spec": spec, "templates": templates})
+    if fingerprint is not None:
+        entries.put(key, {"templates": templates})
     return templates
 
 

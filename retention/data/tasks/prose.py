@@ -4,7 +4,8 @@ Sources, read in a sorted walk so the corpus is the same on every run of the sam
 the docstrings of the Python standard library (parsed with ``ast``, never imported), then the ``.rst``,
 ``.md`` and ``.txt`` documentation files and docstrings of installed packages until the corpus reaches
 ``min_bytes``. Paragraphs are cleaned (doctests, code blocks, field lists and markup removed), kept only when
-they read like prose, and deduplicated. The result is cached under ``$RETENTION_CACHE/prose``.
+they read like prose, and deduplicated. The result is cached under ``$RETENTION_CACHE/prose`` (its digest in a
+record beside it, checked on every read: a damaged file is rebuilt).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from retention.diskcache import DiskCache
 from retention.io import atomic_write_text
 from retention.models import cache_dir
 
@@ -151,8 +153,10 @@ def _cache_key(min_bytes: int) -> str:
 def builtin_prose(min_bytes: int = MIN_BYTES, cache: Path | None = None) -> str:
     """The built-in corpus: paragraphs separated by blank lines, at least ``min_bytes`` of UTF-8 when the
     installation has that much documentation (a shortfall is an error, not a silently smaller corpus)."""
-    path = (cache or cache_dir() / "prose") / f"builtin-{_cache_key(min_bytes)}.txt"
-    if path.exists():
+    entries = DiskCache(cache or cache_dir() / "prose", name=lambda key: f"builtin-{key['corpus']}")
+    entry = {"corpus": _cache_key(min_bytes)}
+    path = entries.data_path(entry, ".txt")
+    if entries.get(entry) is not None:
         return path.read_text(encoding="utf-8")
     t0 = time.perf_counter()
     seen: set[str] = set()
@@ -181,7 +185,7 @@ def builtin_prose(min_bytes: int = MIN_BYTES, cache: Path | None = None) -> str:
             "use a local text file as the task source instead"
         )
     corpus = "\n\n".join(kept) + "\n"
-    atomic_write_text(path, corpus)
+    entries.put(entry, {"paragraphs": len(kept)}, data=atomic_write_text(path, corpus))
     log.info("built-in prose: %d paragraphs, %.2f MB in %.1f s -> %s", len(kept), size / 1e6,
              time.perf_counter() - t0, path)
     return corpus
