@@ -188,6 +188,8 @@ MALFORMED = [
     (ROME, ("requested_rewrite", "prompt"), "The capital of France is", "prompt", "exactly one '{}'"),
     (ROME, ("requested_rewrite", "prompt"), "{} and {} is", "prompt", "exactly one '{}'"),
     (ROME, ("requested_rewrite", "prompt"), "The {0} of {} is", "prompt", "exactly one '{}'"),
+    (ROME, ("requested_rewrite", "prompt"), "The capital of {:>{}} is", "prompt", "exactly one '{}'"),
+    (ROME, ("requested_rewrite", "prompt"), "The capital of {!r} is", "prompt", "exactly one '{}'"),
     (ROME, ("requested_rewrite", "prompt"), "The capital of {} is {", "prompt", "unbalanced braces"),
     (ROME, ("requested_rewrite", "prompt"), "The capital of {} is ", "prompt", "ends with whitespace"),
     (ROME, ("requested_rewrite", "relation_id"), 36, "requested_rewrite.relation_id", "expected str"),
@@ -295,11 +297,58 @@ def test_file_level_errors(tmp_path, text, message):
         load_records(file, on_error="skip")
 
 
-def test_not_utf8(tmp_path):
+def test_not_utf8_names_line_and_byte(tmp_path):
+    text = json.dumps([EASYEDIT], ensure_ascii=False, indent=1)
     path = tmp_path / "latin1.json"
-    path.write_bytes(json.dumps([EASYEDIT], ensure_ascii=False).encode("latin-1"))
-    with pytest.raises(RecordError, match="not UTF-8"):
+    path.write_bytes(text.encode("latin-1"))
+    at = text.index("\u00ce")  # "Île-de-France": the first non-ASCII character, one byte in Latin-1
+    line = text[:at].count("\n") + 1
+    with pytest.raises(RecordError, match=rf"latin1\.json: record line {line}: field '<file>': not UTF-8 text: "
+                                          rf"byte {at} \(0xce\)"):
         load_records(path)
+
+
+def test_bom_accepted_in_json_and_jsonl(tmp_path):
+    for name, text in (("r.json", json.dumps([ROME])), ("r.jsonl", json.dumps(ROME) + "\n")):
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert [r.case_id for r in load_records(path)] == ["7"]
+
+
+def test_jsonl_bad_first_line_is_one_skipped_record(tmp_path):
+    lines = ["{not json", json.dumps(ROME), json.dumps({**ROME, "case_id": 8})]
+    file = write(tmp_path, "\n".join(lines), name="r.jsonl")
+    with pytest.raises(RecordError, match=r"record line 1: field '<json>': invalid JSON"):
+        load_records(file)
+    records, report = read_records(file, on_error="skip")
+    assert [r.case_id for r in records] == ["7", "8"] and report.skipped == 1 and report.format == "counterfact"
+
+
+def test_malformed_first_record_does_not_decide_the_format(tmp_path):
+    broken = {"case_id": 1, "ground_truth": "Paris"}  # an EasyEdit key, in a CounterFact file
+    file = write(tmp_path, [broken, ROME, {**ROME, "case_id": 8}])
+    records, report = read_records(file, on_error="skip")
+    assert (report.format, [r.case_id for r in records], report.skipped) == ("counterfact", ["7", "8"], 1)
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+    rec = {**EASYEDIT, "rephrase_prompt": "France\u2028capital\x85city is"}  # json.dumps leaves both unescaped
+    lines = [json.dumps(rec, ensure_ascii=False), json.dumps({**rec, "case_id": 4}, ensure_ascii=False)]
+    file = write(tmp_path, "\n".join(lines), name="r.jsonl")
+    assert [r.paraphrases for r in load_records(file)] == [[rec["rephrase_prompt"]]] * 2
+
+
+def test_too_long_text_is_malformed(tmp_path):
+    long = edited(ROME, ("paraphrase_prompts",), ["France " * 80_000 + "has its capital in"])  # 560 KB
+    file = write(tmp_path, [long, {**ROME, "case_id": 8}])
+    with pytest.raises(RecordError, match=r"record 0 \(case_id 7\): field 'paraphrases\[0\]': 560,018 characters, "
+                                          r"more than max_prompt_chars=20,000"):
+        load_records(file)
+    records, report = read_records(file, on_error="skip")
+    assert [r.case_id for r in records] == ["8"] and report.skipped == 1
+    assert len(load_records(file, max_prompt_chars=600_000)) == 2
+    with pytest.raises(ValueError, match="max_prompt_chars=0"):
+        load_records(file, max_prompt_chars=0)
 
 
 def test_missing_file_folder_and_bad_options(tmp_path):

@@ -3,7 +3,9 @@ the DataModule."""
 
 from __future__ import annotations
 
+import codecs
 import json
+import logging
 import re
 import sys
 from types import SimpleNamespace
@@ -27,6 +29,7 @@ from retention.data.tasks import (
     instruct,
     load_examples,
     math_problems,
+    read_examples,
     split_validation,
 )
 from retention.data.tasks.examples import encode_supervised, format_prompt, pack_text
@@ -147,7 +150,7 @@ def test_errors_name_file_record_and_field(tmp_path):
     with pytest.raises(RecordError, match=r"line 1: field 'answer': expected a final line '#### <number>'"):
         load_examples(_config(family="math", source=path))
     path.write_text('{"question": "q?",\n')
-    with pytest.raises(RecordError, match=r"line 1: field '-': invalid JSON"):
+    with pytest.raises(RecordError, match=r"line 1: field '<json>': invalid JSON"):
         load_examples(_config(family="math", source=path))
     tsv = tmp_path / "labels.tsv"
     tsv.write_text("label\tsentence\n7\tsome text\n")
@@ -160,6 +163,108 @@ def test_errors_name_file_record_and_field(tmp_path):
         load_examples(_config(family="instruct", source=tmp_path / "nope.json"))
     with pytest.raises(ValueError, match=r"task\.fields: unknown field\(s\) sentence for the math family"):
         TaskConfig(family="math", fields={"sentence": "x"})
+
+
+def test_classify_tsv_wrong_columns_and_label_kind_are_errors(tmp_path):
+    path = tmp_path / "bad.tsv"
+    path.write_text("sentence\tlabel\na good film\t1\na bad film\t0\na film\twith a tab\t1\nfine acting\tpos\n")
+    with pytest.raises(RecordError, match=r"bad\.tsv: record line 4: field '<row>': expected 2 tab-separated columns"):
+        load_examples(_config(family="classify", source=path))
+    examples, report = read_examples(_config(family="classify", source=path, on_error="skip"))
+    assert [ex.answer for ex in examples] == ["positive", "negative"]  # no 'with a tab' or 'pos' class
+    assert [(e.record, e.field_name) for e in report.errors] == [("line 4", "<row>"), ("line 5", "label")]
+    assert "label 'pos' is a word, but the labels of this source are integers (2 of 3)" in str(report.errors[1])
+
+
+@pytest.mark.parametrize(
+    "name,content,location,field,message",
+    [
+        ("h.tsv", "label\tsentence\n0\tbad\n1\tgood\n1.0\tfine\n", "line 4", "label", "'1.0' is a number"),
+        ("n.tsv", "bad film\t0\ngood film\t1\nfine\tfilm\t1\n", "line 3", "<row>", "columns (text and label), got 3"),
+        ("n.tsv", "bad film\t0\ngood film\t1\nfine film\tpos\n", "line 3", "label", "'pos' is a word"),
+        ("i.jsonl", [("a", 0), ("b", 1), ("c", "pos")], "line 3", "label", "'pos' is a word, but the labels of this "
+         "source are integers"),
+        ("i.jsonl", [("a", 0), ("b", 1), ("c", True)], "line 3", "label", "True is a bool"),
+        ("w.jsonl", [("a", "spam"), ("b", "ham"), ("c", "spam"), ("d", "1")], "line 4", "label", "'1' is an integer, "
+         "but the labels of this source are words"),
+    ],
+)
+def test_classify_label_of_another_kind_is_an_error(tmp_path, name, content, location, field, message):
+    path = tmp_path / name
+    if isinstance(content, list):
+        content = "\n".join(json.dumps({"text": text, "label": label}) for text, label in content)
+    path.write_text(content)
+    with pytest.raises(RecordError) as info:
+        load_examples(_config(family="classify", source=path))
+    assert (info.value.path, info.value.record, info.value.field_name) == (str(path), location, field)
+    assert message in str(info.value)
+    examples, report = read_examples(_config(family="classify", source=path, on_error="skip"))
+    rows = [line for line in content.splitlines() if not line.startswith("label\t")]
+    assert report.skipped == 1 and len(examples) == len(rows) - 1
+
+
+@pytest.mark.parametrize(
+    "family,name,good",
+    [
+        ("math", "d.jsonl", '{"question": "q?", "answer": "#### 1"}'),
+        ("instruct", "d.json", '[{"instruction": "i", "output": "o"}]'),
+        ("classify", "d.tsv", "label\tsentence\n1\tok"),
+        ("text", "d.txt", "A passage."),
+    ],
+)
+def test_task_files_accept_a_bom_and_name_the_file_of_bad_utf8(tmp_path, family, name, good):
+    path = tmp_path / name
+    path.write_bytes(good.encode())
+    expected = load_examples(_config(family=family, source=path))
+    path.write_bytes(codecs.BOM_UTF8 + good.encode())
+    assert load_examples(_config(family=family, source=path)) == expected
+    path.write_bytes(good.encode() + "\nlatin-1 caf\xe9".encode("latin-1"))
+    at = len(good) + len("\nlatin-1 caf")
+    match = rf"{name}: record line {good.count(chr(10)) + 2}: field '<file>': not UTF-8 text: byte {at} \(0xe9\)"
+    with pytest.raises(RecordError, match=match):
+        load_examples(_config(family=family, source=path, on_error="skip"))
+
+
+def test_task_on_error_skip_counts_reports_and_logs(tmp_path, tok, caplog):
+    lines = [json.dumps({"question": f"q{i}?", "answer": f"{i}\n#### {i}"}) for i in range(6)]
+    lines.insert(0, "{not json")  # a bad first line is one bad record
+    lines.insert(3, json.dumps({"question": "q?"}))
+    lines.append(json.dumps({"question": "q?", "answer": "no number"}))
+    path = tmp_path / "gsm.jsonl"
+    path.write_text("\n".join(lines))
+    with pytest.raises(RecordError, match=r"gsm\.jsonl: record line 1: field '<json>': invalid JSON") as info:
+        load_examples(_config(family="math", source=path))
+    assert "task.on_error: skip" in "".join(info.value.__notes__)
+    with caplog.at_level(logging.WARNING, logger="retention.data.tasks.task"):
+        task = build_task(_config(family="math", source=path, on_error="skip"), tok)
+    report = task.read_report
+    assert (report.read, report.skipped, [e.record for e in report.errors]) == (6, 3, ["line 1", "line 4", "line 9"])
+    assert len(task.train_examples) + len(task.val_examples) == 6
+    assert "skipped 3 malformed" in caplog.text and "line 1: field '<json>'" in caplog.text
+    with pytest.raises(ValueError, match="task.on_error: 'ignore'"):
+        TaskConfig(on_error="ignore")
+
+
+@pytest.mark.parametrize(
+    "family,name,record,field",
+    [
+        ("instruct", "a.json", {"instruction": "Summarise.", "input": "word " * 112_000, "output": "ok"}, "input"),
+        ("math", "g.jsonl", {"question": "word " * 112_000, "answer": "#### 1"}, "question"),
+        ("classify", "s.jsonl", {"text": "word " * 112_000, "label": 1}, "text"),
+    ],
+)
+def test_task_max_prompt_chars(tmp_path, family, name, record, field):
+    path = tmp_path / name
+    short = {k: "hi" if k == field else v for k, v in record.items()}
+    records = [record, short]
+    path.write_text(json.dumps(records) if name.endswith(".json") else "\n".join(map(json.dumps, records)))
+    location = "record 0" if name.endswith(".json") else "record line 1"
+    match = rf"{name}: {location}: field '{field}': 560,000 characters, more than max_prompt_chars=20,000"
+    with pytest.raises(RecordError, match=match):
+        load_examples(_config(family=family, source=path))
+    examples, report = read_examples(_config(family=family, source=path, on_error="skip"))
+    assert len(examples) == 1 and report.skipped == 1
+    assert len(load_examples(_config(family=family, source=path, max_prompt_chars=600_000))) == 2
 
 
 def test_hub_source_without_datasets_is_a_clear_error(monkeypatch):

@@ -13,16 +13,23 @@ The format is detected from the content, never from the file name:
   prompt is ``loc`` (an ``"nq question: ..."`` string) with a ``?`` appended, expecting ``loc_ans``.
 - ``records``: our own format, a list of :meth:`KnowledgeRecord.to_dict` objects (the built-in set).
 
-Files are a JSON array of records or JSONL (one JSON object per line). Targets are stripped of surrounding
-whitespace (the scorer adds the leading space itself). A malformed record raises :class:`RecordError`
-naming the file, the record and the field; ``on_error="skip"`` skips it and counts it in the
-:class:`ReadReport` instead. Errors of the file itself (invalid JSON array, no records) always raise.
+Files are UTF-8 (a leading BOM is dropped), a JSON array of records or JSONL (one JSON object per line). Targets
+are stripped of surrounding whitespace (the scorer adds the leading space itself). A malformed record, or a text
+longer than ``max_prompt_chars``, raises :class:`RecordError` naming the file, the record and the field;
+``on_error="skip"`` skips it and counts it in the :class:`ReadReport` instead. Errors of the file itself (not
+UTF-8, invalid JSON array, no records) always raise.
+
+The file helpers here (:func:`read_text`, :func:`parse_jsonl`, :class:`ReadReport`) serve the task readers too
+(``retention.data.tasks.sources``), so both decode, split and skip the same way.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
+import re
+import reprlib
 import time
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -46,6 +53,12 @@ ZSRE_TARGETS = {
 
 ON_ERROR = ("raise", "skip")
 
+MAX_PROMPT_CHARS = 20_000
+"""Default longest text (prompt, subject, target, ...) of a record, in characters: a longer one is malformed, as
+scoring pads every prompt of a batch to the longest (a 560 KB prompt asked for 48 GB)."""
+
+_HINT = "on_error='skip' (--on_error skip, edits.on_error: skip) skips malformed records and counts them"
+
 
 @dataclass
 class ReadReport:
@@ -56,12 +69,33 @@ class ReadReport:
     read: int = 0
     skipped: int = 0
     errors: list[RecordError] = field(default_factory=list)
-    """The errors of the skipped records, in file order."""
+    """The errors of the skipped records, in the order they were found."""
     seconds: float = 0.0
+    on_error: str = "raise"
+    """``raise``: :meth:`reject` raises the error; ``skip``: it counts the record as skipped."""
+    hint: str = _HINT
+    """How to skip malformed records instead, added as a note to a raised record error."""
+    dropped: int = 0
+    """Records left out by design, not errors (blank records of the text task family)."""
 
-    def summary(self) -> str:
+    def reject(self, err: RecordError) -> None:
+        """Raise ``err`` (with :attr:`hint`) under ``on_error='raise'``; count it as skipped under ``'skip'``."""
+        if self.on_error != "skip":
+            if self.hint:
+                err.add_note(self.hint)
+            raise err
+        self.skipped += 1
+        self.errors.append(err)
+
+    def summary(self, reasons: int = 3) -> str:
+        """One line: what was read, and how many records were skipped with the first ``reasons`` errors."""
         text = f"read {self.read} {self.format} records from {self.path} in {self.seconds:.2f} s"
-        return text + (f", skipped {self.skipped} malformed" if self.skipped else "")
+        if self.dropped:
+            text += f", left out {self.dropped} blank"
+        if self.skipped:
+            first = "; ".join(str(e) for e in self.errors[:reasons])
+            text += f", skipped {self.skipped} malformed ({'first: ' if self.skipped > reasons else ''}{first})"
+        return text
 
 
 class _Raw:
@@ -112,16 +146,19 @@ class _Raw:
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (RecursionError, ValueError):
+        text = reprlib.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_template(raw: _Raw, name: str, template: str) -> None:
     try:
-        slots = [f for _, f, _, _ in Formatter().parse(template) if f is not None]
+        slots = [(f, spec, conv) for _, f, spec, conv in Formatter().parse(template) if f is not None]
     except ValueError as e:
         raise raw.error(name, f"template {template!r} has unbalanced braces ({e})") from None
-    if slots != [""]:
+    if slots != [("", "", None)]:  # a format spec or conversion ("{:>{}}", "{!r}") is no plain subject slot
         raise raw.error(name, f"template {template!r} must contain exactly one '{{}}' for the subject")
 
 
@@ -256,18 +293,49 @@ _FORMATS = {
 }
 
 
+def _record_format(item: Any) -> str | None:
+    if isinstance(item, dict):
+        for name, (keys, _) in _FORMATS.items():
+            if any(k in item for k in keys):
+                return name
+    return None
+
+
 def _detect(path: str, items: list[tuple[int | str, Any]]) -> str:
+    """The format most records have (the earliest of a tie), so a malformed first record cannot decide it."""
+    votes: dict[str, int] = {}
     for _, item in items:
-        if isinstance(item, dict):
-            for name, (keys, _) in _FORMATS.items():
-                if any(k in item for k in keys):
-                    return name
+        name = _record_format(item)
+        if name is not None:
+            votes[name] = votes.get(name, 0) + 1
+    if votes:
+        return max(votes, key=lambda name: votes[name])  # max keeps the first of equal counts
     hints = "; ".join(f"{name}: {', '.join(keys)}" for name, (keys, _) in _FORMATS.items())
     raise RecordError(path, "-", "<format>", f"no record has a key that tells the format ({hints})")
 
 
-def _validate(raw: _Raw, rec: KnowledgeRecord) -> None:
+def check_length(path: str, ref: str | int, name: str, text: str, max_chars: int) -> None:
+    """A :class:`RecordError` when ``text`` (the field ``name``) is longer than ``max_chars`` characters."""
+    if len(text) > max_chars:
+        raise RecordError(path, ref, name, f"{len(text):,} characters, more than max_prompt_chars={max_chars:,} "
+                                           "(raise max_prompt_chars if such long texts are intended)")
+
+
+def _texts(rec: KnowledgeRecord) -> list[tuple[str, str]]:
+    """(field, text) of every text of a record that ends up in a scored or edited prompt."""
+    texts = [("subject", rec.subject), ("prompt", rec.prompt), ("target_new", rec.target_new),
+             ("target_true", rec.target_true)]
+    texts += [(f"paraphrases[{i}]", p) for i, p in enumerate(rec.paraphrases)]
+    for i, n in enumerate(rec.neighborhood):
+        texts += [(f"neighborhood[{i}].prompt", n.prompt), (f"neighborhood[{i}].target", n.target)]
+    texts += [(f"generation_prompts[{i}]", p) for i, p in enumerate(rec.generation_prompts)]
+    return texts + [(f"augmentations[{i}]", a) for i, a in enumerate(rec.augmentations)]
+
+
+def _validate(raw: _Raw, rec: KnowledgeRecord, max_chars: int) -> None:
     """Checks shared by every format, on the converted record."""
+    for name, text in _texts(rec):
+        check_length(raw.path, raw.ref, name, text, max_chars)
     _check_template(raw, "prompt", rec.prompt)
     _check_prompt(raw, "prompt", rec.prompt)
     if rec.subject != rec.subject.strip():
@@ -300,23 +368,79 @@ def _resolve(path_or_name: str | Path) -> tuple[str, str]:
         raise FileNotFoundError(
             f"{name}: no such file, and not a built-in knowledge set (built-in: {', '.join(BUILTIN_SETS)})"
         )
+    return display, decode_text(data, display)
+
+
+def decode_text(data: bytes, path: str) -> str:
+    """The text of a data file's bytes: UTF-8, a leading BOM dropped; else a :class:`RecordError` naming the
+    file, the line and the byte offset."""
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        return display, data.decode("utf-8-sig")
+        return data[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise RecordError(display, "-", "<file>", f"not UTF-8 text ({e})") from None
+        at = bom + e.start
+        line = data.count(b"\n", 0, at) + 1
+        raise RecordError(path, f"line {line}", "<file>",
+                          f"not UTF-8 text: byte {at} (0x{data[at]:02x}): {e.reason}; save the file as UTF-8") from None
 
 
-def _parse(path: str, text: str, report: ReadReport, skip: bool) -> list[tuple[int | str, Any]]:
+def read_text(path: str | Path) -> str:
+    """The text of a UTF-8 data file (see :func:`decode_text`)."""
+    return decode_text(Path(path).read_bytes(), str(path))
+
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines split at ``\\n``, ``\\r\\n`` and ``\\r`` only (``str.splitlines`` also splits at U+2028 and
+    other characters a JSON string may hold unescaped)."""
+    lines = _LINE_BREAK.split(text)
+    return lines[:-1] if lines and not lines[-1] else lines
+
+
+def load_json(text: str) -> Any:
+    """``json.loads``, whose every failure (also too deep nesting, too long an integer) is a JSONDecodeError."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except (RecursionError, ValueError) as e:
+        raise json.JSONDecodeError(str(e) or type(e).__name__, text, 0) from None
+
+
+def json_error(path: str, err: json.JSONDecodeError, line: int | None = None) -> RecordError:
+    """The :class:`RecordError` of invalid JSON at ``line`` (default: the error's own line)."""
+    return RecordError(path, f"line {line or err.lineno}", "<json>", f"invalid JSON: {err.msg} (column {err.colno})")
+
+
+def parse_jsonl(path: str, text: str, report: ReadReport) -> list[tuple[int, int, Any]]:
+    """``(record number, line number, value)`` of each non-blank line of JSONL text (record numbers count the
+    non-blank lines from 0); an invalid line goes to ``report.reject``."""
+    items = []
+    for lineno, line in enumerate(split_lines(text), 1):
+        if not line.strip():
+            continue
+        number = len(items) + report.skipped
+        try:
+            items.append((number, lineno, load_json(line)))
+            continue
+        except json.JSONDecodeError as e:
+            err = json_error(path, e, lineno)
+        report.reject(err)
+    return items
+
+
+def _parse(path: str, text: str, report: ReadReport) -> list[tuple[int | str, Any]]:
     """(index, raw item) pairs of a JSON array, a single JSON object or JSONL."""
-    stripped = text.lstrip()
-    if not stripped:
+    if not text.strip():
         raise RecordError(path, "-", "<file>", "empty file, no records")
     try:
-        top = json.loads(text)
+        top = load_json(text)
     except json.JSONDecodeError as e:
-        if _is_json(stripped.splitlines()[0]):
-            return _parse_jsonl(path, text, report, skip)
-        raise RecordError(path, f"line {e.lineno}", "<json>", f"invalid JSON: {e.msg} (column {e.colno})") from None
+        if _is_jsonl(text):
+            return [(number, item) for number, _, item in parse_jsonl(path, text, report)]
+        raise json_error(path, e) from None
     if isinstance(top, dict):
         return [(0, top)]
     if not isinstance(top, list):
@@ -324,28 +448,22 @@ def _parse(path: str, text: str, report: ReadReport, skip: bool) -> list[tuple[i
     return list(enumerate(top))
 
 
-def _is_json(line: str) -> bool:
+def _is_jsonl(text: str) -> bool:
+    """Whether text that is not one JSON value is JSONL: its first line is JSON, or any line is a JSON object
+    (so a malformed first line is one bad record, not a verdict on the file)."""
+    lines = [line for line in split_lines(text) if line.strip()]
+    return _json_value(lines[0]) is not _NOT_JSON or any(isinstance(_json_value(line), dict) for line in lines)
+
+
+_NOT_JSON = object()
+
+
+def _json_value(line: str) -> Any:
+    """The JSON value of a line, or ``_NOT_JSON``."""
     try:
-        json.loads(line)
+        return load_json(line)
     except json.JSONDecodeError:
-        return False
-    return True
-
-
-def _parse_jsonl(path: str, text: str, report: ReadReport, skip: bool) -> list[tuple[int | str, Any]]:
-    items = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            items.append((len(items) + report.skipped, json.loads(line)))
-        except json.JSONDecodeError as e:
-            err = RecordError(path, f"line {lineno}", "<json>", f"invalid JSON: {e.msg} (column {e.colno})")
-            if not skip:
-                raise err from None
-            report.skipped += 1
-            report.errors.append(err)
-    return items
+        return _NOT_JSON
 
 
 def read_records(
@@ -353,11 +471,13 @@ def read_records(
     on_error: str = "raise",
     limit: int | None = None,
     zsre_target: str = "alt",
+    max_prompt_chars: int = MAX_PROMPT_CHARS,
 ) -> tuple[list[KnowledgeRecord], ReadReport]:
     """Read knowledge records and a :class:`ReadReport` of what was read and skipped.
 
     ``path_or_name`` is a file or the name of a built-in set (``"builtin"``); ``on_error`` is ``"raise"``
-    or ``"skip"``; ``limit`` keeps the first N good records; ``zsre_target`` names the zsRE convention.
+    or ``"skip"``; ``limit`` keeps the first N good records; ``zsre_target`` names the zsRE convention;
+    ``max_prompt_chars`` is the longest text of a record (prompt, subject, target, ...), in characters.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error={on_error!r}: choose from {', '.join(ON_ERROR)}")
@@ -365,11 +485,12 @@ def read_records(
         raise ValueError(f"zsre_target={zsre_target!r}: choose from {', '.join(ZSRE_TARGETS)}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit={limit}: must be >= 0")
+    if max_prompt_chars < 1:
+        raise ValueError(f"max_prompt_chars={max_prompt_chars}: must be >= 1")
     t0 = time.perf_counter()
     path, text = _resolve(path_or_name)
-    report = ReadReport(path)
-    skip = on_error == "skip"
-    items = _parse(path, text, report, skip)
+    report = ReadReport(path, on_error=on_error)
+    items = _parse(path, text, report)
     if not items and not report.skipped:
         raise RecordError(path, "-", "<file>", "no records")
     report.format = _detect(path, items) if items else ""
@@ -380,14 +501,9 @@ def read_records(
         if limit is not None and len(records) >= limit:
             break
         try:
-            rec = _convert(path, index, item, convert, zsre_target, seen)
+            rec = _convert(path, index, item, convert, zsre_target, seen, max_prompt_chars)
         except RecordError as err:
-            if not skip:
-                err.add_note("on_error='skip' (--on_error skip, edits.on_error: skip) skips malformed records and "
-                             "counts them")
-                raise
-            report.skipped += 1
-            report.errors.append(err)
+            report.reject(err)
             continue
         seen.add(rec.case_id)
         records.append(rec)
@@ -396,7 +512,7 @@ def read_records(
     return records, report
 
 
-def _convert(path, index, item, convert, zsre_target: str, seen: set[str]) -> KnowledgeRecord:
+def _convert(path, index, item, convert, zsre_target: str, seen: set[str], max_chars: int) -> KnowledgeRecord:
     if not isinstance(item, dict):
         raise RecordError(path, index, "<record>", f"expected a JSON object, got {type(item).__name__}")
     cid = item.get("case_id", index)
@@ -406,7 +522,7 @@ def _convert(path, index, item, convert, zsre_target: str, seen: set[str]) -> Kn
     if str(cid) in seen:
         raise raw.error("case_id", f"duplicate case_id {_short(cid)}")
     rec = convert(raw, str(cid), zsre_target)
-    _validate(raw, rec)
+    _validate(raw, rec, max_chars)
     return rec
 
 
@@ -415,6 +531,8 @@ def load_records(
     on_error: str = "raise",
     limit: int | None = None,
     zsre_target: str = "alt",
+    max_prompt_chars: int = MAX_PROMPT_CHARS,
 ) -> list[KnowledgeRecord]:
     """Knowledge records of a file or built-in set (see :func:`read_records`; skipped records are logged)."""
-    return read_records(path_or_name, on_error=on_error, limit=limit, zsre_target=zsre_target)[0]
+    return read_records(path_or_name, on_error=on_error, limit=limit, zsre_target=zsre_target,
+                        max_prompt_chars=max_prompt_chars)[0]

@@ -1,21 +1,23 @@
 """Classification: SST-2 TSV files (``sentence<TAB>label`` or ``label<TAB>sentence``, with or without a header),
 JSON/JSONL records with text and label fields, or a built-in generated sentiment task. Labels are taught and
 scored as verbalisers (e.g. ``0 -> "negative"``); accuracy compares each label's log-likelihood given the
-prompt."""
+prompt. A TSV row with the wrong number of columns, or a label of another kind than most (``pos`` among
+``0``/``1``), is a malformed record, never an extra class."""
 
 from __future__ import annotations
 
-import csv
 import logging
 import random
 import re
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from retention.data.readers import ReadReport, read_text, split_lines
 from retention.data.tasks.examples import (
     SupervisedExample,
     encode_prompt,
@@ -23,7 +25,14 @@ from retention.data.tasks.examples import (
     format_prompt,
     pad_id,
 )
-from retention.data.tasks.sources import field, is_hub_source, local_file, read_records, text_field
+from retention.data.tasks.sources import (
+    convert_records,
+    field,
+    is_hub_source,
+    local_file,
+    read_records,
+    text_field,
+)
 from retention.records import RecordError
 from retention.scoring import ScoreRow, score_rows
 
@@ -39,53 +48,87 @@ DEFAULT_PROMPT = "Classify the following text. Answer with one of: {labels}.\n\n
 BUILTIN_SIZE = 2000
 _TEXT_COLUMNS = ("sentence", "text", "content", "review")
 _INT_LABEL = re.compile(r"-?\d+")
+_NUMBER_LABEL = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
-def read_tsv(path: Path, text_name: str, label_name: str, explicit_text: bool) -> Iterator[tuple[str, str, str]]:
-    """``(location, text, raw label)`` rows of a two-column (or headed) TSV file in either column order.
+def read_tsv(
+    path: Path, text_name: str, label_name: str, explicit_text: bool, report: ReadReport | None = None
+) -> Iterator[tuple[str, dict[str, str]]]:
+    """``(location, {text_name: text, label_name: raw label})`` rows of a two-column (or headed) TSV file in
+    either column order (cells stripped; blank lines skipped).
 
     A first row that names ``label_name`` is a header: the label column is the one so named and the text column
     is ``text_name`` (when mapped explicitly), else a usual name (sentence, text, ...), else the only other
-    column. Without a header the file must have two columns, one of them integer labels.
+    column. Without a header the file has two columns, one of them integer labels. A row with another number of
+    columns than the header (two without one) goes to ``report.reject`` (raised when there is no report).
     """
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)  # sentences contain bare quotes
-        rows = [(lineno, [c.strip() for c in row]) for lineno, row in enumerate(reader, 1) if row]
+    where = str(path)
+    report = report or ReadReport(where, hint="")
+    lines = enumerate(split_lines(read_text(path)), 1)
+    # No quoting: sentences contain bare quotes (the csv module's QUOTE_NONE reading, which this equals).
+    rows = [(lineno, [c.strip() for c in line.split("\t")]) for lineno, line in lines if line.strip() or "\t" in line]
     if not rows:
-        raise ValueError(f"{path}: empty file")
-    header = rows[0][1]
+        raise RecordError(where, "-", "<file>", "empty file, no records")
+    header_line, header = rows[0]
     if label_name in header:
         li = header.index(label_name)
         others = [c for c in header if c != label_name]
         candidates = [text_name] if explicit_text else [c for c in _TEXT_COLUMNS if c in header] or others
         if len(candidates) != 1 or candidates[0] not in header:
-            raise RecordError(str(path), "line 1 (header)", text_name,
+            raise RecordError(where, f"line {header_line} (header)", text_name,
                               f"cannot tell the text column among {others}; map it with fields={{'text': ...}}")
-        ti, rows = header.index(candidates[0]), rows[1:]
+        ti, rows, width, layout = header.index(candidates[0]), rows[1:], len(header), "as the header"
     else:
-        li, ti = _label_column(path, rows)
+        (li, ti), width, layout = _label_column(where, rows), 2, "text and label"
     for lineno, row in rows:
-        if len(row) <= max(li, ti):
-            raise RecordError(str(path), f"line {lineno}", label_name, f"expected {max(li, ti) + 1} columns, got {len(row)}")
-        yield f"line {lineno}", row[ti], row[li]
+        if len(row) != width:
+            report.reject(RecordError(where, f"line {lineno}", "<row>",
+                                      f"expected {width} tab-separated columns ({layout}), got {len(row)}"))
+            continue
+        yield f"line {lineno}", {text_name: row[ti], label_name: row[li]}
 
 
-def _label_column(path: Path, rows: list[tuple[int, list[str]]]) -> tuple[int, int]:
-    """(label index, text index) of a headerless two-column file: the label column holds integers."""
-    sample = [row for _, row in rows[:100]]
-    if any(len(row) != 2 for row in sample):
-        raise ValueError(f"{path}: a TSV without a header needs exactly two columns (text and label)")
-    numeric = [all(_INT_LABEL.fullmatch(row[j]) for row in sample) for j in (0, 1)]
-    if numeric[0] == numeric[1]:
-        raise ValueError(
-            f"{path}: cannot tell the label column (give the file a header row naming a 'label' column, "
-            "or map fields={'label': ...} to a header name)"
+def _label_column(where: str, rows: list[tuple[int, list[str]]]) -> tuple[int, int]:
+    """(label index, text index) of a headerless file: of the first 100 two-column rows, the column in which
+    more (and most) cells are integers holds the labels."""
+    sample = [row for _, row in rows[:100] if len(row) == 2]
+    if not sample:
+        raise RecordError(where, "-", "<file>", "a TSV without a header needs two columns (text and label)")
+    ints = [sum(bool(_INT_LABEL.fullmatch(row[j])) for row in sample) for j in (0, 1)]
+    if ints[0] == ints[1] or max(ints) * 2 <= len(sample):
+        raise RecordError(
+            where, "-", "<file>", "cannot tell the label column (give the file a header row naming a 'label' "
+            "column, or map fields={'label': ...} to a header name)"
         )
-    return (0, 1) if numeric[0] else (1, 0)
+    return (0, 1) if ints[0] > ints[1] else (1, 0)
 
 
-def verbalise(raw: Any, verbalizers: Mapping[str, str], where: str, location: str, name: str) -> str:
-    """The label word of a raw label: its verbaliser, or the label itself when it is a non-numeric string."""
+def label_kind(raw: Any) -> str:
+    """``integer`` (``1``, ``"1"``), ``number`` (``1.5``, ``"1.0"``), ``word`` (another string), or the type's name
+    (``bool``, ``list``, ...)."""
+    if isinstance(raw, str):
+        key = raw.strip()
+        return "integer" if _INT_LABEL.fullmatch(key) else "number" if _NUMBER_LABEL.fullmatch(key) else "word"
+    if isinstance(raw, bool):
+        return "bool"
+    return "integer" if isinstance(raw, int) else "number" if isinstance(raw, float) else type(raw).__name__
+
+
+def _a(kind: str) -> str:
+    return ("an " if kind[0] in "aeiou" else "a ") + kind
+
+
+def verbalise(
+    raw: Any, verbalizers: Mapping[str, str], where: str, location: str, name: str,
+    kind: str | None = None, majority: str = "",
+) -> str:
+    """The label word of a raw label: its verbaliser, or the label itself when it is a non-integer string.
+    ``kind`` is the :func:`label_kind` of the source's labels (``majority`` says how many have it): a label of
+    another kind is an error."""
+    if kind is not None and label_kind(raw) != kind:
+        raise RecordError(where, location, name, f"label {raw!r} is {_a(label_kind(raw))}, but the labels of this "
+                          f"source are {kind}s ({majority}); a source's labels are all integers (turned into words "
+                          "by verbalizers) or all words")
     key = str(raw).strip()
     if key in verbalizers:
         return verbalizers[key]
@@ -99,28 +142,44 @@ def classification_example(text: str, label: str, labels: Sequence[str], templat
     return SupervisedExample(prompt, label, answer=label)
 
 
-def load(config: TaskConfig) -> list[SupervisedExample]:
+def load(config: TaskConfig, report: ReadReport) -> list[SupervisedExample]:
+    """The examples of the configured source; malformed records go to ``report.reject``."""
     if config.source == "builtin":
         pairs = builtin_pairs(config.limit or BUILTIN_SIZE, config.seed)
     else:
-        pairs = [(text, verbalise(raw, config.verbalizers, where, loc, config.field("label")))
-                 for where, loc, text, raw in _records(config)]
+        pairs = _pairs(config, report)
     labels = sorted({label for _, label in pairs})
     template = config.prompt_template or DEFAULT_PROMPT
     return [classification_example(text, label, labels, template) for text, label in pairs]
 
 
-def _records(config: TaskConfig) -> Iterator[tuple[str, str, str, Any]]:
-    """``(where, location, text, raw label)`` of a TSV file, a JSON/JSONL file or a hub dataset."""
+def _pairs(config: TaskConfig, report: ReadReport) -> list[tuple[str, str]]:
+    """(text, label word) of each good record: a first pass reads the records, a second checks each label
+    against the kind most labels have (ties: integer, then word) and verbalises it."""
+    text_name, label_name, where = config.field("text"), config.field("label"), config.source
+
+    def text_and_label(loc: str, r: Any) -> tuple[str, tuple[str, Any]]:
+        text = text_field(r, text_name, where, loc, max_chars=config.max_prompt_chars)
+        return loc, (text, field(r, label_name, where, loc))
+
+    rows = convert_records(_records(config, report), text_and_label, report)
+    kinds = Counter(label_kind(raw) for _, (_, raw) in rows)
+    kind = max(kinds, key=lambda k: (kinds[k], k == "integer", k == "word"), default=None)
+    majority = f"{kinds[kind]} of {len(rows)}" if kind else ""
+
+    def pair(loc: str, row: tuple[str, Any]) -> tuple[str, str]:
+        return row[0], verbalise(row[1], config.verbalizers, where, loc, label_name, kind, majority)
+
+    return convert_records(rows, pair, report)
+
+
+def _records(config: TaskConfig, report: ReadReport) -> Iterator[tuple[str, Any]]:
+    """``(location, record)`` of a TSV file (rows as ``{text: ..., label: ...}``), a JSON/JSONL file or a hub
+    dataset."""
     text_name, label_name, where = config.field("text"), config.field("label"), config.source
     if not is_hub_source(where) and local_file(where).suffix == ".tsv":
-        for loc, text, raw in read_tsv(local_file(where), text_name, label_name, "text" in config.fields):
-            if not text:
-                raise RecordError(where, loc, text_name, "empty")
-            yield where, loc, text, raw
-        return
-    for loc, r in read_records(where, config.hf_config, config.hf_split, (".tsv",)):
-        yield where, loc, text_field(r, text_name, where, loc), field(r, label_name, where, loc)
+        return read_tsv(local_file(where), text_name, label_name, "text" in config.fields, report)
+    return read_records(where, config.hf_config, config.hf_split, (".tsv",), report)
 
 
 @torch.no_grad()

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from retention.data.tasks.examples import SupervisedExample
-from retention.data.tasks.sources import read_records, text_field
+from retention.data.tasks.sources import convert_records, read_records, text_field
 
 if TYPE_CHECKING:
+    from retention.data.readers import ReadReport
     from retention.data.tasks.task import TaskConfig
 
 FIELDS = {"instruction": "instruction", "input": "input", "output": "output"}
@@ -22,18 +23,19 @@ def instruction_prompt(instruction: str, context: str = "") -> str:
     return f"{instruction.strip()}\n\n{context.strip()}" if context.strip() else instruction.strip()
 
 
-def load(config: TaskConfig) -> list[SupervisedExample]:
+def load(config: TaskConfig, report: ReadReport) -> list[SupervisedExample]:
+    """The examples of the configured source; malformed records go to ``report.reject``."""
     if config.source == "builtin":
         return builtin_examples(config.limit or BUILTIN_SIZE, config.seed)
-    where = config.source
+    where, most = config.source, config.max_prompt_chars
     instr, inp, out = config.field("instruction"), config.field("input"), config.field("output")
-    examples = []
-    for loc, r in read_records(where, config.hf_config, config.hf_split):
-        context = text_field(r, inp, where, loc, allow_empty=True) if isinstance(r, dict) and r.get(inp) else ""
-        examples.append(SupervisedExample(
-            instruction_prompt(text_field(r, instr, where, loc), context), text_field(r, out, where, loc).strip()
-        ))
-    return examples
+
+    def example(loc: str, r: Any) -> SupervisedExample:
+        context = text_field(r, inp, where, loc, True, most) if isinstance(r, dict) and r.get(inp) else ""
+        return SupervisedExample(instruction_prompt(text_field(r, instr, where, loc, max_chars=most), context),
+                                 text_field(r, out, where, loc).strip())
+
+    return convert_records(read_records(where, config.hf_config, config.hf_split, report=report), example, report)
 
 
 # Built-in generated instructions: each template draws its arguments from a seeded RNG and returns

@@ -9,16 +9,17 @@ import re
 import time
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from retention.data.tasks.examples import SupervisedExample, format_prompt
-from retention.data.tasks.sources import read_records, text_field
+from retention.data.tasks.sources import convert_records, read_records, text_field
 from retention.records import RecordError
 from retention.scoring import greedy_generate
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from retention.data.readers import ReadReport
     from retention.data.tasks.task import TaskConfig
 
 log = logging.getLogger(__name__)
@@ -85,21 +86,24 @@ def evaluate(
     return {"accuracy": accuracy}
 
 
-def load(config: TaskConfig) -> list[SupervisedExample]:
+def load(config: TaskConfig, report: ReadReport) -> list[SupervisedExample]:
+    """The examples of the configured source; malformed records go to ``report.reject``."""
     if config.source == "builtin":
         return builtin_examples(config.limit or BUILTIN_SIZE, config.seed)
     where = config.source
     q_name, a_name = config.field("question"), config.field("answer")
-    examples = []
-    for loc, r in read_records(where, config.hf_config, config.hf_split):
+
+    def example(loc: str, r: Any) -> SupervisedExample:
         answer = text_field(r, a_name, where, loc)
         final = answer.rsplit("####", 1)[1] if "####" in answer else ""
         if not _NUMBER.search(final):
             raise RecordError(where, loc, a_name, "expected a final line '#### <number>'")
         # The <<a+b=c>> calculator annotations are GSM8K tooling, not part of the worked solution.
         response = _CALCULATOR.sub("", answer).strip()
-        examples.append(SupervisedExample(text_field(r, q_name, where, loc).strip(), response, answer=answer))
-    return examples
+        question = text_field(r, q_name, where, loc, max_chars=config.max_prompt_chars)
+        return SupervisedExample(question.strip(), response, answer=answer)
+
+    return convert_records(read_records(where, config.hf_config, config.hf_split, report=report), example, report)
 
 
 # Built-in problems: each template returns (question, worked steps, final answer) from a seeded RNG.

@@ -1,14 +1,18 @@
 """Reading task records from local files (JSON, JSONL) or the Hugging Face hub, with errors that name the
-file, the record and the field."""
+file, the record and the field. Files are decoded, split into lines and their malformed records skipped or
+raised the way the knowledge readers do it (:mod:`retention.data.readers`)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from retention.data.readers import ReadReport, check_length, json_error, load_json, parse_jsonl, read_text
 from retention.records import RecordError
+
+T = TypeVar("T")
 
 HF_PREFIX = "hf:"
 
@@ -28,30 +32,26 @@ def local_file(source: str) -> Path:
     return path
 
 
-def read_json_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """``(location, record)`` pairs of a JSON file (a list, or an object holding one list) or a JSONL file."""
+def read_json_records(path: Path, report: ReadReport | None = None) -> Iterator[tuple[str, Any]]:
+    """``(location, record)`` pairs of a JSON file (a list, or an object holding one list) or a JSONL file; an
+    invalid JSONL line goes to ``report.reject`` (raised when there is no report)."""
+    text, where = read_text(path), str(path)
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise RecordError(str(path), f"line {lineno}", "-", f"invalid JSON: {err.msg}") from None
-                yield f"line {lineno}", record
+        for _, lineno, record in parse_jsonl(where, text, report or ReadReport(where, hint="")):
+            yield f"line {lineno}", record
         return
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = load_json(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+        raise json_error(where, err) from None
     if isinstance(data, Mapping):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise ValueError(f"{path}: expected a JSON list of records (or an object holding exactly one list)")
+            raise RecordError(where, "-", "<file>", "expected a JSON list of records (or an object holding exactly "
+                              f"one list), got an object with {len(lists)} lists")
         data = lists[0]
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        raise RecordError(where, "-", "<file>", f"expected a JSON list of records, got {type(data).__name__}")
     for i, record in enumerate(data):
         yield str(i), record
 
@@ -72,7 +72,8 @@ def read_hub_records(source: str, config: str | None, split: str) -> Iterator[tu
 
 
 def read_records(
-    source: str, hf_config: str | None = None, hf_split: str = "train", other_types: tuple[str, ...] = ()
+    source: str, hf_config: str | None = None, hf_split: str = "train", other_types: tuple[str, ...] = (),
+    report: ReadReport | None = None,
 ) -> Iterator[tuple[str, Any]]:
     """``(location, record)`` pairs of ``hf:<id>`` or of a local ``.json``/``.jsonl`` file (``other_types``:
     the file types the caller reads itself, named in the error for an unsupported one)."""
@@ -82,7 +83,19 @@ def read_records(
     if path.suffix not in (".json", ".jsonl"):
         expected = ", ".join((*other_types, ".json", ".jsonl"))
         raise ValueError(f"task data file {path}: unsupported type '{path.suffix}' (expected {expected})")
-    return read_json_records(path)
+    return read_json_records(path, report)
+
+
+def convert_records(records: Iterable[tuple[str, Any]], convert: Callable[[str, Any], T], report: ReadReport) -> list[T]:
+    """``convert(location, record)`` of each record, in order; a :class:`RecordError` goes to ``report.reject``
+    (raised, or the record skipped and counted)."""
+    out = []
+    for location, record in records:
+        try:
+            out.append(convert(location, record))
+        except RecordError as err:
+            report.reject(err)
+    return out
 
 
 def field(record: Any, name: str, path: str, location: str, allow_empty: bool = False) -> Any:
@@ -98,8 +111,13 @@ def field(record: Any, name: str, path: str, location: str, allow_empty: bool = 
     return value
 
 
-def text_field(record: Any, name: str, path: str, location: str, allow_empty: bool = False) -> str:
+def text_field(
+    record: Any, name: str, path: str, location: str, allow_empty: bool = False, max_chars: int | None = None
+) -> str:
+    """``record[name]`` as a string (see :func:`field`) of at most ``max_chars`` characters (when given)."""
     value = field(record, name, path, location, allow_empty)
     if not isinstance(value, str):
         raise RecordError(path, location, name, f"expected a string, got {type(value).__name__}")
+    if max_chars is not None:
+        check_length(path, location, name, value, max_chars)
     return value

@@ -11,6 +11,7 @@ from typing import Literal
 
 from torch import nn
 
+from retention.data.readers import MAX_PROMPT_CHARS, ON_ERROR, ReadReport
 from retention.data.tasks import classify, instruct, math_problems, text
 from retention.data.tasks.examples import (
     Collator,
@@ -56,11 +57,21 @@ class TaskConfig:
     chat_template: bool = True
     """Wrap prompts in the tokenizer's chat template when it has one (supervised families)."""
     verbalizers: dict[str, str] = field(default_factory=lambda: {"0": "negative", "1": "positive"})
-    """Classify: raw label -> the word the model learns and is scored on (non-numeric labels default to themselves)."""
+    """Classify: raw label -> the word the model learns and is scored on (word labels default to themselves). The
+    labels of a source are of one kind, integers (``0``/``1``) or words (``spam``/``ham``), the kind most of them
+    have; a label of another kind (``pos`` or ``1.0`` among integers) is a malformed record."""
     prompt_template: str | None = None
     """Classify: the user message, with ``{text}`` and optionally ``{labels}``; None for the default."""
     max_new_tokens: int = 256
     """Math: generation budget of the accuracy evaluator."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Malformed records of a task file (invalid JSON, a missing or empty field, a row with the wrong number of
+    columns, a label of the wrong kind, a too long text): ``raise`` an error naming the file, the record and the
+    field, or ``skip`` them (counted in ``Task.read_report`` and logged with the first reasons)."""
+    max_prompt_chars: int = MAX_PROMPT_CHARS
+    """Longest text, in characters, of a field that goes into a prompt (instruct ``instruction`` and ``input``,
+    math ``question``, classify ``text``); a longer one is a malformed record. Not applied to the text family,
+    whose passages are cut into blocks."""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -80,6 +91,10 @@ class TaskConfig:
             raise ValueError(f"task.limit must be positive or None, got {self.limit}")
         if self.prompt_template is not None and "{text}" not in self.prompt_template:
             raise ValueError("task.prompt_template must contain '{text}'")
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"task.on_error: {self.on_error!r}; choose from {', '.join(ON_ERROR)}")
+        if self.max_prompt_chars < 1:
+            raise ValueError(f"task.max_prompt_chars must be positive, got {self.max_prompt_chars}")
 
     def field(self, canonical: str) -> str:
         """The name of a canonical field in the data."""
@@ -98,6 +113,8 @@ class Task:
     val_examples: list[Example]
     n_dropped: int
     """Examples dropped because they mention an excluded (edited or control) term."""
+    read_report: ReadReport | None = None
+    """What reading the source gave: records read, malformed ones skipped (``on_error: skip``) and why."""
 
     @property
     def has_accuracy(self) -> bool:
@@ -116,16 +133,29 @@ class Task:
         return classify.evaluate(model, tokenizer, examples, batch_size, self.config.chat_template, labels)
 
 
+_HINT = "task.on_error: skip (--data.task.on_error skip) skips malformed records and counts them"
+
+
+def read_examples(config: TaskConfig) -> tuple[list[Example], ReadReport]:
+    """The examples of a task's source, capped at ``config.limit``, and a report of what was read and skipped
+    (``read`` counts the examples before the cap; the summary is logged, as a warning when records were skipped)."""
+    t0 = time.perf_counter()
+    report = ReadReport(config.source, format=config.family, on_error=config.on_error, hint=_HINT)
+    examples = FAMILIES[config.family].load(config, report)
+    report.read, report.seconds = len(examples), time.perf_counter() - t0
+    (log.warning if report.skipped else log.info)(report.summary())
+    return (examples[: config.limit] if config.limit is not None else examples), report
+
+
 def load_examples(config: TaskConfig) -> list[Example]:
-    """The examples of a task's source, capped at ``config.limit``."""
-    examples = FAMILIES[config.family].load(config)
-    return examples[: config.limit] if config.limit is not None else examples
+    """The examples of a task's source, capped at ``config.limit`` (see :func:`read_examples`)."""
+    return read_examples(config)[0]
 
 
 def build_task(config: TaskConfig, tokenizer, exclude_terms: Iterable[str] = ()) -> Task:
     """Read, filter (drop examples mentioning ``exclude_terms``), split and tokenise a task."""
     t0 = time.perf_counter()
-    examples = load_examples(config)
+    examples, report = read_examples(config)
     kept, n_dropped = filter_mentions(examples, exclude_terms)
     train_ex, val_ex = split_validation(kept, config.val_fraction, config.seed)
     encode: Callable[[Sequence[Example]], list] = (
@@ -143,4 +173,4 @@ def build_task(config: TaskConfig, tokenizer, exclude_terms: Iterable[str] = ())
         "val %d items / %d tokens (%.1f s)", config.family, config.source, len(examples), n_dropped,
         len(train), train.num_tokens, len(val), val.num_tokens, time.perf_counter() - t0,
     )
-    return Task(config, train, val, Collator(pad_id(tokenizer)), train_ex, val_ex, n_dropped)
+    return Task(config, train, val, Collator(pad_id(tokenizer)), train_ex, val_ex, n_dropped, report)

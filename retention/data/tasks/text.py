@@ -5,14 +5,15 @@ document) or whole records (one document each)."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from retention.data.readers import read_text
 from retention.data.tasks.examples import TextExample
 from retention.data.tasks.prose import builtin_prose
-from retention.data.tasks.sources import is_hub_source, local_file, read_records, text_field
+from retention.data.tasks.sources import convert_records, is_hub_source, local_file, read_records, text_field
 
 if TYPE_CHECKING:
+    from retention.data.readers import ReadReport
     from retention.data.tasks.task import TaskConfig
 
 FIELDS = {"text": "text"}
@@ -28,21 +29,21 @@ def split_passages(text: str) -> list[TextExample]:
     return [TextExample(p.strip()) for p in parts if p.strip()]
 
 
-def load(config: TaskConfig) -> list[TextExample]:
-    """Passages of the configured source."""
+def load(config: TaskConfig, report: ReadReport) -> list[TextExample]:
+    """Passages of the configured source; malformed records go to ``report.reject``."""
     if config.source == "builtin":
         return split_passages(builtin_prose())
     if not is_hub_source(config.source) and local_file(config.source).suffix in TEXT_SUFFIXES:
-        return split_passages(_read_text(local_file(config.source)))
-    # Records (hub rows, JSON/JSONL objects) are whole documents; blank ones (WikiText's empty rows) are skipped.
+        return split_passages(read_text(local_file(config.source)))
+    # Records (hub rows, JSON/JSONL objects) are whole documents; blank ones (WikiText's empty rows) are left
+    # out (counted in report.dropped).
     name, where = config.field("text"), config.source
-    records = read_records(where, config.hf_config, config.hf_split, TEXT_SUFFIXES)
-    texts = (text_field(r, name, where, loc, allow_empty=True).strip() for loc, r in records)
-    return [TextExample(t, document=i) for i, t in enumerate(texts) if t]
 
+    def text(loc: str, r: Any) -> str:
+        return text_field(r, name, where, loc, allow_empty=True).strip()
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    records = read_records(where, config.hf_config, config.hf_split, TEXT_SUFFIXES, report)
+    texts = convert_records(records, text, report)
+    examples = [TextExample(t, document=i) for i, t in enumerate(texts) if t]
+    report.dropped += len(texts) - len(examples)
+    return examples
