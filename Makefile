@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/retention fit --config configs/demo.yaml
+	$(VENV)/bin/retention fit --config configs/demo.yaml --run.overwrite true
 
 test: setup
 	$(PY) -m pytest -q -ra

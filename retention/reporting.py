@@ -16,6 +16,9 @@ from typing import Any
 from retention.io import atomic_path
 from retention.metrics import ratio
 
+INCOMPLETE = "incomplete.json"
+"""Present in a run folder from the run's start until it has finished; readers refuse such folders."""
+
 GROUP_OF_KIND = {
     "rewrite": "edit",
     "paraphrase": "edit_paraphrase",

@@ -5,9 +5,12 @@ every batch the same whatever the sampler (1 rank and 2 DDP ranks train identica
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 from editing_models import edit_model
+from lightning.pytorch import Callback
 
 N_EDIT, N_CONTROL = 3, 6
 PROTOCOLS = ["top1", "prob", "gen"]
@@ -43,3 +46,22 @@ def fit_config(root: Path, name: str | None = None, protocols: list[str] = PROTO
     if name is not None:
         config["run"]["name"] = name
     return config
+
+
+def prepare_distinct(root: Path, n: int = 40) -> Path:
+    """``root/distinct.jsonl``: ``n`` different instruction examples, so the data order shows in the results."""
+    path = root / "distinct.jsonl"
+    rows = [{"instruction": f"Say item {i} twice.", "output": f"item {i} item {i}"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+class KillAt(Callback):
+    """Kills its own process (SIGKILL: no cleanup, as a preempted job) when training reaches ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -127,6 +127,8 @@ class ApplyEdits(Callback):
         self.edited_records: list[KnowledgeRecord] = []
         """The edit set as edited (with the phrasings the augmentation gave)."""
         self.edited_layers: list[int] = []
+        self.edited_parameters: list[str] = []
+        """Names (in the base model) of the weights the editor changed."""
         self.stats: dict[str, int] = {}
         self.timings: dict[str, float] = {}
         self.edit_diagnostics: list[dict] = []
@@ -207,6 +209,7 @@ class ApplyEdits(Callback):
                 for name, value in weights.items():
                     base.get_parameter(name).copy_(value)
             self.edited_layers, self.edit_diagnostics = payload["layers"], payload["diagnostics"]
+            self.edited_parameters = sorted(weights)
         else:
             results = run_edits(editor, pl_module.model, pl_module.tokenizer, requests, mode, self.batch_size)
             self.edited_layers = sorted({i for r in results for i in r.layers})
@@ -214,17 +217,55 @@ class ApplyEdits(Callback):
                 {"case_id": d.case_id, "seconds": d.seconds, "delta_norm": d.delta_norm, **d.values}
                 for r in results for d in r.diagnostics
             ]
+            self.edited_parameters = sorted({n for r in results for n in r.deltas})
             if self.cache:
                 # The edited weights themselves, not the deltas: W0 + (d1 + d2) is not (W0 + d1) + d2 in floats,
                 # and a reused edit must give the model the editor left, bit for bit.
-                names = sorted({n for r in results for n in r.deltas})
                 cache.put(key, {"layers": self.edited_layers, "diagnostics": self.edit_diagnostics},
-                          {n: base.get_parameter(n).detach() for n in names})
+                          {n: base.get_parameter(n).detach() for n in self.edited_parameters})
         self.timings["edit_s"] = time.perf_counter() - t0
         where = next(pl_module.model.parameters())
         how = "reused from the edit cache" if hit is not None else "edited"
         rank_zero_info(f"{self.editor} ({self.mode}): {len(requests)} edits in layers {self.edited_layers} {how} "
                        f"({self.timings['edit_s']:.1f} s on {where.device}, {where.dtype})")
+
+    def _edited_weights(self, pl_module: LightningModule) -> dict[str, torch.nn.Parameter]:
+        """The edited weights as parameters of the (possibly adapter-wrapped) model, by base-model name."""
+        base = unwrap_model(pl_module.model)
+        out = {}
+        for name in self.edited_parameters:
+            module_name, _, leaf = name.rpartition(".")
+            module = base.get_submodule(module_name)
+            out[name] = getattr(getattr(module, "base_layer", module), leaf)  # a peft layer wraps the original
+        return out
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        """The sets by case id, and the edited weights that are not trained (a light checkpoint leaves them
+        out), so a resume gets the edited model back bit for bit whatever the editor does on the second run."""
+        if not self.active:
+            return
+        checkpoint["retention_edits"] = {
+            "edit": [str(r.case_id) for r in self.sets.edit], "control": [str(r.case_id) for r in self.sets.control],
+            "frozen_edited_weights": {n: p.detach().cpu() for n, p in self._edited_weights(pl_module).items()
+                                      if not p.requires_grad},
+        }
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        state = checkpoint.get("retention_edits")
+        if not self.active or state is None:
+            return
+        for name in ("edit", "control"):
+            ours = [str(r.case_id) for r in getattr(self.sets, name)]
+            if ours != state[name]:
+                raise ValueError(
+                    f"the checkpoint's {name} set ({len(state[name])} facts) is not this run's ({len(ours)} facts, "
+                    f"first difference at {next((i for i, (a, b) in enumerate(zip(ours, state[name])) if a != b), 0)}): "
+                    "the knowledge file, the model or the selection settings changed since it was written"
+                )
+        weights = self._edited_weights(pl_module)
+        with torch.no_grad():
+            for name, value in state["frozen_edited_weights"].items():
+                weights[name].copy_(value)
 
     @property
     def active(self) -> bool:

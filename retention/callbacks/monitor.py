@@ -54,9 +54,10 @@ class RetentionMonitor(Callback):
         self.probes = sets.probes()
         if not self.probes:
             return
-        # On a resumed run the checkpoint's curves replace this list afterwards; t=0 is still the baseline.
+        # On a resumed run (the trainer knows its checkpoint already) the checkpoint's curves replace this list
+        # afterwards and the loggers have t=0; it is measured again as the baseline of the later measurements.
         m, self.baseline = measure(pl_module.model, pl_module.tokenizer, self.probes, self.settings, 0)
-        self._record(trainer, m)
+        self._record(trainer, m, log=trainer.ckpt_path is None)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -77,8 +78,10 @@ class RetentionMonitor(Callback):
                        self.baseline)
         self._record(trainer, m)
 
-    def _record(self, trainer: Trainer, m: Measurement) -> None:
+    def _record(self, trainer: Trainer, m: Measurement, log: bool = True) -> None:
         self.measurements.append(m)
+        if not log:
+            return
         metrics = {
             f"{name}/{group}_{protocol}": r["value"]
             for name in ("retention", "accuracy")

@@ -9,15 +9,21 @@ With a model, a task and no edits it fine-tunes and reports; the retention pipel
 
 Every run writes into ``<run.out_dir>/<run.name>/``: the resolved ``config.yaml``, the CSV logger's
 ``metrics.csv`` and ``hparams.yaml``, W&B files (offline unless credentials exist) and, with
-``run.save_model``, the merged fine-tuned model under ``model/``.
+``run.save_model``, the merged fine-tuned model under ``model/``. A run never mixes with another: an existing
+folder is refused unless ``run.overwrite`` (which empties it first) or ``--ckpt_path`` (which resumes it), and
+``incomplete.json`` marks the folder until the run has finished. ``checkpoints/last.ckpt`` is rewritten every
+``run.checkpoint_every`` steps; ``--ckpt_path last`` resumes an interrupted run to the same results as an
+uninterrupted one (weights, data position, token counts, curves, ``metrics.csv`` rows).
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
 import re
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,13 +34,18 @@ import torch
 import yaml
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from retention.callbacks import PIPELINE
+from retention.callbacks.checkpoint import LAST, LastCheckpoint
 from retention.data.datamodule import TaskDataModule
+from retention.io import atomic_write_json
 from retention.modules.finetune import FineTuneModule
+from retention.reporting import INCOMPLETE
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "accelerator": "auto",
@@ -45,7 +56,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     # run.validate_first measures the model before training, so no sanity check is needed.
     "num_sanity_val_steps": 0,
     "log_every_n_steps": 1,
-    # A full checkpoint of even the default model with AdamW states is ~1.6 GB; run.save_model exports the model.
+    # No Lightning default checkpoint: `retention fit` adds its LastCheckpoint (run.checkpoint_every).
     "enable_checkpointing": False,
 }
 
@@ -69,6 +80,60 @@ class RunArgs:
     """W&B run group (``retention study`` sets it to the study's name)."""
     tags: list[str] | None = None
     """W&B run tags (``retention study`` sets the arm, the grid cell and the seed)."""
+    overwrite: bool = False
+    """Replace an existing run folder of this name (its files are deleted first). Without it an existing folder
+    is refused, unless the run resumes from its checkpoint (``--ckpt_path last``)."""
+    checkpoint_every: int = 50
+    """Rewrite ``<run folder>/checkpoints/last.ckpt`` every this many optimizer steps, for ``--ckpt_path last``
+    after an interruption (trainable weights, optimizer, data position, curves and the edit); 0 for none."""
+    keep_checkpoint: bool = False
+    """Keep ``last.ckpt`` after the run has finished (by default it is deleted: it exists to resume, and holds
+    ~1.6 GB for a full fine-tune of the default model)."""
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 0:
+            raise ValueError(f"run.checkpoint_every={self.checkpoint_every}: must be >= 0")
+
+
+def prepare_run_folder(run_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Make ``run_dir`` this run's own: refuse an existing one unless ``overwrite`` (emptied) or ``resume``; mark
+    it incomplete until the run finishes."""
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not resume:
+        if not overwrite:
+            raise FileExistsError(
+                f"run folder {run_dir} exists: choose another run.name, replace it with run.overwrite true, or "
+                "resume it with --ckpt_path last"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / INCOMPLETE, {
+        "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "note": "this run has not finished; its files may be partial (resume it with --ckpt_path last)",
+    })
+
+
+def resume_point(run_dir: Path, ckpt_path: str) -> tuple[Path, int]:
+    """The checkpoint ``--ckpt_path`` names (``last``: this run's ``checkpoints/last.ckpt``) and its step."""
+    path = run_dir / "checkpoints" / LAST if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no checkpoint at {path}")
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    return path, int(checkpoint["global_step"])
+
+
+def rewind_run_folder(run_dir: Path, step: int) -> list[dict]:
+    """Forget what an interrupted run wrote after its checkpoint's ``step``: per-probe files of later
+    measurements are deleted; returns the ``metrics.csv`` rows up to ``step`` (the CSV logger starts the file
+    afresh; they are logged again ahead of the resumed run's rows)."""
+    for path in (run_dir / "probes").glob("step_*.jsonl"):
+        if int(path.stem.removeprefix("step_")) > step:
+            path.unlink()
+    metrics = run_dir / "metrics.csv"
+    if not metrics.is_file():
+        return []
+    with open(metrics, newline="", encoding="utf-8") as f:
+        rows = [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+    return [row for row in rows if int(row.get("step", 0)) <= step]
 
 
 def default_run_name(data: TaskDataModule, model: FineTuneModule) -> str:
@@ -109,6 +174,8 @@ class FitCLI(LightningCLI):
         # LightningCLI warns when args are given and sys.argv also holds arguments (`retention fit ...`, or a
         # study resolving its runs): the args are what counts.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
+        # The run folder is managed here (refused, emptied or resumed); the CSV logger's notice about it is noise.
+        warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
         self.fit_seconds = 0.0
         self.parse_only = parse_only
         super().__init__(
@@ -158,6 +225,10 @@ class FitCLI(LightningCLI):
     def run_dir(self) -> Path:
         return Path(self.trainer.default_root_dir)
 
+    @property
+    def ckpt_path(self) -> str | None:
+        return self.config_init[self.subcommand].get("ckpt_path")
+
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         run = self.run_args
@@ -166,21 +237,45 @@ class FitCLI(LightningCLI):
             raise ValueError(f"run.name {name!r} must be a plain folder name inside run.out_dir (no '/', no '..'); "
                              "set run.out_dir for another place")
         run_dir = Path(run.out_dir) / name
-        user_loggers = self.config_init[self.subcommand].trainer.get("logger")
+        kept_rows: list[dict] = []
+        if self.ckpt_path is not None:
+            path, step = resume_point(run_dir, self.ckpt_path)
+            self.config_init[self.subcommand].ckpt_path = str(path)
+            if rank_zero_only.rank == 0:
+                kept_rows = rewind_run_folder(run_dir, step)
+        if rank_zero_only.rank == 0:
+            prepare_run_folder(run_dir, run.overwrite, resume=self.ckpt_path is not None)
+        trainer_config = self.config_init[self.subcommand].trainer
+        user_loggers = trainer_config.get("logger")
         loggers = run_loggers(run_dir, name, run.wandb, run.group, run.tags)
+        for row in kept_rows:
+            loggers[0].log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
         if isinstance(user_loggers, Logger):
             loggers.append(user_loggers)
         elif isinstance(user_loggers, list):
             loggers += user_loggers
-        return super().instantiate_trainer(logger=loggers, default_root_dir=str(run_dir), **kwargs)
+        callbacks = list(trainer_config.get("callbacks") or [])
+        if run.checkpoint_every and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            callbacks.append(LastCheckpoint(run_dir / "checkpoints", run.checkpoint_every))
+            kwargs["enable_checkpointing"] = True
+        return super().instantiate_trainer(logger=loggers, default_root_dir=str(run_dir), callbacks=callbacks,
+                                           **kwargs)
 
     def before_fit(self) -> None:
-        if self.run_args.validate_first:
+        # A resumed run has its validation history from the checkpoint; validating now would measure the model
+        # before its trained weights are restored.
+        if self.run_args.validate_first and self.ckpt_path is None:
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        if self.ckpt_path is not None:
+            # Set on the trainer rather than passed to fit, so the callbacks know from the start that this run
+            # resumes (the monitor does not log t=0 twice); unset after fit, or validate() would load it again.
+            self.trainer.ckpt_path = self.ckpt_path
+            self.config_init[self.subcommand].ckpt_path = None
         self.fit_seconds = -time.perf_counter()
 
     def after_fit(self) -> None:
         self.fit_seconds += time.perf_counter()
+        self.trainer.ckpt_path = None
         module, trainer = self.model, self.trainer
         last = module.validations[-1]["step"] if module.validations else None
         if last != trainer.global_step:
@@ -189,6 +284,10 @@ class FitCLI(LightningCLI):
             module.export(self.run_dir / "model")
         if trainer.is_global_zero:
             print(self.report())
+            checkpoint = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+            if checkpoint is not None and not self.run_args.keep_checkpoint:
+                shutil.rmtree(checkpoint.dirpath, ignore_errors=True)
+            (self.run_dir / INCOMPLETE).unlink(missing_ok=True)  # last: the folder is now a finished run
 
     def report(self) -> str:
         """The run in a few lines: what was trained, how fast, and validation before/after."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -17,11 +17,77 @@ from retention.models import DEFAULT_MODEL, load_tokenizer
 log = logging.getLogger(__name__)
 
 
-def train_sampler(dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> Sampler:
-    """Shuffled, seeded; sharded across ranks (padding by repetition is harmless for training)."""
+class SeededShuffle(Sampler[int]):
+    """A new permutation each epoch, a function of ``(seed, epoch)`` only: epoch e is the (e+1)-th ``randperm``
+    of a generator seeded with ``seed`` (the order a seeded ``RandomSampler`` gives), so a resumed run can
+    rebuild the order of the epoch it stopped in."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.epoch):
+            torch.randperm(self.n, generator=generator)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
+class ResumableSampler(Sampler[int]):
+    """Wraps an epoch-seeded sampler; after :meth:`skip` the next pass leaves out the first indices (the batches
+    a resumed run already trained on in that epoch)."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def skip(self, n: int) -> None:
+        self._skip = n
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self._skip = self._skip, 0
+        for i, index in enumerate(self.sampler):
+            if i >= skip:
+                yield index
+
+
+class ResumableLoader(DataLoader):
+    """A training loader Lightning checkpoints (``state_dict``/``load_state_dict``): its state is the epoch and
+    the number of batches the training loop has taken in it (``position``), so a run resumed mid-epoch trains
+    on the batches it would have seen, not on the epoch's first ones again."""
+
+    def __init__(self, *args, position: Callable[[], tuple[int, int]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.position = position
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self.position()
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if state_dict["batches"] < len(self):  # a checkpoint at an epoch's end resumes at the next one's start
+            self.sampler.skip(state_dict["batches"] * self.batch_size)
+
+
+def train_sampler(dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> ResumableSampler:
+    """Shuffled, seeded, a function of the epoch; sharded across ranks (padding by repetition is harmless for
+    training); resumable mid-epoch."""
     if num_replicas > 1:
-        return DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-    return torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+        return ResumableSampler(DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True,
+                                                   seed=seed))
+    return ResumableSampler(SeededShuffle(len(dataset), seed))
 
 
 def val_sampler(dataset: Dataset, num_replicas: int = 1, rank: int = 0) -> Sampler:
@@ -103,16 +169,22 @@ class TaskDataModule(LightningDataModule):
             raise RuntimeError("TaskDataModule.setup() has not run")
         return self.task
 
-    def _loader(self, dataset: Dataset, sampler: Sampler, batch_size: int) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: Dataset, sampler: Sampler, batch_size: int, cls: type = DataLoader,
+                **kwargs) -> DataLoader:
+        return cls(
             dataset, batch_size=batch_size, sampler=sampler, collate_fn=self._built().collate,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0, **kwargs,
         )
+
+    def _train_position(self) -> tuple[int, int]:
+        """(epoch, batches the training loop has taken in it): the loop's count, not the loader's, which runs
+        ahead by the batch Lightning prefetches."""
+        return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
     def train_dataloader(self) -> DataLoader:
         task = self._built()
         return self._loader(task.train, train_sampler(task.train, self.task_config.seed, *self._replicas()),
-                            self.batch_size)
+                            self.batch_size, ResumableLoader, position=self._train_position)
 
     def val_dataloader(self) -> DataLoader:
         task = self._built()

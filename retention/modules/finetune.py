@@ -15,6 +15,7 @@ import copy
 import logging
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -297,6 +298,39 @@ class FineTuneModule(LightningModule):
             return {}
         result = task.evaluate(self.model, self.tokenizer, n=self.task_eval_limit)
         return {f"val/{name}": float(value) for name, value in result.items()}
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+
+    def _frozen_parameter_names(self) -> set[str]:
+        return {f"model.{n}" for n, p in self.model.named_parameters() if not p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """A light checkpoint: trainable weights only (frozen base weights, edited or not, are rebuilt on resume:
+        loaded again and edited again by ApplyEdits, which restores the edited ones from its own state), plus what
+        the report needs to go on as if never stopped: trained tokens, the validation history, the RNG states."""
+        frozen = self._frozen_parameter_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint["retention"] = {
+            "train_tokens": self.train_tokens, "validations": self.validations,
+            "rng": {"torch": torch.get_rng_state(), "random": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = set(self.state_dict()) - set(checkpoint["state_dict"]) - self._frozen_parameter_names()
+        if missing:
+            raise ValueError(
+                f"the checkpoint lacks {len(missing)} trainable weights of this run (e.g. {sorted(missing)[:3]}): "
+                "was it written by a run with other adapter or freeze settings?"
+            )
+        self.strict_loading = False  # the frozen weights are not in a light checkpoint (checked above)
+        state = checkpoint.get("retention")
+        if state is not None:
+            self.train_tokens, self.validations = state["train_tokens"], state["validations"]
+            torch.set_rng_state(state["rng"]["torch"])
+            random.setstate(state["rng"]["random"])
+            if state["rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     # -- optimisation ----------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retention.io import atomic_write_text
-from retention.reporting import GROUP_LABELS, GROUPS, save_figure
+from retention.reporting import GROUP_LABELS, GROUPS, INCOMPLETE, save_figure
 from retention.study.runner import DONE
 from retention.study.spec import cell_label
 from retention.study.stats import Interval, newcombe, paired_interval, t_interval, wilson
@@ -74,6 +74,9 @@ def _counts(summary: dict) -> Counts:
 
 def _read_summary(folder: Path) -> dict:
     path = folder / "summary.json"
+    if (folder / INCOMPLETE).exists():
+        raise ReportError(f"{folder}: the run has not finished ({INCOMPLETE} is there); resume it with "
+                          "`retention fit --config <its config> --ckpt_path last` or run it again")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -97,7 +100,7 @@ def load_results(folders: Sequence[str | Path]) -> tuple[list[RunResult], dict[s
                     continue
                 results.append(RunResult(Condition(name, cell_label(list(run["cell"].items())), run["arm"]), run["seed"], run["fact"],
                                          _read_summary(run_dir), run_dir))
-        elif (folder / "summary.json").is_file():
+        elif (folder / "summary.json").is_file() or (folder / INCOMPLETE).is_file():
             summary = _read_summary(folder)
             results.append(RunResult(Condition(folder.name, "all", folder.name), int(summary["run"].get("seed", 0)),
                                      None, summary, folder))

@@ -1,18 +1,20 @@
-"""Running a study: resolve every run's config, skip finished runs, restart interrupted ones, run the rest.
+"""Running a study: resolve every run's config, skip finished runs, resume interrupted ones, run the rest.
 
 The study folder ``<out_dir>/<name>/`` holds ``study.json`` (the spec, every run's overrides, config digest and
 state; rewritten atomically after every change), ``configs/`` (the override file of each run), ``logs/`` (each
 subprocess's output under ``--jobs``), ``runs/<run>/`` (what ``retention fit`` writes) and ``report/``.
 
 A run is finished when its folder holds ``study_run.json``, written atomically after ``retention fit`` returned
-with a ``summary.json``; it records the digest of the run's resolved config. Anything else in ``runs/`` (a run
-killed half-way) is deleted and run again from nothing. A finished run whose config has since changed (the study
+with a ``summary.json``; it records the digest of the run's resolved config. A run killed half-way resumes from
+its ``checkpoints/last.ckpt`` (``--ckpt_path last``, to the same results as an uninterrupted run); one killed
+before its first checkpoint is deleted and run again from nothing. A finished run whose config has since changed (the study
 file or a file it includes was edited) is reported and the study stops, unless ``redo_changed`` discards it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -26,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from retention.callbacks.checkpoint import LAST
 from retention.diskcache import digest
 from retention.io import atomic_write_json, atomic_write_text
 from retention.study.spec import StudyError, StudyRun, StudySpec
@@ -172,9 +175,13 @@ class Study:
             if done is not None:
                 states[p.run.name] = {"state": "done", "seconds": done.get("seconds")}
                 continue
-            if (self.runs_dir / p.run.name).exists():
-                log.info("run %s was interrupted: its folder is deleted and the run starts again", p.run.name)
-                shutil.rmtree(self.runs_dir / p.run.name)
+            folder = self.runs_dir / p.run.name
+            if (folder / "checkpoints" / LAST).is_file():
+                log.info("run %s was interrupted: it resumes from its checkpoint", p.run.name)
+                p = dataclasses.replace(p, argv=[*p.argv, "--ckpt_path", "last"])
+            elif folder.exists():
+                log.info("run %s was interrupted before its first checkpoint: it starts again", p.run.name)
+                shutil.rmtree(folder)
             todo.append(p)
         log.info("study %s: %d runs, %d finished before, %d to run (%s)", self.spec.name, len(planned),
                  len(planned) - len(todo), len(todo), f"{jobs} at a time" if jobs > 1 else "in this process")
