@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "editors"
 """Per-model hyperparameter presets: ``configs/editors/<editor>/<preset>.yaml``."""
 MODES = ("batch", "sequential", "single")
+LARGE_UPDATE_ACTIONS = ("error", "warn")
 
 
 class EditError(RuntimeError):
@@ -76,11 +77,17 @@ class EditRequest:
         return f"edit request {self.case_id} ({self.rewrite_prompt!r} -> {self.target_new!r})"
 
 
+def describe_requests(requests: EditRequest | Sequence[EditRequest], limit: int = 3) -> str:
+    """The first ``limit`` requests described, and how many more there are."""
+    reqs = [requests] if isinstance(requests, EditRequest) else list(requests)
+    text = "; ".join(r.describe() for r in reqs[:limit])
+    return text + (f" and {len(reqs) - limit} more" if len(reqs) > limit else "")
+
+
 def check_finite(tensor: torch.Tensor, request: EditRequest | Sequence[EditRequest], what: str) -> torch.Tensor:
     """``tensor`` itself, or an :class:`EditError` naming the request(s) when it has NaN/inf entries."""
     if not torch.isfinite(tensor).all():
-        reqs = [request] if isinstance(request, EditRequest) else list(request)
-        raise EditError(f"{'; '.join(r.describe() for r in reqs)}: non-finite {what}; the edit is not applied "
+        raise EditError(f"{describe_requests(request)}: non-finite {what}; the edit is not applied "
                         "(try a smaller learning rate, a smaller clamp or mom2_adjustment: false)")
     return tensor
 
@@ -97,6 +104,9 @@ class RequestDiagnostics:
     """Frobenius norm of the weight update this request made."""
     values: dict[str, float] = field(default_factory=dict)
     """Editor-specific numbers (e.g. ``target_prob``, ``delta_v_norm``, ``steps``)."""
+    relative_update: float = math.nan
+    """The largest ``‖ΔW‖/‖W‖`` over the weights the editor call that made this request changed (set by
+    :func:`run_edits`)."""
 
 
 @dataclass
@@ -130,6 +140,16 @@ class EditResult:
                                 f"the parameter {tuple(p.shape)}")
             params[name] = p
         return params
+
+    @torch.no_grad()
+    def relative_norms(self, model: nn.Module) -> dict[str, float]:
+        """``‖ΔW‖/‖W‖`` (Frobenius) of each delta against the model's weight as it is now."""
+        out = {}
+        for name, p in self._params(model).items():
+            delta = torch.linalg.vector_norm(self.deltas[name], dtype=torch.float64).item()
+            weight = torch.linalg.vector_norm(p.detach(), dtype=torch.float64).item()
+            out[name] = delta / weight if weight > 0 else math.inf if delta > 0 else 0.0
+        return out
 
     @torch.no_grad()
     def apply(self, model: nn.Module) -> None:
@@ -232,13 +252,26 @@ def _coerce(name: str, hint: Any, value: Any, source: str) -> Any:
 
 @dataclass
 class EditorHParams:
-    """Base of the editors' hyperparameter dataclasses (fields documented in each subclass)."""
+    """Base of the editors' hyperparameter dataclasses: the update guard every editor shares (the other fields
+    are documented in each subclass)."""
+
+    max_relative_update: float = 10.0
+    """Largest ``‖ΔW‖/‖W‖`` (Frobenius) one editor call may give a weight, checked by :func:`run_edits` before the
+    update is applied. Normal edits stay far below 1 (SmolLM2-135M presets: ROME about 0.25 per edit, AlphaEdit
+    below 0.2 for 20 edits), so a larger update is a diverged optimisation, not an edit."""
+    on_large_update: str = "error"
+    """A larger update: ``error`` (an :class:`EditError` naming the weight and the requests, nothing applied) or
+    ``warn`` (logged, then applied)."""
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
         """Raise ValueError naming the field of a value out of range."""
+        if not self.max_relative_update > 0:
+            raise ValueError(f"max_relative_update={self.max_relative_update}: must be > 0")
+        if self.on_large_update not in LARGE_UPDATE_ACTIONS:
+            raise ValueError(f"on_large_update={self.on_large_update!r}: choose from {', '.join(LARGE_UPDATE_ACTIONS)}")
 
     @classmethod
     def from_dict(cls: type[H], data: dict[str, Any], source: str = "hyperparameters") -> H:
@@ -310,6 +343,28 @@ class Editor(ABC):
         """The deltas that write all ``requests`` into ``model`` (together, as one update)."""
 
 
+def check_update(result: EditResult, model: nn.Module, requests: Sequence[EditRequest],
+                 hparams: EditorHParams) -> dict[str, float]:
+    """The relative norms ``‖ΔW‖/‖W‖`` of ``result``'s deltas (see :meth:`EditResult.relative_norms`); an
+    :class:`EditError` naming the requests when a delta is non-finite, or when one is above
+    ``hparams.max_relative_update`` and ``hparams.on_large_update`` is ``error`` (``warn`` logs it)."""
+    for name, delta in result.deltas.items():
+        check_finite(delta, requests, f"{result.editor} update of {name}")
+    relative = result.relative_norms(model)
+    large = {n: r for n, r in relative.items() if r > hparams.max_relative_update}
+    if large:
+        name, value = max(large.items(), key=lambda item: item[1])
+        message = (f"{describe_requests(requests)}: the {result.editor} update of {name} has ‖ΔW‖/‖W‖ = {value:.3g}, "
+                   f"above max_relative_update={hparams.max_relative_update:g} ({len(large)} weight(s) above; "
+                   "normal edits stay far below 1)")
+        advice = ("lower the editor's learning rate (v_lr, lr) or clamp_norm_factor, or raise max_relative_update "
+                  "(on_large_update: warn applies it anyway)")
+        if hparams.on_large_update == "error":
+            raise EditError(f"{message}; the edit is not applied: {advice}")
+        log.warning("%s; applied anyway (on_large_update: warn)", message)
+    return relative
+
+
 def run_edits(
     editor: Editor, model: nn.Module, tokenizer, requests: Sequence[EditRequest], mode: str = "sequential",
     batch_size: int = 1,
@@ -321,6 +376,8 @@ def run_edits(
       left edited; one result per call.
     - ``single``: each request alone on the unedited model; the model is left unedited; one result per request
       (apply one at a time).
+
+    Every result passes :func:`check_update` before it is applied; its relative norm goes into the diagnostics.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose from {', '.join(MODES)}")
@@ -337,10 +394,13 @@ def run_edits(
     results = []
     for i, group in enumerate(groups, 1):
         result = editor.edit(model, tokenizer, group)
+        relative = max(check_update(result, model, group, editor.hparams).values(), default=0.0)
+        for diag in result.diagnostics:
+            diag.relative_update = relative
         if mode != "single":
             result.apply(model)
         results.append(result)
-        log.info("%s %s: %d/%d (%d request(s)) in %.1f s", editor.name, mode, i, len(groups), len(group),
-                 result.seconds)
+        log.info("%s %s: %d/%d (%d request(s)) in %.1f s, |dW|/|W| %.3g", editor.name, mode, i, len(groups),
+                 len(group), result.seconds, relative)
     log.info("%s: %d request(s) edited (%s) in %.1f s", editor.name, len(requests), mode, time.perf_counter() - t0)
     return results

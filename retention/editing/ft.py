@@ -56,6 +56,7 @@ class FtHParams(EditorHParams):
     early_stop_loss: float = 1e-2
 
     def validate(self) -> None:
+        super().validate()
         if self.variant not in VARIANTS:
             raise ValueError(f"variant={self.variant!r}: choose from {', '.join(VARIANTS)}")
         if not self.layers:

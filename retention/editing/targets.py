@@ -33,7 +33,7 @@ from torch import nn
 
 from retention.arch import ArchAdapter, unwrap_model
 from retention.diskcache import DiskCache
-from retention.editing.base import EditorHParams, EditRequest
+from retention.editing.base import EditError, EditorHParams, EditRequest
 from retention.editing.trace import (
     add_at,
     capture,
@@ -155,6 +155,17 @@ def trainable_only(model: nn.Module, params: Sequence[nn.Parameter] = ()) -> Ite
             p.requires_grad_(flag)
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Inside, ``model`` is in eval mode; its training flag is restored after, also on an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def optimise_targets(
     model: nn.Module,
     tokenizer,
@@ -163,7 +174,8 @@ def optimise_targets(
     config: TargetConfig,
     naive: bool = False,
 ) -> list[TargetVector]:
-    """Optimise one δ per request, all together (see the module docstring).
+    """Optimise one δ per request, all together (see the module docstring); a non-finite loss is an
+    :class:`EditError` naming the request and the step.
 
     ``naive=True`` runs the same loop the slow way — every step a full forward and backward through all layers
     with weight gradients — as the reference for tests and benchmarks.
@@ -177,11 +189,9 @@ def optimise_targets(
     device = adapter.embed.weight.device
     rows = _rows(tokenizer, requests, context_templates, config)
     all_ids, all_mask = (t.to(device) for t in right_pad([r.ids for r in rows], tokenizer.pad_token_id))
-    was_training = base.training
-    base.eval()
     t0 = time.perf_counter()
     params = list(base.parameters()) if naive else []
-    with trainable_only(base, params):
+    with evaluating(base), trainable_only(base, params):
         cached = None if naive else layer_input(base, layer, all_ids, all_mask)
         deltas = [torch.zeros(adapter.hidden_size, device=device, requires_grad=True) for _ in requests]
         opt = torch.optim.Adam(deltas, lr=config.lr)
@@ -212,6 +222,14 @@ def optimise_targets(
                 res = results[f]
                 res.nll, res.kl, res.target_prob = nll[f], kl[f], prob[f]
                 res.losses.append(nll[f] + config.kl_factor * kl[f] + decays[f].item())
+                if not math.isfinite(res.losses[-1]):
+                    raise EditError(
+                        f"{requests[f].describe()}: non-finite v*/z loss {res.losses[-1]} at step {step + 1} of "
+                        f"{config.steps} (NLL {nll[f]}, KL {kl[f]}, ‖δ‖ {deltas[f].norm().item():.3g}, "
+                        f"‖v₀‖ {res.init.norm().item():.3g}); the edit is not applied: lower v_lr (now {config.lr}) "
+                        f"or clamp_norm_factor (now {config.clamp_norm_factor}), or load the model in float32 or "
+                        f"bfloat16 (it is {adapter.embed.weight.dtype}) and check that its weights are finite"
+                    )
                 if res.losses[-1] >= config.early_stop_loss and not last:
                     stepping.append(f)
             if stepping:
@@ -232,7 +250,6 @@ def optimise_targets(
             active = stepping
             if not active:
                 break
-    base.train(was_training)
     for f, res in enumerate(results):
         res.delta = deltas[f].detach().float().clone()
     log.debug("optimised %d target vector(s) at layer %d in %.2f s", len(requests), layer, time.perf_counter() - t0)

@@ -1,0 +1,130 @@
+"""Guards against results that go wrong without a word: non-finite or absurd edits."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from editing_models import FACT, OTHER, edit_model
+
+from retention.arch import ArchAdapter
+from retention.editing.base import (
+    EditError,
+    Editor,
+    EditorHParams,
+    EditResult,
+    RequestDiagnostics,
+    run_edits,
+)
+from retention.editing.ft import FtHParams
+from retention.editing.rome import RomeEditor, RomeHParams
+from retention.editing.targets import TargetConfig, optimise_targets
+
+# -- non-finite v*/z losses and updates ---------------------------------------------------------------------------
+
+
+def test_a_non_finite_target_loss_names_the_request_and_the_step(tiny_llama):
+    tokenizer = tiny_llama[1]
+    model = edit_model("llama", len(tokenizer)).train()
+    with torch.no_grad():
+        model.model.norm.weight.fill_(math.nan)  # above the edited layer: v₀ is finite, the loss is not
+    cfg = TargetConfig(layer=0, steps=5, weight_decay=0.0, clamp_norm_factor=1e4)
+    # It used to count as converged (NaN < early_stop_loss is false), giving δ = 0 without a word.
+    with pytest.raises(EditError, match=r"edit request 2 .*'The instrument played by Toko Yasuda' -> 'piano'.*"
+                                        r"non-finite v\*/z loss nan at step 1 of 5.*lower v_lr"):
+        optimise_targets(model, tokenizer, [OTHER], ["{}"], cfg)
+    assert model.training and all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+@pytest.fixture
+def cache(tmp_path, tiny_llama, monkeypatch):
+    monkeypatch.setenv("RETENTION_CACHE", str(tmp_path / "cache"))
+
+
+def _rome(**kw) -> RomeEditor:
+    return RomeEditor(RomeHParams(**{"layer": 0, "context_templates": [[3, 1]], "v_steps": 5, "v_weight_decay": 0.0,
+                                     "clamp_norm_factor": 1e4, "mom2_adjustment": False, **kw}))
+
+
+def test_rome_refuses_a_nan_loss_instead_of_a_silent_zero_edit(tiny_llama, cache):
+    tokenizer = tiny_llama[1]
+    model = edit_model("llama", len(tokenizer))
+    editor = _rome()
+    editor.prepare(model, tokenizer)  # context templates sampled from the model while it is still finite
+    with torch.no_grad():
+        model.model.norm.weight.fill_(math.nan)
+    weight = ArchAdapter.for_model(model).mlp_out_weight(0)
+    before = weight.detach().clone()
+    with pytest.raises(EditError, match="edit request 1 .*non-finite v\\*/z loss"):
+        run_edits(editor, model, tokenizer, [FACT], "batch")
+    assert torch.equal(weight, before)
+
+
+class _Fixed(Editor):
+    """An editor whose update is ``factor`` × the layer-0 MLP output weight (``nan`` for a NaN update)."""
+
+    name = "fixed"
+    hparams_class = EditorHParams
+
+    def __init__(self, factor: float, **hparams):
+        super().__init__(EditorHParams(**hparams))
+        self.factor = factor
+
+    def edit(self, model, tokenizer, requests):
+        adapter = ArchAdapter.for_model(model)
+        delta = adapter.mlp_out_weight(0).detach().float() * self.factor
+        return EditResult(self.name, {f"{adapter.mlp_out_name(0)}.weight": delta}, [0], [r.case_id for r in requests],
+                          [RequestDiagnostics(r.case_id) for r in requests])
+
+
+@pytest.fixture
+def model_and_weight(tiny_llama):
+    model = edit_model("llama", len(tiny_llama[1]))
+    weight = ArchAdapter.for_model(model).mlp_out_weight(0)
+    return model, weight, weight.detach().clone()
+
+
+def test_any_editors_non_finite_update_is_refused_before_it_is_applied(tiny_llama, model_and_weight):
+    model, weight, before = model_and_weight
+    with pytest.raises(EditError, match=r"edit request 1 .*non-finite fixed update of model\.layers\.0\.mlp"):
+        run_edits(_Fixed(math.nan), model, tiny_llama[1], [FACT], "sequential")
+    assert torch.equal(weight, before)
+
+
+def test_an_absurd_update_is_refused_naming_the_weight_and_the_request(tiny_llama, model_and_weight):
+    model, weight, before = model_and_weight
+    with pytest.raises(EditError, match=r"edit request 1 .*edit request 2 .*update of model\.layers\.0\.mlp\.down_proj"
+                                        r"\.weight has ‖ΔW‖/‖W‖ = 1e\+32, above max_relative_update=10.*not applied"):
+        run_edits(_Fixed(1e32), model, tiny_llama[1], [FACT, OTHER], "batch")
+    assert torch.equal(weight, before)
+
+
+def test_an_absurd_update_under_warn_is_logged_and_applied(tiny_llama, model_and_weight, caplog):
+    model, weight, before = model_and_weight
+    with caplog.at_level(logging.WARNING, logger="retention.editing.base"):
+        (result,) = run_edits(_Fixed(20.0, on_large_update="warn"), model, tiny_llama[1], [FACT], "batch")
+    assert "‖ΔW‖/‖W‖ = 20, above max_relative_update=10" in caplog.text and "applied anyway" in caplog.text
+    assert torch.allclose(weight, before * 21) and result.diagnostics[0].relative_update == pytest.approx(20)
+
+
+def test_the_relative_update_is_recorded_and_a_normal_rome_edit_is_far_below_the_limit(tiny_llama, cache):
+    tokenizer = tiny_llama[1]
+    model = edit_model("llama", len(tokenizer))
+    name = f"{ArchAdapter.for_model(model).mlp_out_name(0)}.weight"
+    norm = model.get_parameter(name).detach().norm().item()
+    (result,) = run_edits(_rome(), model, tokenizer, [FACT], "batch")
+    (diag,) = result.diagnostics
+    assert diag.relative_update == pytest.approx(result.deltas[name].norm().item() / norm, rel=1e-5)
+    assert 0 < diag.relative_update < 1
+
+
+@pytest.mark.parametrize("cls,kw,match", [
+    (RomeHParams, {"max_relative_update": 0}, "max_relative_update=0.0: must be > 0"),
+    (RomeHParams, {"on_large_update": "ignore"}, "on_large_update='ignore': choose from error, warn"),
+    (FtHParams, {"on_large_update": "ignore"}, "on_large_update='ignore'"),
+])
+def test_the_update_guard_settings_are_checked(cls, kw, match):
+    with pytest.raises(ValueError, match=match):
+        cls.from_dict(kw)
