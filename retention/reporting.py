@@ -37,6 +37,12 @@ GROUP_LABELS = {
     "edit_neighborhood": "E neighbourhood",
 }
 
+COLLAPSE_UNIFORM = 0.9
+"""A last validation loss at or above this fraction of ln(vocabulary size) — the loss of a uniform guess — is
+a collapse (when the first validation was below it)."""
+COLLAPSE_GROWTH = 2.0
+"""A last validation loss more than this many times the first is a collapse."""
+
 Rate = dict[str, Any]
 """``{"value": count / denominator (NaN when empty), "count": int, "denominator": int}``."""
 
@@ -77,7 +83,35 @@ def format_table(summary: Mapping[str, Any]) -> str:
     lines.append(f"{'protocol':<10}" + "".join(f"{GROUP_LABELS[g]:<{width}}" for g in groups0))
     for p in protocols:
         lines.append(f"{p:<10}" + "".join(f"{_fmt(summary['t0'][g].get(p)):<{width}}" for g in groups0))
+    downstream = summary.get("downstream", {})
+    if downstream.get("collapsed"):
+        lines += ["", collapse_warning(downstream["collapse_reason"])]
     return "\n".join(lines)
+
+
+def collapse(validations: Sequence[Mapping[str, float]], vocab_size: int) -> str | None:
+    """Why the validation losses (rows with ``step`` and ``val/loss``, first to last) say fine-tuning collapsed
+    the model, or None: the last loss is non-finite, or at least :data:`COLLAPSE_UNIFORM` · ln(vocab_size) while
+    the first was below that, or more than :data:`COLLAPSE_GROWTH` times the first."""
+    rows = [r for r in validations if "val/loss" in r]
+    if not rows:
+        return None
+    (first, s0), (last, s1) = ((r["val/loss"], r["step"]) for r in (rows[0], rows[-1]))
+    uniform = COLLAPSE_UNIFORM * math.log(vocab_size)
+    if not math.isfinite(last):
+        return f"validation loss is {last} at step {s1}"
+    if last >= uniform > first:
+        return (f"validation loss {last:.3f} at step {s1} is at least {COLLAPSE_UNIFORM}·ln({vocab_size}) = "
+                f"{uniform:.3f}, near a uniform guess (it was {first:.3f} at step {s0})")
+    if last > COLLAPSE_GROWTH * first:
+        return f"validation loss {last:.3f} at step {s1} is more than {COLLAPSE_GROWTH:g}× its {first:.3f} at step {s0}"
+    return None
+
+
+def collapse_warning(reason: str) -> str:
+    """The report line of a collapsed run."""
+    return (f"WARNING: fine-tuning collapsed the model ({reason}); its retention measures the collapse, not "
+            "forgetting: lower optimizer.lr or add warmup / gradient clipping")
 
 
 def summarize(

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from retention.arch import unwrap_model
-from retention.records import Probe
+from retention.records import KnowledgeRecord, Probe
 
 PROTOCOLS = ("top1", "prob", "token_acc", "gen")
 
@@ -65,6 +65,13 @@ def target_ids(tokenizer, target: str) -> list[int]:
     if not ids:
         raise ValueError(f"target {target!r} tokenises to nothing")
     return ids
+
+
+def top1_blind(tokenizer, records: Sequence[KnowledgeRecord]) -> list[str]:
+    """Case ids of the records whose ``target_new`` and ``target_true`` start with the same token: ``top1`` passes
+    or fails them alike edited or not (e.g. " Paris" and " Paris Hilton"), so only ``prob``/``gen`` can tell."""
+    return [str(r.case_id) for r in records
+            if r.target_true.strip() and target_ids(tokenizer, r.target_new)[0] == target_ids(tokenizer, r.target_true)[0]]
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:

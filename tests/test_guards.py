@@ -1,15 +1,21 @@
-"""Guards against results that go wrong without a word: non-finite or absurd edits."""
+"""Guards against results that go wrong without a word: non-finite or absurd edits, a collapsed fine-tune,
+facts top1 cannot judge."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
 import pytest
 import torch
+from conftest import DATA, needs_data
 from editing_models import FACT, OTHER, edit_model
 
 from retention.arch import ArchAdapter
+from retention.commands.edit import EditArgs
+from retention.commands.edit import run as run_edit_command
+from retention.data.readers import load_records
 from retention.editing.base import (
     EditError,
     Editor,
@@ -21,6 +27,9 @@ from retention.editing.base import (
 from retention.editing.ft import FtHParams
 from retention.editing.rome import RomeEditor, RomeHParams
 from retention.editing.targets import TargetConfig, optimise_targets
+from retention.records import KnowledgeRecord
+from retention.reporting import collapse, format_table
+from retention.scoring import top1_blind
 
 # -- non-finite v*/z losses and updates ---------------------------------------------------------------------------
 
@@ -128,3 +137,65 @@ def test_the_relative_update_is_recorded_and_a_normal_rome_edit_is_far_below_the
 def test_the_update_guard_settings_are_checked(cls, kw, match):
     with pytest.raises(ValueError, match=match):
         cls.from_dict(kw)
+
+
+# -- a collapsed fine-tune --------------------------------------------------------------------------------------
+
+
+def _rows(*losses):
+    return [{"step": 10 * i, "val/loss": loss} for i, loss in enumerate(losses)]
+
+
+@pytest.mark.parametrize("losses,expected", [
+    ((2.0, 1.5), None),
+    ((2.0, 3.9), None),
+    ((2.0, 4.1), "more than 2× its 2.000 at step 0"),
+    ((5.0, 9.8), "at least 0.9·ln(49152) = 9.722, near a uniform guess (it was 5.000 at step 0)"),
+    ((10.5, 10.6), None),  # a random model starts near uniform: nothing to collapse from
+    ((2.0, math.nan), "validation loss is nan at step 10"),
+    ((2.0,), None),
+    ((), None),
+])
+def test_collapse_thresholds(losses, expected):
+    reason = collapse(_rows(*losses), 49152)
+    assert reason is None if expected is None else expected in reason
+
+
+def test_collapse_ignores_rows_without_a_validation_loss():
+    assert collapse([{"step": 0, "val/accuracy": 0.5}, {"step": 3, "val/accuracy": 0.0}], 100) is None
+
+
+def test_the_table_has_no_warning_for_a_run_that_did_not_collapse():
+    summary = {"protocols": [], "retention": {}, "t0": {}, "final_step": 3, "run": {},
+               "downstream": {"collapsed": False}}
+    assert "WARNING" not in format_table(summary)
+
+
+# -- facts top1 cannot judge ------------------------------------------------------------------------------------
+
+
+def _record(case_id: str, new: str, true: str) -> KnowledgeRecord:
+    return KnowledgeRecord(case_id, "Danielle Darrieux", "The mother tongue of {} is", "P103", new, true)
+
+
+def test_top1_blind_finds_targets_sharing_their_first_token(tiny_llama):
+    tokenizer = tiny_llama[1]
+    records = [_record("1", "English", "French"), _record("2", "Paris Hilton", "Paris"),
+               _record("3", "New York City", "New Delhi")]
+    assert top1_blind(tokenizer, records) == ["2", "3"]
+
+
+@needs_data
+def test_a_quarter_of_the_shared_zsre_file_is_top1_blind(tiny_llama):
+    records = load_records(DATA / "zsre" / "zsre_mend_train-1k.json", on_error="skip")
+    assert (len(top1_blind(tiny_llama[1], records)), len(records)) == (249, 981)
+
+
+def test_retention_edit_counts_and_warns_about_top1_blind_facts(tmp_path, tiny_llama, cache, capsys):
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps([_record("2", "Paris Hilton", "Paris").to_dict()]), encoding="utf-8")
+    settings = {"layer": 0, "v_steps": 2, "mom2_adjustment": False, "context_templates": [[3, 1]]}
+    args = EditArgs(model="tiny-llama", editor="rome", hparams="smollm2-135m", data=str(path), n=1,
+                    select_known="none", out=str(tmp_path / "run"), save_model=False, set=settings)
+    assert run_edit_command(args)["top1_blind_edits"] == 1
+    assert "WARNING: 1 of 1 facts have target_new and target_true with the same first token" in capsys.readouterr().out

@@ -4,7 +4,8 @@ The folder (``out_dir``, default the trainer's ``default_root_dir``) gets, all w
 
 - ``probes/step_<N>.jsonl``: per-probe results of every measurement (t=0 is step 0), written as they come;
 - ``summary.json``: edited and intrinsic retention side by side under every protocol with denominators,
-  accuracy at t=0 (edit success), the curves, downstream metrics and timings;
+  accuracy at t=0 (edit success), the curves, downstream metrics (flagged ``collapsed`` when the validation loss
+  says fine-tuning destroyed the model) and timings;
 - ``retention_curves.png``: retention against fine-tuning steps, one panel per protocol;
 - ``config.yaml`` is LightningCLI's resolved configuration (its SaveConfigCallback writes it to the log dir).
 
@@ -19,11 +20,12 @@ from pathlib import Path
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from retention.arch import unwrap_model
 from retention.callbacks.apply_edits import ApplyEdits
 from retention.callbacks.monitor import RetentionMonitor
 from retention.callbacks.probing import Measurement
 from retention.io import atomic_write_json, atomic_write_jsonl
-from retention.reporting import format_table, plot_curves, probe_group, summarize
+from retention.reporting import collapse, format_table, plot_curves, probe_group, summarize
 
 
 def _find(trainer: Trainer, cls: type) -> Callback:
@@ -105,11 +107,17 @@ class RunReport(Callback):
 
     @staticmethod
     def _downstream(pl_module: LightningModule) -> dict:
-        """Validation metrics before and after fine-tuning (the FineTuneModule's ``validations``)."""
+        """Validation metrics before and after fine-tuning (the FineTuneModule's ``validations``), and whether
+        they say the model collapsed (:func:`retention.reporting.collapse`)."""
         validations = getattr(pl_module, "validations", [])
         out = {"train_tokens": getattr(pl_module, "train_tokens", 0)}
         if validations:
             out["first"], out["last"] = validations[0], validations[-1]
+            vocab_size = unwrap_model(pl_module.model).get_output_embeddings().weight.shape[0]
+            reason = collapse(validations, vocab_size)
+            out["collapsed"] = reason is not None
+            if reason is not None:
+                out["collapse_reason"] = reason
         return out
 
     def write(self, trainer: Trainer, pl_module: LightningModule) -> dict:

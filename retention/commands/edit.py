@@ -5,6 +5,9 @@ Edit success is scored on each fact's rewrite prompt, its held-out paraphrases a
 Writes ``scores.json`` (the table and every probe's result), the ``EditResult`` (``edit/``; ``edits/<case_id>/``
 in ``single`` mode) and the edited model as safetensors (``model/``; not in ``single`` mode, where every edit
 is applied alone to the unedited model).
+
+Facts whose new and true targets share their first token pass or fail ``top1`` alike, edited or not: they are
+counted (``top1_blind_edits`` in ``scores.json``) and warned about.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from retention.cli import parse_args
 from retention.io import atomic_write_json, safe_name
 from retention.models import DEFAULT_MODEL, load_model
 from retention.reporting import GROUP_LABELS, probe_group, rate
-from retention.scoring import score_probes
+from retention.scoring import score_probes, top1_blind
 
 PROTOCOLS = ("top1", "prob")
 _GROUPS = ("edit", "edit_paraphrase", "edit_neighborhood")
@@ -148,11 +151,16 @@ def run(args: EditArgs) -> dict:
     }
     if args.mode == "sequential":
         summary["efficacy_by_call"] = _efficacy_by_call(results, after)
+    blind = top1_blind(tokenizer, records)
+    summary["top1_blind_edits"] = len(blind)
     atomic_write_json(out / "scores.json", summary)
     print(f"\n{args.editor} ({args.mode}), {len(requests)} edits of {args.model}: "
           f"{edit_seconds:.1f} s editing ({edit_seconds / len(requests):.2f} s per edit), "
           f"{time.perf_counter() - t_start:.0f} s in all\n")
     print(format_edit_table(acc_before, acc_after))
+    if blind:
+        print(f"\nWARNING: {len(blind)} of {len(records)} facts have target_new and target_true with the same first "
+              "token: top1 cannot tell their edit from no edit (read prob for them)")
     if any(c["facts"] > 1 for c in summary.get("efficacy_by_call", [])):  # calls of one fact: the table says it
         print("\nefficacy of each call's facts after the last call:")
         for c in summary["efficacy_by_call"]:
