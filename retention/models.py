@@ -182,6 +182,20 @@ def load_model(
     return model, tokenizer
 
 
+def model_num_layers(name_or_path: str) -> int | None:
+    """The model's decoder layer count from its config alone (no weights loaded), or None when the config is not
+    on this machine (a hub id not yet downloaded): options that name layers are then checked at load time."""
+    from transformers import AutoConfig
+
+    if name_or_path in TINY_MODELS:
+        return 2
+    try:
+        config = AutoConfig.from_pretrained(_folder_of(name_or_path), local_files_only=True)
+    except (OSError, ValueError, ModelNotFound):
+        return None
+    return getattr(config, "num_hidden_layers", None)
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """A short hash of a model's architecture and weights, for cache keys."""
     h = hashlib.blake2b(digest_size=8)

@@ -41,3 +41,9 @@ def test_probe_rejects_an_unknown_protocol(tmp_path):
     with pytest.raises(ValueError, match="gen2"):
         main(["probe", "--model", "tiny-llama", "--limit", "2", "--protocols", "top1,gen2",
               "--out", str(tmp_path / "x.jsonl")])
+
+
+def test_probe_with_nothing_to_score_exits_2_before_loading_a_model(tmp_path, capsys):
+    assert main(["probe", "--model", "no-such-model", "--limit", "0", "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "nothing to score: 0 record(s)" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()

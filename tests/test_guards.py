@@ -1,18 +1,25 @@
 """Guards against results that go wrong without a word: non-finite or absurd edits, a collapsed fine-tune,
-facts top1 cannot judge."""
+facts top1 cannot judge, malformed records skipped uncounted."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from conftest import DATA, needs_data
 from editing_models import FACT, OTHER, edit_model
+from tiny_runs import fit_config, prepare
 
 from retention.arch import ArchAdapter
+from retention.callbacks.apply_edits import ApplyEdits
+from retention.callbacks.monitor import RetentionMonitor
+from retention.callbacks.probing import KnowledgeSets
 from retention.commands.edit import EditArgs
 from retention.commands.edit import run as run_edit_command
 from retention.data.readers import load_records
@@ -165,6 +172,27 @@ def test_collapse_ignores_rows_without_a_validation_loss():
     assert collapse([{"step": 0, "val/accuracy": 0.5}, {"step": 3, "val/accuracy": 0.0}], 100) is None
 
 
+def test_a_collapsed_run_is_flagged_in_summary_and_reports(tmp_path, tiny_llama, cache, capsys):
+    prepare(tmp_path, tiny_llama[1])
+    config = fit_config(tmp_path, "collapsed")
+    config["model"]["optimizer"]["lr"] = 10.0
+    config["edits"]["cache"] = False
+    path = tmp_path / "collapsed.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    from retention.commands.fit import main
+
+    assert main(["--config", str(path)]) == 0
+    summary = json.loads((tmp_path / "runs" / "collapsed" / "summary.json").read_text())
+    downstream = summary["downstream"]
+    assert downstream["collapsed"] is True and "validation loss" in downstream["collapse_reason"]
+    assert "WARNING: fine-tuning collapsed the model" in format_table(summary)
+    assert "WARNING: fine-tuning collapsed the model" in capsys.readouterr().out  # `retention fit`'s own report
+    run = summary["run"]
+    assert run["read_records"] >= run["candidates"] and run["skipped_records"] == 0
+    assert isinstance(run["top1_blind_edits"], int)
+    assert all(0 < d["relative_update"] < 10 for d in run["edit_diagnostics"])
+
+
 def test_the_table_has_no_warning_for_a_run_that_did_not_collapse():
     summary = {"protocols": [], "retention": {}, "t0": {}, "final_step": 3, "run": {},
                "downstream": {"collapsed": False}}
@@ -191,6 +219,18 @@ def test_a_quarter_of_the_shared_zsre_file_is_top1_blind(tiny_llama):
     assert (len(top1_blind(tiny_llama[1], records)), len(records)) == (249, 981)
 
 
+def test_apply_edits_counts_and_warns_about_top1_blind_edits(tiny_llama):
+    edits = ApplyEdits(n_edit=2, known_protocol="none")
+    edits.sets = KnowledgeSets([_record("1", "English", "French"), _record("2", "Paris Hilton", "Paris")], [])
+    module = SimpleNamespace(tokenizer=tiny_llama[1])
+    with pytest.warns(UserWarning, match=r"1 of 2 edit records \(case ids 2\).*top1 cannot tell.*prob or gen"):
+        edits._flag_top1_blind(SimpleNamespace(callbacks=[RetentionMonitor(protocols=["top1", "prob"])]), module)
+    assert edits.stats["top1_blind_edits"] == 1
+    edits.stats = {}
+    edits._flag_top1_blind(SimpleNamespace(callbacks=[RetentionMonitor(protocols=["prob"])]), module)
+    assert "top1_blind_edits" not in edits.stats  # not scored under top1: nothing to flag
+
+
 def test_retention_edit_counts_and_warns_about_top1_blind_facts(tmp_path, tiny_llama, cache, capsys):
     path = tmp_path / "facts.json"
     path.write_text(json.dumps([_record("2", "Paris Hilton", "Paris").to_dict()]), encoding="utf-8")
@@ -199,3 +239,18 @@ def test_retention_edit_counts_and_warns_about_top1_blind_facts(tmp_path, tiny_l
                     select_known="none", out=str(tmp_path / "run"), save_model=False, set=settings)
     assert run_edit_command(args)["top1_blind_edits"] == 1
     assert "WARNING: 1 of 1 facts have target_new and target_true with the same first token" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "scores.json").read_text())["top1_blind_edits"] == 1
+
+
+# -- malformed records skipped ----------------------------------------------------------------------------------
+
+
+def test_skipped_knowledge_records_are_counted_in_the_run_stats(tmp_path: Path):
+    good = [_record(str(i), f"Nordic {i}", f"Coastal {i}").to_dict() | {"subject": f"Person {i}"} for i in range(4)]
+    bad = good[0] | {"case_id": "bad", "subject": ""}
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps([*good, bad]), encoding="utf-8")
+    edits = ApplyEdits(knowledge=str(path), n_edit=1, n_control=1, known_protocol="none", on_error="skip")
+    edits.select(pl_module=None)
+    assert edits.stats["read_records"] == 4 and edits.stats["skipped_records"] == 1
+    assert {"read_records": 4, "skipped_records": 1}.items() <= edits.describe().items()

@@ -34,17 +34,19 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from retention.arch import unwrap_model
+from retention.callbacks.monitor import RetentionMonitor
 from retention.callbacks.probing import KnowledgeSets
-from retention.data.readers import load_records
+from retention.data.readers import read_records
 from retention.data.selection import select_known_facts, split_edit_control
 from retention.diskcache import DiskCache, digest
 from retention.editing.base import EditRequest, run_edits
-from retention.editing.registry import build_editor
+from retention.editing.registry import EDITORS, build_editor
 from retention.models import cache_dir, model_fingerprint
 from retention.records import KnowledgeRecord
+from retention.scoring import check_protocols, top1_blind
 
 Mode = Literal["batch", "sequential", "single"]
 SELECTION_CACHE_VERSION = 1
@@ -73,7 +75,7 @@ class ApplyEdits(Callback):
         mode: Mode = "batch",
         batch_size: int = 1,
         single_index: int | None = None,
-        on_error: str = "raise",
+        on_error: Literal["raise", "skip"] = "raise",
         cache: bool = True,
     ):
         """
@@ -101,6 +103,17 @@ class ApplyEdits(Callback):
         """
         if n_edit < 0 or n_control < 0:
             raise ValueError(f"ApplyEdits: n_edit={n_edit}, n_control={n_control} must be >= 0")
+        if editor not in EDITORS:
+            raise ValueError(f"ApplyEdits: editor {editor!r} unknown; choose from {', '.join(EDITORS)}")
+        if known_protocol != "none":
+            check_protocols([known_protocol])
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"ApplyEdits: on_error {on_error!r} unknown; choose raise or skip")
+        if batch_size < 1:
+            raise ValueError(f"ApplyEdits: batch_size={batch_size} must be >= 1")
+        if max_candidates is not None and max_candidates < n_edit + n_control:
+            raise ValueError(f"ApplyEdits: max_candidates={max_candidates} cannot give n_edit + n_control = "
+                             f"{n_edit + n_control} known facts")
         if mode not in ("batch", "sequential", "single"):
             raise ValueError(f"ApplyEdits: mode {mode!r} unknown; choose batch, sequential or single")
         if (mode == "single") != (single_index is not None):
@@ -130,9 +143,13 @@ class ApplyEdits(Callback):
         self.edited_parameters: list[str] = []
         """Names (in the base model) of the weights the editor changed."""
         self.stats: dict[str, int] = {}
+        """Counts for the run summary: ``read_records`` and ``skipped_records`` (malformed, under ``on_error:
+        skip``), ``candidates`` (after ``max_candidates``), ``known``, ``top1_blind_edits`` (when top1 is scored)
+        and ``task_examples_dropped``."""
         self.timings: dict[str, float] = {}
         self.edit_diagnostics: list[dict] = []
-        """Per edit request: seconds, update norm and the editor's own numbers (e.g. target probability)."""
+        """Per edit request: seconds, update norm, relative update (‖ΔW‖/‖W‖ of its call) and the editor's own
+        numbers (e.g. target probability)."""
 
     def describe(self) -> dict:
         """What this run edited and kept, for the run summary."""
@@ -149,7 +166,7 @@ class ApplyEdits(Callback):
     def select(self, pl_module: LightningModule) -> KnowledgeSets:
         """Read, keep known facts, split into edit and control sets."""
         t0 = time.perf_counter()
-        records = load_records(self.knowledge, on_error=self.on_error)
+        records, report = read_records(self.knowledge, on_error=self.on_error)
         if self.max_candidates is not None and len(records) > self.max_candidates:
             records = random.Random(self.seed).sample(records, self.max_candidates)
         if self.known_protocol == "none":
@@ -159,7 +176,8 @@ class ApplyEdits(Callback):
         edit, control = split_edit_control(known, self.n_edit, self.n_control, self.seed)
         if self.single_index is not None:
             edit = [edit[self.single_index]]
-        self.stats = {"candidates": len(records), "known": len(known)}
+        self.stats = {"candidates": len(records), "known": len(known), "read_records": report.read,
+                      "skipped_records": report.skipped}
         self.timings["select_s"] = time.perf_counter() - t0
         rank_zero_info(f"{self.knowledge}: {len(known)} of {len(records)} facts known under {self.known_protocol}; "
                        f"{len(edit)} to edit, {len(control)} controls ({self.timings['select_s']:.1f} s)")
@@ -179,6 +197,20 @@ class ApplyEdits(Callback):
         if self.cache:
             cache.put(key, {"known": [str(r.case_id) for r in known]})
         return known
+
+    def _flag_top1_blind(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Count (``stats["top1_blind_edits"]``) and warn about edit records ``top1`` cannot judge, when the
+        monitor scores ``top1``: their new and true targets share the first token (:func:`top1_blind`)."""
+        if not any(isinstance(cb, RetentionMonitor) and "top1" in cb.protocols for cb in trainer.callbacks):
+            return
+        blind = top1_blind(pl_module.tokenizer, self.sets.edit)
+        self.stats["top1_blind_edits"] = len(blind)
+        if blind:
+            rank_zero_warn(
+                f"{len(blind)} of {len(self.sets.edit)} edit records (case ids {', '.join(blind[:5])}"
+                f"{', ...' if len(blind) > 5 else ''}) have target_new and target_true with the same first token: "
+                "top1 cannot tell their edit from no edit; read their retention under prob or gen"
+            )
 
     def _exclude_from_task(self, trainer: Trainer) -> None:
         datamodule = trainer.datamodule
@@ -214,7 +246,8 @@ class ApplyEdits(Callback):
             results = run_edits(editor, pl_module.model, pl_module.tokenizer, requests, mode, self.batch_size)
             self.edited_layers = sorted({i for r in results for i in r.layers})
             self.edit_diagnostics = [
-                {"case_id": d.case_id, "seconds": d.seconds, "delta_norm": d.delta_norm, **d.values}
+                {"case_id": d.case_id, "seconds": d.seconds, "delta_norm": d.delta_norm,
+                 "relative_update": d.relative_update, **d.values}
                 for r in results for d in r.diagnostics
             ]
             self.edited_parameters = sorted({n for r in results for n in r.deltas})
@@ -267,6 +300,15 @@ class ApplyEdits(Callback):
             for name, value in state["frozen_edited_weights"].items():
                 weights[name].copy_(value)
 
+    def editor_layers(self, model_name: str) -> list[int] | None:
+        """Resolve the editor's hyperparameters (preset, file or mapping: errors name the bad field) without the
+        model, and return the layers they name (None: no edit, or ``located``)."""
+        if not self.n_edit:
+            return None
+        hparams = build_editor(self.editor, self.hparams, model_name).hparams.to_dict()
+        layers = hparams.get("layers", hparams.get("layer"))
+        return [layers] if isinstance(layers, int) else layers if isinstance(layers, list) else None
+
     @property
     def active(self) -> bool:
         return self.n_edit + self.n_control > 0
@@ -277,6 +319,7 @@ class ApplyEdits(Callback):
         if self.cache and self.fingerprint is None:
             self.fingerprint = model_fingerprint(unwrap_model(pl_module.model))
         self.sets = self.select(pl_module)
+        self._flag_top1_blind(trainer, pl_module)
         self._exclude_from_task(trainer)
         # Augmentation is opt-in (ParaphraseAugmentation): the records' own phrasings are not used by default.
         records = [dataclasses.replace(r, augmentations=[]) for r in self.sets.edit]

@@ -44,6 +44,7 @@ from retention.callbacks import PIPELINE
 from retention.callbacks.checkpoint import LAST, LastCheckpoint
 from retention.data.datamodule import TaskDataModule
 from retention.io import atomic_write_json
+from retention.models import model_num_layers
 from retention.modules.finetune import FineTuneModule
 from retention.reporting import INCOMPLETE
 
@@ -164,6 +165,46 @@ def run_loggers(run_dir: Path, name: str, wandb: str, group: str | None = None,
     return loggers
 
 
+def _config_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[str]:
+    """``--config`` values for a config file: its ``config:`` parents first (paths relative to the file; each
+    parent's own parents before it), then the file's other keys as one YAML text."""
+    path = path.resolve()
+    if path in seen:
+        raise ValueError(f"{path}: config files include each other ({' -> '.join(map(str, (*seen, path)))})")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or "config" not in data:
+        return [str(path)]
+    parents = data.pop("config")
+    layers: list[str] = []
+    for parent in parents if isinstance(parents, list) else [parents]:
+        layers += _config_layers(path.parent / str(parent), (*seen, path))
+    return [*layers, yaml.safe_dump(data, sort_keys=False)]
+
+
+def expand_config_includes(argv: list[str]) -> list[str]:
+    """``argv`` with every config file that names parents (``config: parent.yaml``) replaced by its layers.
+
+    jsonargparse applies a group given as a mapping inside a file with parents (``run: {name: x}``) as the whole
+    group, resetting the parent's other keys of that group to their defaults; as separate ``--config`` layers
+    each key is merged over the parent's, as the dotted form (``run.name: x``) and consecutive ``--config`` files
+    are."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        flag, value = (arg, argv[i + 1] if i + 1 < len(argv) else None) if arg in ("-c", "--config") else (None, None)
+        if arg.startswith("--config="):
+            flag, value = "--config", arg.split("=", 1)[1]
+        if flag is not None and value is not None and Path(value).is_file():
+            for layer in _config_layers(Path(value)):
+                out += ["--config", layer]
+            i += 1 if arg.startswith("--config=") else 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 class FitCLI(LightningCLI):
     """LightningCLI for :class:`FineTuneModule` on a :class:`TaskDataModule`, with run folders and a report."""
 
@@ -178,6 +219,7 @@ class FitCLI(LightningCLI):
         warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
         self.fit_seconds = 0.0
         self.parse_only = parse_only
+        args = expand_config_includes(args)
         super().__init__(
             FineTuneModule, TaskDataModule, subclass_mode_model=False, subclass_mode_data=False,
             trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0, save_config_kwargs={"overwrite": True},
@@ -207,8 +249,23 @@ class FitCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         if self.parse_only:
             self.config_init = self.parser.instantiate_classes(self.config)
+            self.check_pipeline()
             return
         super().instantiate_classes()
+
+    def check_pipeline(self) -> None:
+        """Check what needs no model weights before any is loaded: the editor's hyperparameters, and every option
+        that names layers against the model's config (editor layers, ``freeze.layers``, adapter layers)."""
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        model_name = self.fit_config.model.model_name
+        named = {"edits.hparams layers": init["edits"].editor_layers(model_name),
+                 "freeze.layers": init["freeze"].layers,
+                 "model.adapter.target_layers": self.fit_config.model.adapter.target_layers}
+        n = model_num_layers(model_name)
+        for flag, layers in named.items():
+            bad = [i for i in layers or [] if n is not None and not -n <= int(i) < n]
+            if bad:
+                raise ValueError(f"{flag}: {bad} out of range for {model_name} ({n} layers)")
 
     @override
     def before_instantiate_classes(self) -> None:
@@ -231,6 +288,7 @@ class FitCLI(LightningCLI):
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        self.check_pipeline()
         run = self.run_args
         name = run.name or default_run_name(self.datamodule, self.model)
         if Path(name).is_absolute() or len(Path(name).parts) != 1 or name in (".", ".."):
@@ -290,7 +348,11 @@ class FitCLI(LightningCLI):
             (self.run_dir / INCOMPLETE).unlink(missing_ok=True)  # last: the folder is now a finished run
 
     def report(self) -> str:
-        """The run in a few lines: what was trained, how fast, and validation before/after."""
+        """The run in a few lines: what was trained, how fast, validation before/after, and a warning when the
+        validation loss says fine-tuning collapsed the model."""
+        from retention.arch import unwrap_model
+        from retention.reporting import collapse, collapse_warning
+
         module, trainer, task = self.model, self.trainer, self.datamodule.task_config
         tokens_per_s = module.train_tokens / self.fit_seconds if self.fit_seconds > 0 else float("nan")
         lines = [
@@ -305,6 +367,9 @@ class FitCLI(LightningCLI):
             for row in rows if len(rows) <= 6 else rows[:1] + rows[-5:]:
                 cells = "".join(f"{row[n]:>16.4f}" if n in row else f"{'-':>16}" for n in names)
                 lines.append("  " + f"{row['step']:>6}" + cells)
+            reason = collapse(rows, unwrap_model(module.model).get_output_embeddings().weight.shape[0])
+            if reason is not None:
+                lines.append(collapse_warning(reason))
         else:
             lines.append("  no validation data (task.val_fraction is 0)")
         lines.append(f"run folder: {self.run_dir}")

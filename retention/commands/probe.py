@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -72,6 +73,10 @@ def main(argv: list[str]) -> int:
     if report.skipped:
         print(f"skipped {report.skipped} malformed record(s) of {args.data}")
     probes = _probes(records, {k.strip() for k in args.probes.split(",") if k.strip()})
+    if not probes:
+        print(f"retention probe: nothing to score: {len(records)} record(s) of {args.data} read "
+              f"(--limit {args.limit}, {report.skipped} skipped) give no {args.probes} probe", file=sys.stderr)
+        return 2
     model, tokenizer = load_model(args.model)
     t0 = time.perf_counter()
     results = score_probes(

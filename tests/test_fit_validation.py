@@ -1,0 +1,64 @@
+"""`retention fit` checks every option it can before a model is loaded (editor name and hyperparameters, layers
+against the model's config, freeze and adapter layers, protocols, sizes), and config files with parents merge
+group mappings key by key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from retention.commands.fit import main, resolve_config
+
+BASE = ["--model.model_name", "tiny-llama", "--edits.n_edit", "2", "--edits.known_protocol", "none",
+        "--edits.hparams", "{layer: 0}", "--run.wandb", "disabled"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--edits.editor", "bogus"], "editor 'bogus' unknown"),
+    (["--edits.editor", "rome", "--edits.hparams", "{layer: 7}"], r"edits.hparams layers: \[7\] out of range"),
+    (["--edits.editor", "memit", "--edits.hparams", "{layers: [0, 5]}"], r"\[5\] out of range for tiny-llama"),
+    (["--freeze.policy", "list", "--freeze.layers", "[3]"], r"freeze.layers: \[3\] out of range"),
+    (["--model.adapter.method", "lora", "--model.adapter.target_layers", "[-3]"], "target_layers"),
+    (["--edits.known_protocol", "top2"], "unknown protocol"),
+    (["--edits.max_candidates", "1"], "max_candidates=1 cannot give"),
+    (["--edits.editor", "rome", "--edits.hparams", "{no_such_field: 1}"], "no_such_field"),
+])
+def test_bad_options_fail_before_any_model_is_loaded(tmp_path, monkeypatch, flags, message):
+    import retention.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(retention.models, "load_model", no_loading)
+    monkeypatch.setattr("retention.modules.finetune.load_model", no_loading)
+    argv = [*BASE, "--run.out_dir", str(tmp_path), "--run.name", "x", *flags]
+    with pytest.raises(Exception, match=message):
+        resolve_config(argv)
+    with pytest.raises(Exception, match=message):
+        main(argv)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_child_config_merges_group_mappings_over_its_parent(tmp_path):
+    (tmp_path / "parent.yaml").write_text(yaml.safe_dump({
+        "model": {"model_name": "tiny-llama"}, "trainer": {"max_steps": 7, "accelerator": "cpu"},
+        "run": {"name": "parent", "out_dir": "elsewhere", "wandb": "disabled", "validate_first": False},
+    }))
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "child.yaml").write_text("config: ../parent.yaml\nrun: {name: child}\ntrainer: {max_steps: 3}\n")
+    (sub / "grandchild.yaml").write_text("config: child.yaml\nrun: {tags: [a]}\n")
+    config = resolve_config(["--config", str(sub / "grandchild.yaml")])
+    assert config["run"]["name"] == "child" and config["run"]["tags"] == ["a"]
+    assert config["run"]["out_dir"] == "elsewhere" and config["run"]["wandb"] == "disabled"
+    assert config["run"]["validate_first"] is False
+    assert config["trainer"]["max_steps"] == 3 and config["trainer"]["accelerator"] == "cpu"
+
+
+def test_config_files_that_include_each_other_are_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("config: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("config: a.yaml\n")
+    with pytest.raises(ValueError, match="include each other"):
+        resolve_config(["--config", str(Path(tmp_path / "a.yaml"))])
