@@ -237,13 +237,23 @@ def test_a_changed_config_is_reported_not_mixed(tiny_study, tmp_path, capsys):
     assert summary["final_step"] == 4
 
 
-def test_a_failed_run_is_recorded_and_the_study_goes_on(tiny_study, tmp_path, capsys):
+def test_a_run_that_cannot_resolve_stops_the_study_before_any_run(tiny_study, tmp_path, capsys):
     spec = yaml.safe_load(tiny_study.read_text())
     spec["arms"]["broken"] = {"freeze.policy": "list", "freeze.layers": [7]}  # no layer 7 in a 2-layer model
     tiny_study.write_text(yaml.safe_dump(spec))
+    assert _study_main(tiny_study) == 2
+    assert "run broken__seed0 does not resolve" in capsys.readouterr().err
+    assert not (tmp_path / "studies" / "tiny" / "runs").exists()
+
+
+def test_a_failed_run_is_recorded_and_the_study_goes_on(tiny_study, tmp_path, capsys):
+    spec = yaml.safe_load(tiny_study.read_text())
+    # Valid as a config, so it is found only when the run reads its facts.
+    spec["arms"]["broken"] = {"edits.knowledge": str(tmp_path / "missing_facts.jsonl")}
+    tiny_study.write_text(yaml.safe_dump(spec))
     assert _study_main(tiny_study) == 1
     states = {r["name"]: r for r in _state(tiny_study)["runs"]}
-    assert states["broken__seed0"]["state"] == "failed" and "7" in states["broken__seed0"]["error"]
+    assert states["broken__seed0"]["state"] == "failed" and "missing_facts" in states["broken__seed0"]["error"]
     assert states["frozen__seed1"]["state"] == "done"
     assert "failed runs (2): broken__seed0, broken__seed1" in capsys.readouterr().err
 
