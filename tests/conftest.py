@@ -34,3 +34,12 @@ def real_model():
     from retention.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def one_rank(tmp_path_factory, tiny_llama):
+    """The tiny pipeline run on 1 rank (tests/tiny_runs.py), once per session, for the tests that run it
+    otherwise and compare: (config, run folder)."""
+    from tiny_runs import run_one_rank
+
+    return run_one_rank(tmp_path_factory.mktemp("pipeline"), tiny_llama[1])

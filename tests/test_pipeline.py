@@ -3,49 +3,19 @@ and the same run on 2 CPU DDP ranks (gloo) giving the same numbers as on 1 rank.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
-from tiny_runs import N_CONTROL, N_EDIT, PROTOCOLS, fit_config, prepare
+from tiny_runs import N_CONTROL, N_EDIT, PROTOCOLS, RATES, read_run, write_config
 
 from retention.reporting import GROUPS
 
 
-def _config(root: Path, name: str, **trainer) -> Path:
-    """The tiny run config, editing on every rank (no edit cache: the DDP test checks that ranks edit alike)."""
-    config = fit_config(root, name, **trainer)
-    config["edits"]["cache"] = False
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def one_rank(tmp_path_factory, tiny_llama) -> tuple[Path, Path]:
-    """The pipeline run in-process on 1 rank: (config, run folder)."""
-    root = tmp_path_factory.mktemp("pipeline")
-    prepare(root, tiny_llama[1])
-    from retention.commands.fit import main
-
-    config = _config(root, "one")
-    assert main(["--config", str(config)]) == 0
-    return config, root / "runs" / "one"
-
-
-def _read(folder: Path) -> tuple[dict, dict[str, list[dict]]]:
-    summary = json.loads((folder / "summary.json").read_text())
-    probes = {p.name: [json.loads(line) for line in p.read_text().splitlines()] for p in (folder / "probes").iterdir()}
-    return summary, probes
-
-
 def test_pipeline_writes_the_run_folder(one_rank):
     _, folder = one_rank
-    summary, probes = _read(folder)
+    summary, probes = read_run(folder)
     run = summary["run"]
     assert run["n_edit"] == N_EDIT and run["n_control"] == N_CONTROL and run["edited_layers"] == [0]
     assert [d["case_id"] for d in run["edit_diagnostics"]] == run["edit_case_ids"]
@@ -84,15 +54,15 @@ def test_pipeline_writes_the_run_folder(one_rank):
 
 def test_pipeline_on_two_ddp_ranks_matches_one_rank(one_rank, tmp_path):
     config, folder = one_rank
-    ddp = _config(config.parent, "two", devices=2, strategy="ddp")
+    ddp = write_config(config.parent, "two", devices=2, strategy="ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "retention", "fit", "--config", str(ddp)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Starting with 2 processes" in proc.stdout + proc.stderr
-    one, one_probes = _read(folder)
-    two, two_probes = _read(config.parent / "runs" / "two")
-    for key in ("t0", "retention", "final_accuracy", "curves"):
+    one, one_probes = read_run(folder)
+    two, two_probes = read_run(config.parent / "runs" / "two")
+    for key in RATES:
         assert two[key] == one[key], key
     # Per-probe results come back in probe order from the rank shards: none lost, none repeated.
     strip = ("target_logprob", "alt_logprob")
@@ -108,11 +78,11 @@ def test_resumed_run_continues_the_curves(one_rank):
 
     checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                   "init_args": {"every_n_train_steps": 2, "save_top_k": -1}}
-    resume = _config(config.parent, "resume", max_steps=2, enable_checkpointing=True, callbacks=[checkpoint])
+    resume = write_config(config.parent, "resume", max_steps=2, enable_checkpointing=True, callbacks=[checkpoint])
     assert main(["--config", str(resume)]) == 0
     (ckpt,) = (config.parent / "runs" / "resume" / "checkpoints").glob("*.ckpt")
     assert main(["--config", str(resume), "--trainer.max_steps", "3", "--ckpt_path", str(ckpt)]) == 0
-    resumed, probes = _read(config.parent / "runs" / "resume")
-    one, _ = _read(folder)
+    resumed, probes = read_run(config.parent / "runs" / "resume")
+    one, _ = read_run(folder)
     assert resumed["curves"] == one["curves"] and resumed["retention"] == one["retention"]
     assert sorted(probes) == ["step_000000.jsonl", "step_000002.jsonl", "step_000003.jsonl"]

@@ -9,6 +9,7 @@ import os
 import signal
 from pathlib import Path
 
+import yaml
 from editing_models import edit_model
 from lightning.pytorch import Callback
 
@@ -65,3 +66,34 @@ class KillAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+RATES = ("t0", "retention", "final_accuracy", "curves")
+"""The summary.json keys that must equal the 1-rank run's in a run that differs only in how it runs."""
+
+
+def write_config(root: Path, name: str, **trainer) -> Path:
+    """``root/<name>.yaml``: the tiny run config, editing on every rank (no edit cache: distributed tests check
+    that ranks edit alike)."""
+    config = fit_config(root, name, **trainer)
+    config["edits"]["cache"] = False
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def read_run(folder: Path) -> tuple[dict, dict[str, list[dict]]]:
+    """A run folder's ``summary.json`` and its per-probe files by name."""
+    summary = json.loads((folder / "summary.json").read_text())
+    probes = {p.name: [json.loads(line) for line in p.read_text().splitlines()] for p in (folder / "probes").iterdir()}
+    return summary, probes
+
+
+def run_one_rank(root: Path, tokenizer) -> tuple[Path, Path]:
+    """The tiny pipeline run in-process on 1 rank (the ``one_rank`` fixture): (config, run folder)."""
+    prepare(root, tokenizer)
+    from retention.commands.fit import main
+
+    config = write_config(root, "one")
+    assert main(["--config", str(config)]) == 0
+    return config, root / "runs" / "one"

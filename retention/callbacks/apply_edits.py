@@ -23,6 +23,14 @@ one per edit, with ``edits.single_index: i`` for i in 0..n_edit-1 (the same seed
 With ``cache`` on, the known-fact selection and the edited weights are cached on disk by content (the base
 model's weight fingerprint, the candidates, the editor, its resolved hyperparameters and the requests), so runs
 that differ only after editing reuse one edit.
+
+An edit made earlier replaces step 4 (so an edit of a large model is made once, not on every rank; every rank
+loads the same files, so nothing is broadcast): ``precomputed`` names an output folder of ``retention edit``
+(its facts are the edit set, its edited weights are loaded over the base model, which must be the one it
+edited), ``edited_model`` an edited model folder whose weights are loaded over the base model, with
+``knowledge`` naming the facts edited into it. Either way the control set is drawn as in a run that edits
+(known to the base model, seeded, disjoint by subject and object from the given edit set), so a precomputed edit
+of the facts a run would select gives that run's sets and numbers.
 """
 
 from __future__ import annotations
@@ -30,19 +38,22 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from retention.arch import unwrap_model
+from retention.arch import ArchAdapter, unwrap_model
+from retention.callbacks.augmentation import ParaphraseAugmentation
 from retention.callbacks.monitor import RetentionMonitor
 from retention.callbacks.probing import KnowledgeSets
+from retention.commands.edit import read_edit_folder
 from retention.data.readers import read_records
 from retention.data.selection import select_known_facts, split_edit_control
 from retention.diskcache import DiskCache, digest
-from retention.editing.base import EditRequest, run_edits
+from retention.editing.base import EditRequest, RequestDiagnostics, run_edits
 from retention.editing.registry import EDITORS, build_editor
 from retention.models import cache_dir, model_fingerprint
 from retention.records import KnowledgeRecord
@@ -57,6 +68,12 @@ EDIT_CACHE_VERSION = 1
 def _hooks(trainer: Trainer, name: str) -> list:
     """The bound ``name`` methods of the trainer's callbacks that define it, in callback order."""
     return [getattr(cb, name) for cb in trainer.callbacks if callable(getattr(cb, name, None))]
+
+
+def _diagnostics(d: RequestDiagnostics) -> dict:
+    """One request's diagnostics as the run summary lists them."""
+    return {"case_id": d.case_id, "seconds": d.seconds, "delta_norm": d.delta_norm,
+            "relative_update": d.relative_update, **d.values}
 
 
 class ApplyEdits(Callback):
@@ -77,6 +94,9 @@ class ApplyEdits(Callback):
         single_index: int | None = None,
         on_error: Literal["raise", "skip"] = "raise",
         cache: bool = True,
+        precomputed: str | None = None,
+        edited_model: str | None = None,
+        controls: str | None = None,
     ):
         """
         Args:
@@ -100,6 +120,15 @@ class ApplyEdits(Callback):
             cache: reuse the known-fact selection and the edited weights of an earlier run with the same base
                 weights, knowledge file, selection settings, editor, hyperparameters and edit requests (cached
                 under ``$RETENTION_CACHE``; a study's arms that differ only after editing share one edit).
+            precomputed: an output folder of ``retention edit`` (batch or sequential mode) whose edit the run uses
+                instead of editing: its facts are the edit set, its edited weights are loaded over the base model
+                (which must be the model it edited). ``editor`` must name its editor; ``hparams`` stays unset.
+            edited_model: a model folder (safetensors) holding the base model with edits already in it: its
+                weights are loaded over the base model after the control facts are selected, the weights that
+                differ are the edited ones; ``knowledge`` names the facts edited into it (all of them are the
+                edit set, measured as given, never filtered by ``known_protocol``).
+            controls: with ``edited_model``, the source of the control facts (a file or ``builtin``), needed when
+                ``n_control`` > 0. Otherwise controls come from ``knowledge``.
         """
         if n_edit < 0 or n_control < 0:
             raise ValueError(f"ApplyEdits: n_edit={n_edit}, n_control={n_control} must be >= 0")
@@ -120,8 +149,50 @@ class ApplyEdits(Callback):
             raise ValueError("ApplyEdits: mode 'single' needs single_index (and single_index needs mode 'single')")
         if single_index is not None and not 0 <= single_index < n_edit:
             raise ValueError(f"ApplyEdits: single_index={single_index} must be in 0..{n_edit - 1} (n_edit={n_edit})")
+        self.precomputed_edit: dict | None = None
+        """The ``precomputed`` folder as :func:`read_edit_folder` reads it."""
+        self.given: list[KnowledgeRecord] | None = None
+        """The edit set of an edit made earlier (``precomputed`` or ``edited_model``), in edit order."""
+        self.given_report = None
+        given = "precomputed" if precomputed is not None else "edited_model" if edited_model is not None else None
+        if precomputed is not None and edited_model is not None:
+            raise ValueError("ApplyEdits: precomputed and edited_model both give an edit made earlier; set one")
+        if controls is not None and edited_model is None:
+            raise ValueError("ApplyEdits: controls is only for edited_model (knowledge then holds the edited facts); "
+                             "a run that edits, or uses precomputed, draws its controls from knowledge")
+        if given is not None:
+            if hparams is not None:
+                raise ValueError(f"ApplyEdits: hparams is set, but {given} gives an edit already made; unset hparams")
+            if mode == "single":
+                raise ValueError(f"ApplyEdits: mode 'single' edits one fact per run; {given} gives an edit already made")
+        if precomputed is not None:
+            try:
+                self.precomputed_edit = read_edit_folder(precomputed)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"ApplyEdits: precomputed {precomputed!r}: {err}") from None
+            made = self.precomputed_edit
+            if editor != made["editor"]:
+                raise ValueError(f"ApplyEdits: precomputed {precomputed!r} is a {made['editor']} edit, but editor is "
+                                 f"{editor!r}: set editor: {made['editor']}")
+            if mode not in ("batch", made["mode"]):
+                raise ValueError(f"ApplyEdits: precomputed {precomputed!r} was edited in {made['mode']} mode, but mode "
+                                 f"is {mode!r}: leave mode out")
+            self.given = made["records"]
+        if edited_model is not None:
+            if not any(Path(edited_model).glob("*.safetensors")):
+                raise ValueError(f"ApplyEdits: edited_model {edited_model!r} is not a model folder with safetensors "
+                                 "weights")
+            if n_control and controls is None:
+                raise ValueError("ApplyEdits: edited_model with n_control > 0 needs controls, the source of the "
+                                 "control facts (knowledge holds the edited facts), e.g. controls: builtin")
+            self.given, self.given_report = read_records(knowledge, on_error=on_error)
+        if self.given is not None and n_edit not in (0, len(self.given)):
+            raise ValueError(f"ApplyEdits: n_edit={n_edit}, but {given} gives {len(self.given)} edited facts; leave "
+                             "n_edit at 0 or set it to that number")
         self.knowledge = knowledge
-        self.n_edit, self.n_control = n_edit, n_control
+        self.n_edit = len(self.given) if self.given is not None else n_edit
+        self.n_control = n_control
+        self.precomputed, self.edited_model, self.controls = precomputed, edited_model, controls
         self.known_protocol = known_protocol
         self.max_candidates = max_candidates
         self.seed = seed
@@ -152,10 +223,18 @@ class ApplyEdits(Callback):
         numbers (e.g. target probability)."""
 
     def describe(self) -> dict:
-        """What this run edited and kept, for the run summary."""
+        """What this run edited and kept, for the run summary (with an edit made earlier: where it came from, and
+        for ``precomputed`` the editor, hyperparameters and mode it was made with)."""
+        made = self.precomputed_edit
+        editor, hparams, mode = (self.editor, self.hparams, self.mode) if made is None else \
+            (made["editor"], made["hparams"], made["mode"])
+        if self.edited_model is not None:
+            editor = hparams = mode = None
+        earlier = {k: v for k, v in [("precomputed", self.precomputed), ("edited_model", self.edited_model),
+                                     ("controls", self.controls)] if v is not None}
         return {
             "knowledge": self.knowledge, "known_protocol": self.known_protocol, "seed": self.seed,
-            "editor": self.editor if self.sets.edit else None, "hparams": self.hparams, "mode": self.mode,
+            "editor": editor if self.sets.edit else None, "hparams": hparams, "mode": mode, **earlier,
             "n_edit": len(self.sets.edit), "n_control": len(self.sets.control), "edited_layers": self.edited_layers,
             "augmented_phrasings": sum(len(r.augmentations) for r in self.edited_records),
             "edit_case_ids": [r.case_id for r in self.sets.edit],
@@ -164,20 +243,23 @@ class ApplyEdits(Callback):
         }
 
     def select(self, pl_module: LightningModule) -> KnowledgeSets:
-        """Read, keep known facts, split into edit and control sets."""
+        """Read, keep known facts, split into edit and control sets (with an edit made earlier: its facts, and
+        controls drawn from the rest)."""
         t0 = time.perf_counter()
-        records, report = read_records(self.knowledge, on_error=self.on_error)
+        source = self.controls if self.edited_model is not None else self.knowledge
+        records, report = read_records(source, on_error=self.on_error) if source is not None else ([], None)
         if self.max_candidates is not None and len(records) > self.max_candidates:
             records = random.Random(self.seed).sample(records, self.max_candidates)
-        if self.known_protocol == "none":
+        if self.known_protocol == "none" or not records:  # no records: edited_model without controls
             known = list(records)
         else:
             known = self._known(pl_module, records)
-        edit, control = split_edit_control(known, self.n_edit, self.n_control, self.seed)
+        edit, control = split_edit_control(known, self.n_edit, self.n_control, self.seed, edit=self.given)
         if self.single_index is not None:
             edit = [edit[self.single_index]]
-        self.stats = {"candidates": len(records), "known": len(known), "read_records": report.read,
-                      "skipped_records": report.skipped}
+        reports = [r for r in (report, self.given_report) if r is not None]
+        self.stats = {"candidates": len(records), "known": len(known), "read_records": sum(r.read for r in reports),
+                      "skipped_records": sum(r.skipped for r in reports)}
         self.timings["select_s"] = time.perf_counter() - t0
         rank_zero_info(f"{self.knowledge}: {len(known)} of {len(records)} facts known under {self.known_protocol}; "
                        f"{len(edit)} to edit, {len(control)} controls ({self.timings['select_s']:.1f} s)")
@@ -245,11 +327,7 @@ class ApplyEdits(Callback):
         else:
             results = run_edits(editor, pl_module.model, pl_module.tokenizer, requests, mode, self.batch_size)
             self.edited_layers = sorted({i for r in results for i in r.layers})
-            self.edit_diagnostics = [
-                {"case_id": d.case_id, "seconds": d.seconds, "delta_norm": d.delta_norm,
-                 "relative_update": d.relative_update, **d.values}
-                for r in results for d in r.diagnostics
-            ]
+            self.edit_diagnostics = [_diagnostics(d) for r in results for d in r.diagnostics]
             self.edited_parameters = sorted({n for r in results for n in r.deltas})
             if self.cache:
                 # The edited weights themselves, not the deltas: W0 + (d1 + d2) is not (W0 + d1) + d2 in floats,
@@ -261,6 +339,66 @@ class ApplyEdits(Callback):
         how = "reused from the edit cache" if hit is not None else "edited"
         rank_zero_info(f"{self.editor} ({self.mode}): {len(requests)} edits in layers {self.edited_layers} {how} "
                        f"({self.timings['edit_s']:.1f} s on {where.device}, {where.dtype})")
+
+    def load_edit(self, pl_module: LightningModule) -> None:
+        """Load the edit made earlier (``precomputed`` or ``edited_model``) into ``pl_module.model``."""
+        t0 = time.perf_counter()
+        base = unwrap_model(pl_module.model)
+        if self.precomputed_edit is not None:
+            self._load_precomputed(base)
+        else:
+            self._load_edited_model(base)
+        self.timings["edit_s"] = time.perf_counter() - t0
+        rank_zero_info(f"{len(self.edited_records)} edits in layers {self.edited_layers} loaded from "
+                       f"{self.precomputed or self.edited_model} ({self.timings['edit_s']:.1f} s)")
+
+    def _load_precomputed(self, base: torch.nn.Module) -> None:
+        from safetensors.torch import load_file
+
+        made = self.precomputed_edit
+        if self.fingerprint is None:
+            self.fingerprint = model_fingerprint(base)
+        if self.fingerprint != made["base_fingerprint"]:
+            raise ValueError(f"edits.precomputed {self.precomputed}: edited another base model (weight fingerprint "
+                             f"{made['base_fingerprint']}, this model's {self.fingerprint}); give the model "
+                             "`retention edit` edited as model.model_name, in float32")
+        weights = load_file(str(made["weights"]))
+        with torch.no_grad():
+            for name, value in weights.items():
+                base.get_parameter(name).copy_(value)
+        self.edited_parameters = sorted(weights)
+        self.edited_layers = list(made["layers"])
+        self.edit_diagnostics = [_diagnostics(RequestDiagnostics(**d)) for d in made["diagnostics"]]
+
+    def _load_edited_model(self, base: torch.nn.Module) -> None:
+        """Copy the edited model's weights that differ from the base model's (compared in the edited model's
+        dtype, so a bfloat16 copy of an float32 base changes only its edited weights)."""
+        from safetensors import safe_open
+
+        folder = Path(self.edited_model)
+        state = base.state_dict()
+        params = dict(base.named_parameters())
+        changed = []
+        with torch.no_grad():
+            for file in sorted(folder.glob("*.safetensors")):
+                with safe_open(str(file), framework="pt") as f:
+                    for name in f.keys():
+                        target = state.get(name)
+                        value = f.get_tensor(name)
+                        if target is None or target.shape != value.shape:
+                            raise ValueError(
+                                f"edits.edited_model {folder}: {file.name} holds {name} "
+                                f"{tuple(value.shape)}, which the base model has "
+                                f"{'not' if target is None else f'as {tuple(target.shape)}'}: not an edit of it")
+                        if not torch.equal(target.to(value.dtype).cpu(), value):
+                            target.copy_(value)
+                            changed.append(name)
+        if not any(name in params for name in changed):
+            raise ValueError(f"edits.edited_model {folder}: no weight differs from the base model's; model.model_name "
+                             "must be the unedited model it was edited from")
+        arch = ArchAdapter.for_model(base)
+        self.edited_parameters = sorted(n for n in changed if n in params)
+        self.edited_layers = sorted({i for n in self.edited_parameters if (i := arch.layer_index_of(n)) is not None})
 
     def _edited_weights(self, pl_module: LightningModule) -> dict[str, torch.nn.Parameter]:
         """The edited weights as parameters of the (possibly adapter-wrapped) model, by base-model name."""
@@ -303,7 +441,9 @@ class ApplyEdits(Callback):
     def editor_layers(self, model_name: str) -> list[int] | None:
         """Resolve the editor's hyperparameters (preset, file or mapping: errors name the bad field) without the
         model, and return the layers they name (None: no edit, or ``located``)."""
-        if not self.n_edit:
+        if self.precomputed_edit is not None:
+            return list(self.precomputed_edit["layers"])
+        if not self.n_edit or self.edited_model is not None:
             return None
         hparams = build_editor(self.editor, self.hparams, model_name).hparams.to_dict()
         layers = hparams.get("layers", hparams.get("layer"))
@@ -321,13 +461,20 @@ class ApplyEdits(Callback):
         self.sets = self.select(pl_module)
         self._flag_top1_blind(trainer, pl_module)
         self._exclude_from_task(trainer)
-        # Augmentation is opt-in (ParaphraseAugmentation): the records' own phrasings are not used by default.
-        records = [dataclasses.replace(r, augmentations=[]) for r in self.sets.edit]
-        for hook in _hooks(trainer, "on_before_edits"):
-            records = hook(trainer, pl_module, records) or records
-        self.edited_records = records
-        if records:
-            self.edit(pl_module)
+        if self.given is not None:
+            if any(isinstance(cb, ParaphraseAugmentation) and cb.k for cb in trainer.callbacks):
+                raise ValueError(f"paraphrases.k: augmentation phrasings are used while editing, and edits."
+                                 f"{'precomputed' if self.precomputed else 'edited_model'} gives an edit already made")
+            self.edited_records = list(self.sets.edit)
+            self.load_edit(pl_module)
+        else:
+            # Augmentation is opt-in (ParaphraseAugmentation): the records' own phrasings are not used by default.
+            records = [dataclasses.replace(r, augmentations=[]) for r in self.sets.edit]
+            for hook in _hooks(trainer, "on_before_edits"):
+                records = hook(trainer, pl_module, records) or records
+            self.edited_records = records
+            if records:
+                self.edit(pl_module)
         pl_module.edited_layers = list(self.edited_layers)
         for hook in _hooks(trainer, "on_edits_applied"):
             hook(trainer, pl_module, self.sets)

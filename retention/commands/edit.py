@@ -4,7 +4,11 @@ Edit success is scored on each fact's rewrite prompt, its held-out paraphrases a
 (other subjects that must keep their own answers) under the ``top1`` and ``prob`` protocols, before and after.
 Writes ``scores.json`` (the table and every probe's result), the ``EditResult`` (``edit/``; ``edits/<case_id>/``
 in ``single`` mode) and the edited model as safetensors (``model/``; not in ``single`` mode, where every edit
-is applied alone to the unedited model).
+is applied alone to the unedited model). In ``batch`` and ``sequential`` mode it also writes what a
+``retention fit`` run needs to use the edit instead of making it (``edits.precomputed: OUT``): the facts as
+edited (``facts.jsonl``), the edited weights themselves (``edited_weights.safetensors``: bit for bit what the
+editor left, which the summed deltas of a sequential edit are not) and the unedited model's weight
+fingerprint (``base_fingerprint`` in ``scores.json``).
 
 Facts whose new and true targets share their first token pass or fail ``top1`` alike, edited or not: they are
 counted (``top1_blind_edits`` in ``scores.json``) and warned about.
@@ -19,14 +23,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from retention.cli import parse_args
-from retention.io import atomic_write_json, safe_name
-from retention.models import DEFAULT_MODEL, load_model
+from retention.io import atomic_path, atomic_write_json, atomic_write_text, safe_name
+from retention.models import DEFAULT_MODEL, load_model, model_fingerprint
 from retention.reporting import GROUP_LABELS, probe_group, rate
 from retention.scoring import score_probes, top1_blind
 
 PROTOCOLS = ("top1", "prob")
 _GROUPS = ("edit", "edit_paraphrase", "edit_neighborhood")
+FACTS = "facts.jsonl"
+EDITED_WEIGHTS = "edited_weights.safetensors"
+SCORES = "scores.json"
 
 
 @dataclass
@@ -59,6 +68,9 @@ class EditArgs:
     """Probes per forward pass when scoring."""
     on_error: str = "raise"
     """Malformed records: raise (naming file, record and field), or skip and count."""
+    device: str = "cpu"
+    """Device to edit on (cpu, cuda, cuda:1); the model is loaded there in float32, as `retention fit` loads it,
+    so `edits.precomputed` can use the edit."""
 
 
 def _select(model, tokenizer, records, protocol: str | None, n: int, batch_size: int):
@@ -109,13 +121,18 @@ def format_edit_table(before: dict, after: dict) -> str:
 
 
 def run(args: EditArgs) -> dict:
+    import json
+
+    from safetensors.torch import save_file
+
+    from retention.arch import unwrap_model
     from retention.data.readers import load_records
     from retention.editing.base import EditRequest, EditResult, run_edits
     from retention.editing.registry import build_editor
 
     t_start = time.perf_counter()
     editor = build_editor(args.editor, args.hparams, args.model, **(args.set or {}))
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=torch.float32, device=args.device)
     records = load_records(args.data, on_error=args.on_error)
     records = _select(model, tokenizer, records, args.select_known, args.n, args.batch_size_scoring)
     if not records:
@@ -124,6 +141,7 @@ def run(args: EditArgs) -> dict:
     score = dict(protocols=PROTOCOLS, batch_size=args.batch_size_scoring)
     before = score_probes(model, tokenizer, probes, **score)
     requests = [EditRequest.from_record(r) for r in records]
+    fingerprint = model_fingerprint(unwrap_model(model)) if args.mode != "single" else None
     print(f"editing {len(requests)} facts with {args.editor} ({args.mode}) into {args.model}")
     t0 = time.perf_counter()
     results = run_edits(editor, model, tokenizer, requests, args.mode, args.batch_size)
@@ -138,7 +156,12 @@ def run(args: EditArgs) -> dict:
             result.save(out / "edits" / safe_name(rec.case_id))  # case ids come from data: never a path
     else:
         after = score_probes(model, tokenizer, probes, **score)
-        EditResult.merge(results).save(out / "edit")
+        merged = EditResult.merge(results)
+        merged.save(out / "edit")
+        base = unwrap_model(model)
+        with atomic_path(out / EDITED_WEIGHTS) as tmp:
+            save_file({n: base.get_parameter(n).detach().cpu().contiguous() for n in sorted(merged.deltas)}, str(tmp))
+        atomic_write_text(out / FACTS, "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in records))
         if args.save_model:
             model.save_pretrained(out / "model")
             tokenizer.save_pretrained(out / "model")
@@ -146,14 +169,15 @@ def run(args: EditArgs) -> dict:
     summary = {
         "model": args.model, "editor": args.editor, "mode": args.mode, "data": args.data, "n_edits": len(requests),
         "hparams": editor.hparams.to_dict(), "edit_seconds": edit_seconds,
-        "seconds_per_edit": edit_seconds / len(requests), "unedited": acc_before, "edited": acc_after,
+        "seconds_per_edit": edit_seconds / len(requests), "base_fingerprint": fingerprint,
+        "unedited": acc_before, "edited": acc_after,
         "probes": [{"unedited": b.to_dict(), "edited": a.to_dict()} for b, a in zip(before, after)],
     }
     if args.mode == "sequential":
         summary["efficacy_by_call"] = _efficacy_by_call(results, after)
     blind = top1_blind(tokenizer, records)
     summary["top1_blind_edits"] = len(blind)
-    atomic_write_json(out / "scores.json", summary)
+    atomic_write_json(out / SCORES, summary)
     print(f"\n{args.editor} ({args.mode}), {len(requests)} edits of {args.model}: "
           f"{edit_seconds:.1f} s editing ({edit_seconds / len(requests):.2f} s per edit), "
           f"{time.perf_counter() - t_start:.0f} s in all\n")
@@ -179,3 +203,30 @@ def main(argv: list[str]) -> int:
         return 2
     run(args)
     return 0
+
+
+def read_edit_folder(folder: str | Path) -> dict:
+    """What ``retention fit`` needs from an output folder of ``retention edit`` (batch or sequential mode): the
+    editor, mode, hyperparameters, edited layers, per-request diagnostics, the base model's fingerprint, the
+    facts as edited (``records``) and the path of the edited weights; raises naming a missing file."""
+    import json
+
+    from retention.data.readers import load_records
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    if (folder / "edits").is_dir() and not (folder / "edit").is_dir():
+        raise ValueError(f"{folder} holds a single-mode edit (one result per fact, never applied together)")
+    for name in (SCORES, "edit/edit.json", FACTS, EDITED_WEIGHTS):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} has no {name}: not the output of `retention edit` in batch or "
+                                    "sequential mode (or written before it saved facts and edited weights)")
+    scores = json.loads((folder / SCORES).read_text(encoding="utf-8"))
+    edit = json.loads((folder / "edit" / "edit.json").read_text(encoding="utf-8"))
+    records = load_records(folder / FACTS)
+    if [str(r.case_id) for r in records] != [str(c) for c in edit["case_ids"]]:
+        raise ValueError(f"{folder}: {FACTS} and edit/edit.json name different facts")
+    return {"editor": scores["editor"], "mode": scores["mode"], "hparams": scores["hparams"],
+            "base_fingerprint": scores["base_fingerprint"], "layers": edit["layers"],
+            "diagnostics": edit["diagnostics"], "records": records, "weights": folder / EDITED_WEIGHTS}

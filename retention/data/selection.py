@@ -38,23 +38,32 @@ def _key(text: str) -> str:
 
 
 def split_edit_control(
-    records: Sequence[KnowledgeRecord], n_edit: int, n_control: int, seed: int = 0
+    records: Sequence[KnowledgeRecord], n_edit: int, n_control: int, seed: int = 0,
+    edit: Sequence[KnowledgeRecord] | None = None,
 ) -> tuple[list[KnowledgeRecord], list[KnowledgeRecord]]:
     """A seeded split into ``n_edit`` facts to edit and ``n_control`` untouched ones, disjoint by subject.
 
     No subject is in both sets, and no subject of one set is an object (true or new target) of the other:
     editing "France -> capital -> Rome" must not touch a control fact about "Paris" or "France". Records are
     drawn in a seeded random order and each goes to the edit set while it needs more, else to the control set.
+
+    With ``edit`` given (an edit made earlier), the edit set is ``edit`` (``n_edit`` is ignored) and only
+    controls are drawn, by the same rule; when ``edit`` is what this split draws from ``records``, so are the
+    controls (the rule is symmetric, so a control never conflicts with a later edit fact). A record with an
+    edit fact's case id is never a control.
     """
     if n_edit < 0 or n_control < 0:
         raise ValueError(f"n_edit={n_edit}, n_control={n_control}: sizes must be >= 0")
     order = list(records)
     random.Random(seed).shuffle(order)
-    sets: tuple[list[KnowledgeRecord], list[KnowledgeRecord]] = ([], [])
-    wanted = (n_edit, n_control)
-    subjects: tuple[set[str], set[str]] = (set(), set())
-    objects: tuple[set[str], set[str]] = (set(), set())
+    sets: tuple[list[KnowledgeRecord], list[KnowledgeRecord]] = (list(edit or []), [])
+    wanted = (len(sets[0]) if edit is not None else n_edit, n_control)
+    subjects: tuple[set[str], set[str]] = ({_key(r.subject) for r in sets[0]}, set())
+    objects: tuple[set[str], set[str]] = ({_key(t) for r in sets[0] for t in (r.target_true, r.target_new)}, set())
+    edit_ids = {str(r.case_id) for r in sets[0]}
     for rec in order:
+        if str(rec.case_id) in edit_ids:
+            continue
         if all(len(s) == w for s, w in zip(sets, wanted)):
             break
         subject, objs = _key(rec.subject), {_key(rec.target_true), _key(rec.target_new)}
@@ -68,9 +77,9 @@ def split_edit_control(
             subjects[side].add(subject)
             objects[side].update(objs)
             break
-    if len(sets[0]) < n_edit or len(sets[1]) < n_control:
+    if len(sets[0]) < wanted[0] or len(sets[1]) < n_control:
         raise ValueError(
             f"only {len(sets[0])} edit and {len(sets[1])} control facts disjoint by subject could be drawn from "
-            f"{len(records)} records (seed {seed}); {n_edit} edit and {n_control} control requested"
+            f"{len(records)} records (seed {seed}); {wanted[0]} edit and {n_control} control requested"
         )
     return sets
