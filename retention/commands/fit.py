@@ -37,7 +37,6 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from retention.callbacks import PIPELINE
@@ -111,6 +110,15 @@ def prepare_run_folder(run_dir: Path, overwrite: bool, resume: bool) -> None:
         "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "note": "this run has not finished; its files may be partial (resume it with --ckpt_path last)",
     })
+
+
+def launched_as_rank_zero(env: dict[str, str] | None = None) -> bool:
+    """Whether this process is global rank 0, before a trainer knows: every rank variable a launcher sets is 0.
+    ``RANK`` (torchrun), ``SLURM_PROCID`` (srun) and ``LOCAL_RANK`` (Lightning's launcher, for the processes it
+    starts) are not enough: with Lightning's launcher on several nodes the process each node starts by hand
+    has only ``NODE_RANK``."""
+    env = os.environ if env is None else env
+    return all(int(env.get(k, 0)) == 0 for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK", "GROUP_RANK"))
 
 
 def resume_point(run_dir: Path, ckpt_path: str) -> tuple[Path, int]:
@@ -299,9 +307,9 @@ class FitCLI(LightningCLI):
         if self.ckpt_path is not None:
             path, step = resume_point(run_dir, self.ckpt_path)
             self.config_init[self.subcommand].ckpt_path = str(path)
-            if rank_zero_only.rank == 0:
+            if launched_as_rank_zero():
                 kept_rows = rewind_run_folder(run_dir, step)
-        if rank_zero_only.rank == 0:
+        if launched_as_rank_zero():
             prepare_run_folder(run_dir, run.overwrite, resume=self.ckpt_path is not None)
         trainer_config = self.config_init[self.subcommand].trainer
         user_loggers = trainer_config.get("logger")
