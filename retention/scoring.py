@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -124,7 +125,11 @@ def score_rows(model: nn.Module, rows: list[ScoreRow], pad_id: int):
 
 @torch.no_grad()
 def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of a batch of prompts (left-padded for generation)."""
+    """Greedy continuations of a batch of prompts (left-padded for generation).
+
+    A sharded model (FSDP2) generates ``max_new_tokens`` steps on every rank, past EOS, so that ranks whose
+    prompts end early still take part in the others' forwards; the rows are then cut at EOS as ``generate``
+    does, so the text is the same."""
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -132,11 +137,47 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence[str], max_new
         enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
     finally:
         tokenizer.padding_side = side
-    out = unwrap_model(model).generate(
+    base = unwrap_model(model)
+    fixed = is_sharded(model)
+    eos = base.generation_config.eos_token_id
+    out = base.generate(
         **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-        temperature=None, top_p=None, top_k=None,
-    )
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        temperature=None, top_p=None, top_k=None, **({"eos_token_id": None} if fixed else {}),
+    )[:, enc["input_ids"].shape[1] :]
+    if fixed and eos is not None:
+        out = pad_after_eos(out, eos, tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether the model holds FSDP2 shards (DTensors): then every forward is a collective of all ranks."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+@contextmanager
+def gathered_root(model: nn.Module) -> Iterator[None]:
+    """With an FSDP2 root, its own weights (embeddings, final norm, LM head) gathered for the duration: scoring
+    calls the decoder and the head past the root's forward (each decoder layer still gathers its own)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+def pad_after_eos(tokens: torch.Tensor, eos: int | list[int], pad_id: int) -> torch.Tensor:
+    """Generated ``tokens`` with every position after a row's first EOS set to ``pad_id``: what ``generate``
+    writes for a finished row when it stops at EOS."""
+    ended = torch.isin(tokens, torch.tensor(eos if isinstance(eos, list) else [eos], device=tokens.device))
+    after = (ended.cumsum(1) - ended.long()) > 0
+    return tokens.masked_fill(after, pad_id)
 
 
 def _gen_passed(generation: str, target: str) -> bool:

@@ -44,6 +44,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.distributed.tensor import DTensor
 
 from retention.arch import ArchAdapter, unwrap_model
 from retention.callbacks.augmentation import ParaphraseAugmentation
@@ -417,8 +418,9 @@ class ApplyEdits(Callback):
             return
         checkpoint["retention_edits"] = {
             "edit": [str(r.case_id) for r in self.sets.edit], "control": [str(r.case_id) for r in self.sets.control],
+            # An FSDP2 checkpoint holds every weight already (FineTuneModule.on_save_checkpoint), as shards.
             "frozen_edited_weights": {n: p.detach().cpu() for n, p in self._edited_weights(pl_module).items()
-                                      if not p.requires_grad},
+                                      if not p.requires_grad and not isinstance(p, DTensor)},
         }
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from retention.callbacks.probing import KnowledgeSets, Measurement, ScoreSettings, measure
@@ -54,6 +55,12 @@ class RetentionMonitor(Callback):
         self.probes = sets.probes()
         if not self.probes:
             return
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "RetentionMonitor: probes cannot be scored under FSDP1 (trainer.strategy fsdp), whose units gather "
+                "their weights only inside the wrapped forward; shard with FSDP2 instead "
+                "(configs/trainer/fsdp2_gpu.yaml: ModelParallelStrategy)"
+            )
         # On a resumed run (the trainer knows its checkpoint already) the checkpoint's curves replace this list
         # afterwards and the loggers have t=0; it is measured again as the baseline of the later measurements.
         m, self.baseline = measure(pl_module.model, pl_module.tokenizer, self.probes, self.settings, 0)

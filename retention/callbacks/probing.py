@@ -1,9 +1,10 @@
 """Measuring the edit and control sets of a run: probes, rank shards, torchmetrics states, gathering.
 
-Under DDP each rank scores its own shard of the probes (indices ``rank, rank + world, ...``: no padding, no
-repeats, unlike the distributed sampler) on its own replica of the model, and updates count metrics that
-``compute()`` sums over ranks. (A model sharded with FSDP2 would need every rank in every forward: there each
-rank would have to score all probes and update the metrics with its own shard only.)
+Each rank scores its own shard of the probes (indices ``rank, rank + world, ...``: no padding, no repeats,
+unlike the distributed sampler) and updates count metrics that ``compute()`` sums over ranks. Under DDP each
+rank scores on its own replica. A model sharded with FSDP2 all-gathers its weights in every forward, so there
+every rank must run the same forwards: shorter shards are topped up with probes whose results are dropped, and
+generation runs a fixed number of steps (``retention.scoring.greedy_generate``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 from retention.metrics import EditSuccess, Retention
 from retention.records import KnowledgeRecord, Probe
 from retention.reporting import Rate, probe_group, rate
-from retention.scoring import ProbeResult, check_protocols, score_probes
+from retention.scoring import ProbeResult, check_protocols, gathered_root, is_sharded, score_probes
 
 
 @dataclass
@@ -59,9 +60,17 @@ class ScoreSettings:
 
 def score_shard(model: nn.Module, tokenizer, probes: Sequence[Probe], settings: ScoreSettings) -> list[ProbeResult]:
     """Results of this rank's shard of ``probes`` (in shard order)."""
-    mine = shard(len(probes), *rank_and_world())
-    return score_probes(model, tokenizer, [probes[i] for i in mine], protocols=settings.protocols,
-                        batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens)
+    rank, world = rank_and_world()
+    mine = shard(len(probes), rank, world)
+    n = len(mine)
+    if is_sharded(model):
+        # Every rank scores as many probes as rank 0 (the longest shard): the same number of batches, hence of
+        # collective forwards. The top-up repeats probe 0 and its results are dropped.
+        mine += [0] * (len(shard(len(probes), 0, world)) - n)
+    with gathered_root(model):
+        results = score_probes(model, tokenizer, [probes[i] for i in mine], protocols=settings.protocols,
+                               batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens)
+    return results[:n]
 
 
 def gather(local: Sequence[ProbeResult], n: int) -> list[ProbeResult]:

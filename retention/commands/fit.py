@@ -124,9 +124,11 @@ def launched_as_rank_zero(env: dict[str, str] | None = None) -> bool:
 def resume_point(run_dir: Path, ckpt_path: str) -> tuple[Path, int]:
     """The checkpoint ``--ckpt_path`` names (``last``: this run's ``checkpoints/last.ckpt``) and its step."""
     path = run_dir / "checkpoints" / LAST if ckpt_path == "last" else Path(ckpt_path)
-    if not path.is_file():
+    # A file, or a sharded checkpoint's folder (FSDP2) whose meta.pt holds everything but the weights.
+    meta = path if path.is_file() else path / "meta.pt"
+    if not meta.is_file():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no checkpoint at {path}")
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    checkpoint = torch.load(meta, map_location="cpu", mmap=True, weights_only=False)
     return path, int(checkpoint["global_step"])
 
 
@@ -346,8 +348,8 @@ class FitCLI(LightningCLI):
         last = module.validations[-1]["step"] if module.validations else None
         if last != trainer.global_step:
             trainer.validate(module, datamodule=self.datamodule, verbose=False)
-        if self.run_args.save_model and trainer.is_global_zero:
-            module.export(self.run_dir / "model")
+        if self.run_args.save_model:
+            module.export(self.run_dir / "model")  # on every rank: a sharded model is gathered first
         if trainer.is_global_zero:
             print(self.report())
             checkpoint = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)

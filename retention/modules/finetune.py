@@ -25,10 +25,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from retention.arch import ArchAdapter, unwrap_model
 from retention.models import DEFAULT_MODEL, load_model
+from retention.scoring import gathered_root, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +159,7 @@ class FineTuneModule(LightningModule):
         adapter: AdapterArgs = AdapterArgs(),  # noqa: B008 (frozen by copying below; shown in --print_config)
         optimizer: OptimizerArgs = OptimizerArgs(),  # noqa: B008
         task_eval_limit: int | None = 100,
+        activation_checkpointing: bool = False,
     ):
         """
         Args:
@@ -166,15 +169,18 @@ class FineTuneModule(LightningModule):
             optimizer: AdamW and its learning-rate schedule.
             task_eval_limit: Task accuracy (math, classify) on at most this many validation examples at each
                 validation end (generation is slow on CPU); None for all, 0 to skip.
+            activation_checkpointing: Recompute each decoder layer's activations in the backward pass instead of
+                storing them (less memory, about a third more compute), under any strategy.
         """
         super().__init__()
         self.model_name = model_name
         self.adapter = replace(adapter)
         self.optim = replace(optimizer)
         self.task_eval_limit = task_eval_limit
+        self.activation_checkpointing = activation_checkpointing
         self.save_hyperparameters({
             "model_name": model_name, "adapter": _plain(self.adapter), "optimizer": _plain(self.optim),
-            "task_eval_limit": task_eval_limit,
+            "task_eval_limit": task_eval_limit, "activation_checkpointing": activation_checkpointing,
         })
         self.model: nn.Module | None = None
         self.tokenizer = None
@@ -186,6 +192,8 @@ class FineTuneModule(LightningModule):
         """Input tokens (padding excluded) trained on so far, on this rank."""
         self._val_sums: torch.Tensor | None = None
         """Summed validation NLL and labelled-token count of the current validation pass, on this rank."""
+        self._val_batches: int | None = None
+        """Under FSDP2: the extra validation forwards this rank runs in the current pass (others have more batches)."""
         self._ready = False
 
     @classmethod
@@ -220,12 +228,37 @@ class FineTuneModule(LightningModule):
             self.model = self._add_adapters(self.model, arch, frozen)
         for i in frozen:
             arch.layer(i).requires_grad_(False)
+        if self.activation_checkpointing:
+            unwrap_model(self.model).gradient_checkpointing_enable({"use_reentrant": False})
         self.model.train()
+        self._distribute(trainer, arch)
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.model.parameters())
         log.info("%s fine-tuning: %d of %d parameters trainable, frozen layers %s",
                  self.adapter.method, n_train, n_all, frozen or "none")
         self._ready = True
+
+    def _distribute(self, trainer, arch: ArchAdapter) -> None:
+        """Shard (FSDP2) or name the wrap units (FSDP1) per decoder layer, so a frozen layer is its own unit."""
+        strategy = trainer.strategy if trainer is not None else None
+        if isinstance(strategy, ModelParallelStrategy):
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh
+            if mesh["tensor_parallel"].size() != 1:
+                raise ValueError(
+                    f"ModelParallelStrategy: tensor_parallel_size={mesh['tensor_parallel'].size()}, but retention "
+                    "shards with FSDP2 only: set tensor_parallel_size: 1 and data_parallel_size to the number of "
+                    "devices (configs/trainer/fsdp2_gpu.yaml)"
+                )
+            for layer in arch.layers:
+                fully_shard(layer, mesh=mesh["data_parallel"])
+            fully_shard(self.model, mesh=mesh["data_parallel"])
+            self._val_batches = 0
+        elif isinstance(strategy, FSDPStrategy) and "auto_wrap_policy" not in strategy.kwargs:
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+            strategy.kwargs["auto_wrap_policy"] = ModuleWrapPolicy({type(arch.layer(0))})
 
     def _add_adapters(self, model: nn.Module, arch: ArchAdapter, frozen: list[int]) -> nn.Module:
         from peft import LoraConfig, get_peft_model
@@ -274,10 +307,20 @@ class FineTuneModule(LightningModule):
         # Plain tensors made afresh each pass: a validate() runs in inference mode and validation inside fit
         # does not, and state carried from one into the other could not be updated in place.
         self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if self._val_batches is not None:
+            # Sharded forwards are collectives: a rank with fewer validation batches repeats its last one,
+            # uncounted, right after it, until it has run as many forwards as the rank with the most.
+            mine = int(sum(self.trainer.num_val_batches))
+            most = self.trainer.strategy.reduce(torch.tensor(mine, device=self.device), reduce_op="max")
+            self._val_batches = int(most) - mine
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         total, count = self._common_step(batch)
         self._val_sums += torch.stack([total.double(), count.double()])
+        last = self.trainer.num_val_batches
+        if self._val_batches and (dataloader_idx, batch_idx) == (len(last) - 1, last[-1] - 1):
+            for _ in range(self._val_batches):
+                self._common_step(batch)
 
     def on_validation_epoch_end(self) -> None:
         total, count = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").tolist()
@@ -296,7 +339,8 @@ class FineTuneModule(LightningModule):
         task = getattr(self.trainer.datamodule, "task", None)
         if task is None or not task.has_accuracy or self.task_eval_limit == 0:
             return {}
-        result = task.evaluate(self.model, self.tokenizer, n=self.task_eval_limit)
+        with gathered_root(self.model):
+            result = task.evaluate(self.model, self.tokenizer, n=self.task_eval_limit)
         return {f"val/{name}": float(value) for name, value in result.items()}
 
     # -- checkpoints -----------------------------------------------------------------------------------
@@ -307,9 +351,13 @@ class FineTuneModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """A light checkpoint: trainable weights only (frozen base weights, edited or not, are rebuilt on resume:
         loaded again and edited again by ApplyEdits, which restores the edited ones from its own state), plus what
-        the report needs to go on as if never stopped: trained tokens, the validation history, the RNG states."""
-        frozen = self._frozen_parameter_names()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        the report needs to go on as if never stopped: trained tokens, the validation history, the RNG states.
+
+        Under FSDP2 every weight is kept: each rank writes its own shards, and the strategy loads the weights
+        (before ``on_load_checkpoint``) expecting all of them."""
+        if not is_sharded(self.model):
+            frozen = self._frozen_parameter_names()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["retention"] = {
             "train_tokens": self.train_tokens, "validations": self.validations,
             "rng": {"torch": torch.get_rng_state(), "random": random.getstate(),
@@ -317,13 +365,15 @@ class FineTuneModule(LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        missing = set(self.state_dict()) - set(checkpoint["state_dict"]) - self._frozen_parameter_names()
-        if missing:
-            raise ValueError(
-                f"the checkpoint lacks {len(missing)} trainable weights of this run (e.g. {sorted(missing)[:3]}): "
-                "was it written by a run with other adapter or freeze settings?"
-            )
-        self.strict_loading = False  # the frozen weights are not in a light checkpoint (checked above)
+        # Under FSDP2 the strategy has loaded every weight already (strictly) and took them out of ``checkpoint``.
+        if not is_sharded(self.model):
+            missing = set(self.state_dict()) - set(checkpoint["state_dict"]) - self._frozen_parameter_names()
+            if missing:
+                raise ValueError(
+                    f"the checkpoint lacks {len(missing)} trainable weights of this run (e.g. {sorted(missing)[:3]}): "
+                    "was it written by a run with other adapter or freeze settings?"
+                )
+            self.strict_loading = False  # the frozen weights are not in a light checkpoint (checked above)
         state = checkpoint.get("retention")
         if state is not None:
             self.train_tokens, self.validations = state["train_tokens"], state["validations"]
@@ -360,20 +410,49 @@ class FineTuneModule(LightningModule):
 
     # -- export ----------------------------------------------------------------------------------------
 
-    def merged_model(self) -> nn.Module:
-        """A standalone copy of the fine-tuned model with any adapters merged into its weights."""
-        model = copy.deepcopy(self.model)
-        if hasattr(model, "merge_and_unload"):
+    def _plain_copy(self) -> nn.Module | None:
+        """A standalone copy of ``self.model`` (adapters unmerged); under FSDP2 the full weights are gathered
+        (a collective: every rank calls this) into a freshly loaded model on rank 0, and other ranks get None."""
+        if not is_sharded(self.model):
+            return copy.deepcopy(self.model)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.global_rank != 0:
+            return None
+        model, _ = load_model(self.model_name, dtype=torch.float32)
+        if self.adapter.method != "full":
+            arch = ArchAdapter.for_model(model)
+            model = self._add_adapters(model, arch, _layer_indices(arch, self.frozen_layers))
+        model.load_state_dict(state)
+        return model
+
+    def merged_model(self) -> nn.Module | None:
+        """A standalone copy of the fine-tuned model with any adapters merged into its weights (None on ranks
+        other than 0 under FSDP2)."""
+        model = self._plain_copy()
+        if model is not None and hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
-        return unwrap_model(model).eval()
+        return None if model is None else unwrap_model(model).eval()
 
     def export(self, path: str | Path) -> Path:
-        """Save the fine-tuned (merged) model and its tokenizer as a folder that ``load_model`` reads."""
+        """Save the fine-tuned (merged) model and its tokenizer as a folder that ``load_model`` reads; with
+        LoRA/DoRA also the peft adapter alone in ``<path>/adapter`` (``PeftModel.from_pretrained(base, that)``,
+        where ``base`` is the model fine-tuning started from: the base model after the edits). Call it on every
+        rank: rank 0 writes, a sharded (FSDP2) model is gathered first."""
         t0 = time.perf_counter()
         path = Path(path)
+        if self.global_rank != 0 and not is_sharded(self.model):
+            return path
+        model = self._plain_copy()
+        if model is None:
+            return path
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.merged_model().save_pretrained(tmp)
+        if hasattr(model, "merge_and_unload"):
+            model.save_pretrained(tmp / "adapter")
+            model = model.merge_and_unload()
+        unwrap_model(model).eval().save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
