@@ -55,11 +55,12 @@ class RetentionMonitor(Callback):
         self.probes = sets.probes()
         if not self.probes:
             return
-        if isinstance(trainer.strategy, FSDPStrategy):
+        # On one device FSDP1's units hold whole weights (checked on an H200); sharded over several they do not.
+        if isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
             raise ValueError(
-                "RetentionMonitor: probes cannot be scored under FSDP1 (trainer.strategy fsdp), whose units gather "
-                "their weights only inside the wrapped forward; shard with FSDP2 instead "
-                "(configs/trainer/fsdp2_gpu.yaml: ModelParallelStrategy)"
+                "RetentionMonitor: probes cannot be scored under FSDP1 (trainer.strategy fsdp) on more than one "
+                "device: its units gather their weights only inside the wrapped forward, and scoring reads the "
+                "decoder and the head directly; shard with FSDP2 instead (configs/trainer/fsdp2_gpu.yaml)"
             )
         # On a resumed run (the trainer knows its checkpoint already) the checkpoint's curves replace this list
         # afterwards and the loggers have t=0; it is measured again as the baseline of the later measurements.
