@@ -111,3 +111,25 @@ def test_fsdp2_sharded_checkpoint_resumes_to_the_same_results(runs):
         assert after[key] == before[key], key
     assert after["downstream"] == before["downstream"]
     assert {p.name: p.read_text() for p in (folder / "probes").iterdir()} == probes
+
+
+def test_fsdp2_keeps_frozen_edited_layers_as_one_rank_does(runs):
+    """`freeze.policy: edited` under FSDP2: the edited layer is left out of the optimizer on the shards as on 1 rank
+    (1 rank's frozen layers are checked bit-identical in test_freeze.py), so the runs agree on every rate and on
+    every exported weight, and the frozen layer differs from the trained one's run."""
+    flags = ["--freeze.policy", "edited", "--run.checkpoint_every", "0"]
+    _fit("--config", str(runs / "one.yaml"), "--run.name", "one_frozen", *flags)
+    _fit("--config", str(runs / "fsdp2.yaml"), "--config", str(CONFIGS / "fsdp2_cpu.yaml"),
+         "--run.name", "fsdp2_frozen", *flags)
+    one, two = (_summary(runs / "runs" / name) for name in ("one_frozen", "fsdp2_frozen"))
+    assert one["run"]["frozen_layers"] == two["run"]["frozen_layers"] == [0]
+    for key in RATES:
+        assert two[key] == one[key], key
+    frozen_one, _ = load_model(str(runs / "runs" / "one_frozen" / "model"))
+    frozen_two, _ = load_model(str(runs / "runs" / "fsdp2_frozen" / "model"))
+    trained, _ = load_model(str(runs / "runs" / "one" / "model"))
+    theirs, trained = frozen_two.state_dict(), trained.state_dict()
+    for name, weight in frozen_one.state_dict().items():
+        assert torch.equal(theirs[name], weight), name
+    layer0 = [n for n in trained if ".layers.0." in n]
+    assert any(not torch.equal(trained[n], theirs[n]) for n in layer0)  # the unfrozen run trained layer 0
