@@ -139,7 +139,7 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence[str], max_new
         tokenizer.padding_side = side
     base = unwrap_model(model)
     fixed = is_sharded(model)
-    eos = base.generation_config.eos_token_id
+    eos = base.generation_config.eos_token_id if fixed else None
     out = base.generate(
         **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
         temperature=None, top_p=None, top_k=None, **({"eos_token_id": None} if fixed else {}),
