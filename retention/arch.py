@@ -50,6 +50,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def out_of_range(layers, n: int) -> list[int]:
+    """The entries of ``layers`` that are no layer index of an ``n``-layer model (negatives count from the end)."""
+    return [int(i) for i in layers if not -n <= int(i) < n]
+
+
 class UnsupportedArchitecture(ValueError):
     pass
 

@@ -39,6 +39,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from typing_extensions import override
 
+from retention.arch import out_of_range
 from retention.callbacks import PIPELINE
 from retention.callbacks.checkpoint import LAST, LastCheckpoint
 from retention.data.datamodule import TaskDataModule
@@ -273,7 +274,7 @@ class FitCLI(LightningCLI):
                  "model.adapter.target_layers": self.fit_config.model.adapter.target_layers}
         n = model_num_layers(model_name)
         for flag, layers in named.items():
-            bad = [i for i in layers or [] if n is not None and not -n <= int(i) < n]
+            bad = out_of_range(layers or [], n) if n is not None else []
             if bad:
                 raise ValueError(f"{flag}: {bad} out of range for {model_name} ({n} layers)")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from retention.arch import ArchAdapter, unwrap_model
+from retention.arch import ArchAdapter, out_of_range, unwrap_model
 from retention.diskcache import DiskCache
 from retention.editing.trace import capture, patch_outputs, start_at_layer, subject_token_span
 from retention.models import cache_dir, model_fingerprint
@@ -364,9 +364,7 @@ def resolve_layers(layers: Sequence[int] | str, model: nn.Module) -> list[int]:
             raise ValueError(f"layers={layers!r}: give a list of layer indices or 'located'")
         return located_layers(model)
     n = ArchAdapter.for_model(model).num_layers
-    out = []
-    for i in layers:
-        if not -n <= int(i) < n:
-            raise ValueError(f"layers: {i} is out of range for a model with {n} layers")
-        out.append(int(i) % n)
-    return out
+    bad = out_of_range(layers, n)
+    if bad:
+        raise ValueError(f"layers: {bad[0]} is out of range for a model with {n} layers")
+    return [int(i) % n for i in layers]
