@@ -7,7 +7,7 @@ from conftest import DATA, needs_data
 
 from retention.data import selection
 from retention.data.readers import load_records
-from retention.data.selection import select_known_facts, split_edit_control
+from retention.data.selection import select_known, select_known_facts, split_edit_control
 from retention.records import KnowledgeRecord
 from retention.scoring import ProbeResult, score_probes
 
@@ -115,3 +115,20 @@ def test_split_counterfact_real_file():
     edit, control = split_edit_control(records, n_edit=100, n_control=400, seed=0)
     assert (len(edit), len(control)) == (100, 400)
     assert_disjoint(edit, control)
+
+
+def test_select_known_stops_scoring_once_n_known_facts_are_found(monkeypatch):
+    records = [fact(i) for i in range(100)]
+    scored = []
+
+    def fake_score(model, tokenizer, probes, protocols, batch_size, progress):
+        scored.extend(p.case_id for p in probes)
+        return [ProbeResult(p, passed={"top1": int(p.case_id) % 3 == 0}) for p in probes]
+
+    monkeypatch.setattr(selection, "score_probes", fake_score)
+    known = select_known(None, None, records, "top1", n=5, batch_size=4)
+    assert [r.case_id for r in known] == ["0", "3", "6", "9", "12"]
+    assert len(scored) < 30 and scored == [str(i) for i in range(len(scored))]
+    assert [r.case_id for r in select_known(None, None, records, "top1")] == [str(i) for i in range(0, 100, 3)]
+    assert [r.case_id for r in select_known(None, None, records, "none", n=2)] == ["0", "1"]
+    assert len(select_known(None, None, records[:6], "top1", n=5)) == 2

@@ -33,6 +33,32 @@ def select_known_facts(
     return known
 
 
+def select_known(
+    model: nn.Module,
+    tokenizer,
+    records: Sequence[KnowledgeRecord],
+    protocol: str = "top1",
+    n: int | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[KnowledgeRecord]:
+    """The records the model knows under ``protocol`` (``"none"`` keeps all), in order; with ``n``, the first ``n``
+    of them, scoring records in chunks only until ``n`` are found."""
+    if protocol == "none":
+        return list(records[:n] if n is not None else records)
+    if n is None:
+        return select_known_facts(model, tokenizer, records, protocol, batch_size, progress)
+    known: list[KnowledgeRecord] = []
+    start = 0
+    while len(known) < n and start < len(records):
+        chunk = records[start : start + max(2 * (n - len(known)), batch_size)]
+        known += select_known_facts(model, tokenizer, chunk, protocol, batch_size, progress)
+        start += len(chunk)
+    if len(known) < n:
+        log.warning(f"only {len(known)} of {len(records)} facts are known under {protocol} (asked for {n})")
+    return known[:n]
+
+
 def _key(text: str) -> str:
     return " ".join(text.casefold().split())
 
