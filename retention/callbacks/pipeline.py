@@ -1,0 +1,68 @@
+"""The pipeline's contract: three hooks of its own, one typed state the callbacks share, and a checked order.
+
+Besides Lightning's hooks, pipeline callbacks receive, in callback order:
+
+- ``on_base_model_ready(trainer, pl_module)``: the FineTuneModule calls it from ``configure_model`` after loading
+  the base model, before adapters, freezing and the strategy's wrap (ApplyEdits edits here, FreezeLayers decides);
+- ``on_before_edits(trainer, pl_module, records) -> records | None``: ApplyEdits calls it with the edit set before
+  editing, while the model is still the base model (ParaphraseAugmentation adds phrasings here);
+- ``on_edits_applied(trainer, pl_module, sets)``: ApplyEdits calls it after editing (RetentionMonitor measures t=0).
+
+They hand each other data only through the module's :class:`PipelineState`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+if TYPE_CHECKING:
+    from retention.callbacks.probing import KnowledgeSets
+    from retention.records import KnowledgeRecord
+
+
+@dataclass
+class PipelineState:
+    """What the pipeline callbacks hand each other; the FineTuneModule owns it (``pl_module.pipeline``)."""
+
+    sets: KnowledgeSets | None = None
+    """The edit and control sets, once ApplyEdits has selected them."""
+    edited_layers: list[int] = field(default_factory=list)
+    """Decoder layers the edits changed (set by ApplyEdits)."""
+    frozen_layers: set[int] = field(default_factory=set)
+    """Decoder layers kept frozen during fine-tuning (set by FreezeLayers)."""
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    """Per-edit diagnostics of the editor (set by ApplyEdits)."""
+
+
+class PipelineCallback(Callback):
+    """A callback of the retention pipeline: the three pipeline hooks as no-ops, and the callbacks it must follow."""
+
+    runs_after: ClassVar[tuple[str, ...]] = ()
+    """Names of pipeline callback classes that, when present, must come earlier in ``trainer.callbacks``."""
+
+    def on_base_model_ready(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The base model is loaded (not yet wrapped, adapted or frozen)."""
+
+    def on_before_edits(self, trainer: Trainer, pl_module: LightningModule,
+                        records: list[KnowledgeRecord]) -> list[KnowledgeRecord] | None:
+        """The edit set, before editing; return a replacement list, or ``None`` to keep it."""
+        return None
+
+    def on_edits_applied(self, trainer: Trainer, pl_module: LightningModule, sets: KnowledgeSets) -> None:
+        """The edits are in the model."""
+
+
+def check_order(callbacks: Sequence[Callback]) -> list[PipelineCallback]:
+    """The pipeline callbacks among ``callbacks``, in order, after checking each comes after those it needs."""
+    pipeline = [cb for cb in callbacks if isinstance(cb, PipelineCallback)]
+    position = {type(cb).__name__: i for i, cb in enumerate(pipeline)}
+    for i, cb in enumerate(pipeline):
+        for before in cb.runs_after:
+            if position.get(before, -1) > i:
+                raise ValueError(f"{before} must come before {type(cb).__name__} in trainer.callbacks "
+                                 f"({type(cb).__name__} reads what {before} sets); reorder the callbacks")
+    return pipeline
