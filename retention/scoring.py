@@ -22,6 +22,7 @@ from torch import nn
 
 from retention.arch import unwrap_model
 from retention.records import KnowledgeRecord, Probe
+from retention.tokens import prompt_ids, right_pad, target_ids
 
 PROTOCOLS = ("top1", "prob", "token_acc", "gen")
 
@@ -57,26 +58,11 @@ def check_protocols(protocols: Sequence[str]) -> tuple[str, ...]:
     return tuple(protocols)
 
 
-def target_ids(tokenizer, target: str) -> list[int]:
-    """Token ids of ``" " + target`` without a BOS token."""
-    text = target if target.startswith(" ") else " " + target
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
-        ids = ids[1:]
-    if not ids:
-        raise ValueError(f"target {target!r} tokenises to nothing")
-    return ids
-
-
 def top1_blind(tokenizer, records: Sequence[KnowledgeRecord]) -> list[str]:
     """Case ids of the records whose ``target_new`` and ``target_true`` start with the same token: ``top1`` passes
     or fails them alike edited or not (e.g. " Paris" and " Paris Hilton"), so only ``prob``/``gen`` can tell."""
     return [str(r.case_id) for r in records
             if r.target_true.strip() and target_ids(tokenizer, r.target_new)[0] == target_ids(tokenizer, r.target_true)[0]]
-
-
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    return tokenizer(prompt)["input_ids"]
 
 
 def _hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -91,17 +77,6 @@ class ScoreRow:
     """Index of the first continuation token."""
     length: int
     """Number of continuation tokens."""
-
-
-def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` of token sequences, right-padded to the longest."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        input_ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return input_ids, mask
 
 
 def score_rows(model: nn.Module, rows: list[ScoreRow], pad_id: int):

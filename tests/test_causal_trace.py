@@ -20,7 +20,7 @@ from retention.editing.causal_trace import (
 )
 from retention.editing.trace import patch_outputs, subject_token_span
 from retention.records import KnowledgeRecord
-from retention.scoring import prompt_ids, target_ids
+from retention.tokens import prompt_ids, target_ids
 
 FACTS = [
     KnowledgeRecord("1", "Danielle Darrieux", "The mother tongue of {} is", "P103", "English", "French"),

@@ -29,7 +29,7 @@ from retention.diskcache import DiskCache
 from retention.editing.trace import capture, patch_outputs, start_at_layer, subject_token_span
 from retention.models import cache_dir, model_fingerprint
 from retention.records import KnowledgeRecord
-from retention.scoring import prompt_ids, target_ids
+from retention.tokens import prompt_ids, target_ids
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from retention.editing.base import (
 from retention.editing.causal_trace import resolve_layers
 from retention.editing.targets import trainable_only
 from retention.editing.trace import layer_input, patch_outputs, start_at_layer
-from retention.scoring import prompt_ids, right_pad, target_ids
+from retention.tokens import prompt_ids, right_pad, target_ids
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ from retention.editing.targets import (
 )
 from retention.editing.trace import capture, stop_after, subject_last_token_index
 from retention.models import model_fingerprint
-from retention.scoring import prompt_ids, right_pad
+from retention.tokens import prompt_ids, right_pad
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from retention.editing.trace import (
     subject_last_token_index,
 )
 from retention.models import cache_dir
-from retention.scoring import prompt_ids, right_pad, target_ids
+from retention.tokens import prompt_ids, right_pad, target_ids
 
 log = logging.getLogger(__name__)
 
