@@ -3,10 +3,14 @@ import random
 
 import pytest
 import torch
+import yaml
 
+from retention import corpus as corpora
 from retention.arch import ArchAdapter
 from retention.editing import covariance
+from retention.editing.base import PRESETS
 from retention.editing.covariance import CovarianceSpec, key_covariance, key_covariances
+from retention.editing.rome import RomeHParams
 from retention.editing.trace import capture
 
 
@@ -105,9 +109,63 @@ def test_spec_and_corpus_errors(tiny_llama, corpus, tmp_path):
     model, tokenizer = tiny_llama
     with pytest.raises(ValueError, match="max_length=0"):
         CovarianceSpec(max_length=0)
-    with pytest.raises(FileNotFoundError, match="mom2_corpus='.*missing.txt' is not a file"):
+    with pytest.raises(FileNotFoundError, match="mom2_corpus '.*missing.txt' is not a file"):
         key_covariance(model, tokenizer, 0, _spec(tmp_path / "missing.txt"))
     short = tmp_path / "short.txt"
     short.write_text("tiny")
     with pytest.raises(ValueError, match="fewer than"):
         key_covariance(model, tokenizer, 0, _spec(short))
+
+
+def test_wikitext2_is_found_through_the_env_var_or_beside_the_checkout(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "wikitext").mkdir(parents=True)
+    (data / "wikitext" / "wiki.test.raw").write_text(" = Title = \n\n Some text .\n", encoding="utf-8")
+    monkeypatch.setenv("RETENTION_DATA", str(data))
+    text, identity = corpora.corpus_text("wikitext2")
+    assert "Some text" in text
+    # the same file named by path (expanded variable) has the same identity, so cached statistics stay valid
+    assert corpora.corpus_text("$RETENTION_DATA/wikitext/wiki.test.raw") == (text, identity)
+    assert identity.startswith("file:wiki.test.raw:")
+
+    monkeypatch.delenv("RETENTION_DATA")
+    monkeypatch.setattr(corpora, "_CHECKOUT", tmp_path / "nowhere")  # not a source checkout
+    with pytest.raises(FileNotFoundError, match="mom2_corpus 'wikitext2' needs the shared data folder: set RETENTION_DATA"):
+        corpora.corpus_text("wikitext2", what="mom2_corpus")
+    monkeypatch.setenv("RETENTION_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="wiki.test.raw does not exist.*set RETENTION_DATA"):
+        corpora.corpus_text("wikitext2")
+    monkeypatch.delenv("RETENTION_DATA")
+    with pytest.raises(FileNotFoundError, match="environment variable RETENTION_DATA is not set"):
+        corpora.corpus_text("$RETENTION_DATA/wikitext/wiki.test.raw")
+
+
+def test_a_corpus_path_in_a_yaml_file_is_relative_to_the_file(tmp_path, monkeypatch):
+    folder = tmp_path / "hp"
+    folder.mkdir()
+    (folder / "corpus.txt").write_text("text", encoding="utf-8")
+    (folder / "rome.yaml").write_text("layer: 0\nmom2_corpus: corpus.txt\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # not the file's folder
+    hp = RomeHParams.from_yaml("hp/rome.yaml")
+    assert hp.mom2_corpus == str(folder / "corpus.txt")
+    assert corpora.corpus_text(hp.mom2_corpus)[0] == "text"
+    for spec in ("builtin", "wikitext2", "hf:wikitext:wikitext-2-raw-v1", "$HOME/x.txt", "/abs/x.txt"):
+        (folder / "rome.yaml").write_text(f"mom2_corpus: '{spec}'\n", encoding="utf-8")
+        assert RomeHParams.from_yaml(folder / "rome.yaml").mom2_corpus == spec
+    # on the command line (a mapping), relative to the current directory
+    assert RomeHParams.from_dict({"mom2_corpus": "hp/corpus.txt"}).mom2_corpus == "hp/corpus.txt"
+    assert corpora.corpus_text("hp/corpus.txt")[0] == "text"
+
+
+def test_hub_corpus_without_datasets_names_the_extra(monkeypatch):
+    real = corpora.importlib.util.find_spec
+    monkeypatch.setattr(corpora.importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real(name, *a))
+    with pytest.raises(ImportError, match=r"pip install 'retention\[hf\]'"):
+        corpora.corpus_text("hf:wikitext:wikitext-2-raw-v1")
+
+
+def test_shipped_presets_name_no_path_relative_to_the_current_directory():
+    for preset in sorted(PRESETS.glob("*/*.yaml")):
+        spec = yaml.safe_load(preset.read_text()).get("mom2_corpus")
+        assert spec is None or corpora.is_named(spec), f"{preset}: mom2_corpus {spec!r}"
+    assert RomeHParams.from_yaml(PRESETS / "rome" / "smollm2-135m.yaml").mom2_corpus == "wikitext2"

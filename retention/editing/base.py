@@ -7,6 +7,7 @@ writes them and :meth:`EditResult.revert` restores the saved original weights bi
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import logging
 import math
@@ -23,13 +24,15 @@ import torch
 from torch import nn
 
 from retention.arch import unwrap_model
+from retention.corpus import anchor
 from retention.io import atomic_write_json
 from retention.records import KnowledgeRecord
 
 log = logging.getLogger(__name__)
 
-PRESETS = Path(__file__).resolve().parents[2] / "configs" / "editors"
-"""Per-model hyperparameter presets: ``configs/editors/<editor>/<preset>.yaml``."""
+PRESETS = importlib.resources.files("retention") / "resources" / "editors"
+"""Per-model hyperparameter presets, shipped as package data: ``retention/resources/editors/<editor>/<preset>.yaml``
+(a :class:`~importlib.resources.abc.Traversable`; a plain folder unless the package is imported from a zip)."""
 MODES = ("batch", "sequential", "single")
 LARGE_UPDATE_ACTIONS = ("error", "warn")
 
@@ -263,6 +266,9 @@ class EditorHParams:
     """A larger update: ``error`` (an :class:`EditError` naming the weight and the requests, nothing applied) or
     ``warn`` (logged, then applied)."""
 
+    path_fields: ClassVar[tuple[str, ...]] = ()
+    """Fields holding a file path (e.g. ``mom2_corpus``): in a YAML file, a relative path is relative to the file."""
+
     def __post_init__(self):
         self.validate()
 
@@ -293,6 +299,9 @@ class EditorHParams:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of hyperparameters, got {type(data).__name__}")
+        for name in cls.path_fields:
+            if isinstance(data.get(name), str):
+                data[name] = anchor(data[name], path.resolve().parent)
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -304,14 +313,26 @@ def preset_name(model_name: str) -> str:
     return Path(str(model_name).rstrip("/")).name.lower().removesuffix(".gguf")
 
 
+def preset_names(editor: str) -> list[str]:
+    """The presets shipped for ``editor`` (file names without ``.yaml``), sorted; empty for an unknown editor."""
+    folder = PRESETS / editor
+    if not folder.is_dir():
+        return []
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
 def resolve_hparams(cls: type[H], editor: str, hparams: str | Path | dict | H | None, model_name: str | None) -> H:
     """Hyperparameters from an object, a dict, a YAML path, a preset name, or the preset of ``model_name``."""
+    if isinstance(hparams, str) and hparams.startswith("easyedit:"):  # an EasyEdit hparams file, mapped to ours
+        from retention.editing.easyedit import load_easyedit
+
+        return load_easyedit(cls, editor, hparams.removeprefix("easyedit:"))
     if isinstance(hparams, cls):
         return hparams
     if isinstance(hparams, dict):
         return cls.from_dict(hparams)
     folder = PRESETS / editor
-    available = sorted(p.stem for p in folder.glob("*.yaml"))
+    available = preset_names(editor)
     if hparams is not None:
         path = Path(hparams)
         if path.suffix in (".yaml", ".yml") or path.exists():
@@ -324,7 +345,8 @@ def resolve_hparams(cls: type[H], editor: str, hparams: str | Path | dict | H | 
     if name not in available:
         raise FileNotFoundError(f"{editor}: no preset '{name}' in {folder} (available: {', '.join(available) or 'none'}); "
                                 "pass a hyperparameter YAML file instead")
-    return cls.from_yaml(folder / f"{name}.yaml")
+    with importlib.resources.as_file(folder / f"{name}.yaml") as path:
+        return cls.from_yaml(path)
 
 
 class Editor(ABC):

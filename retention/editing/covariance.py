@@ -1,26 +1,28 @@
 """Second-moment statistics of editing keys: C = E[k kᵀ] of a layer's MLP-output-projection input over a corpus.
 
-Keys are collected from windows of ``max_length`` tokens of a text corpus — a local text file, ``hf:<id>[:config]``
-(a Hugging Face dataset's ``train`` split, ``text`` field; needs ``datasets`` and a network) or ``builtin`` (the
-project's built-in prose corpus) — with each forward stopped right after the deepest layer needed. C is
-accumulated in float64 and cached on disk (:class:`~retention.diskcache.DiskCache`) under
-``cache_dir()/covariance/<weights hash>``, keyed by the model's weights hash, its name, the layer, the corpus (its
-content hash), the sample count, the window length and the dtype; an entry that fails its check is recomputed.
+Keys are collected from windows of ``max_length`` tokens of a text corpus (:mod:`retention.corpus`: ``builtin``,
+the project's built-in prose corpus; ``wikitext2``, the shared WikiText-2 test split; ``hf:<id>[:config]``, a
+Hugging Face dataset's ``train`` split, ``text`` field, needing ``retention[hf]`` and a network; or a text file),
+with each forward stopped right after the deepest layer needed. C is accumulated in float64 and cached on disk
+(:class:`~retention.diskcache.DiskCache`) under ``cache_dir()/covariance/<weights hash>``, keyed by the model's
+weights hash, its name, the layer, the corpus (its content hash and, for a file, its name: ``wikitext2`` and the
+path of the same file share entries), the sample count, the window length and the dtype; an entry that fails its
+check is recomputed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from retention.arch import ArchAdapter, unwrap_model
+from retention.corpus import corpus_text as read_corpus
 from retention.diskcache import DiskCache
 from retention.editing.base import EditorHParams
 from retention.editing.trace import capture, stop_after
@@ -37,7 +39,7 @@ class CovarianceSpec:
     """Which keys the statistics are taken over."""
 
     corpus: str = "builtin"
-    """A local text file, ``hf:<id>[:config]`` or ``builtin``."""
+    """A corpus spec (:mod:`retention.corpus`): ``builtin``, ``wikitext2``, ``hf:<id>[:config]`` or a text file."""
     samples: int = 1000
     """Number of token windows."""
     max_length: int = 128
@@ -57,11 +59,14 @@ class KeyStatsHParams(EditorHParams):
     mom2_adjustment: bool = True
     """Use the key covariance C; false is the named ``C = I`` fallback."""
     mom2_corpus: str = "builtin"
-    """Corpus of the key statistics: a text file, ``hf:<id>[:config]`` or ``builtin``."""
+    """Corpus of the key statistics (:mod:`retention.corpus`): ``builtin``, ``wikitext2``, ``hf:<id>[:config]`` or a
+    text file (in a preset or hyperparameter file, a relative path is relative to that file)."""
     mom2_samples: int = 1000
     """Token windows of the key statistics."""
     mom2_max_length: int = 128
     """Tokens per window."""
+
+    path_fields: ClassVar[tuple[str, ...]] = ("mom2_corpus",)
 
     def validate(self) -> None:
         super().validate()
@@ -72,31 +77,9 @@ class KeyStatsHParams(EditorHParams):
 
 
 def corpus_text(corpus: str, min_chars: int) -> tuple[str, str]:
-    """The corpus text (at least ``min_chars`` when available) and an identity string for cache keys."""
-    if corpus == "builtin":
-        from retention.data.tasks.prose import builtin_prose
-
-        text = builtin_prose()
-        return text, f"builtin:{hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}"
-    if corpus.startswith("hf:"):
-        from retention.data.tasks.sources import read_hub_records
-
-        source, _, config = corpus.partition(":")[2].partition(":")
-        parts, size = [], 0
-        for _, record in read_hub_records(f"hf:{source}", config or None, "train"):
-            text = record.get("text", "") if isinstance(record, dict) else ""
-            if text.strip():
-                parts.append(text)
-                size += len(text)
-            if size >= min_chars:
-                break
-        return "\n\n".join(parts), corpus
-    path = Path(corpus)
-    if not path.is_file():
-        raise FileNotFoundError(f"mom2_corpus={corpus!r} is not a file (relative to {Path.cwd()}), 'builtin' or "
-                                "'hf:<dataset id>'")
-    data = path.read_bytes()
-    return data.decode("utf-8", errors="replace"), f"file:{path.name}:{hashlib.blake2b(data, digest_size=8).hexdigest()}"
+    """The corpus text (at least ``min_chars`` when available) and an identity string for cache keys
+    (:func:`retention.corpus.corpus_text`)."""
+    return read_corpus(corpus, min_chars, what="mom2_corpus")
 
 
 def _windows(tokenizer, text: str, spec: CovarianceSpec) -> torch.Tensor:
