@@ -8,16 +8,38 @@ The format is detected from the content, never from the file name:
 - ``easyedit``: EasyEdit's flat format (``prompt`` is a full sentence containing ``subject``, ``target_new``,
   ``ground_truth``, ``rephrase_prompt``, ``locality_prompt``, ``locality_ground_truth``). The template is the
   prompt with the first occurrence of the subject replaced by ``{}``; the relation id is unknown (``""``).
+- ``knowedit``: KnowEdit (EasyEdit's benchmark: ``subject``, ``prompt`` (or ``src``), ``target_new``,
+  ``ground_truth`` (a string, a list of answers or a list of alias lists), ``rephrase``/``rephrase_prompt``,
+  ``locality{<kind>: [{prompt, ground_truth}]}``, ``portability{<kind>: [{prompt, ground_truth}]}``). Rephrases
+  are evaluation paraphrases, every locality prompt (``Relation_Specificity``, ``Forgetfulness``, ...) a
+  neighbourhood prompt, every portability prompt (``Reasoning``, ``Subject_Aliasing``,
+  ``Logical_Generalization``, ...) a ``portability`` probe expecting its ground truth (its alternative for
+  ``prob`` is ``ground_truth`` when the answer is ``target_new``, else none). The first answer of a list is the
+  target; further answers (aliases) are not scored and are counted as ignored. A record without
+  ``ground_truth`` (Wiki_recent inserts facts the model never knew) or without ``subject`` (WikiBio edits
+  passages) is malformed: a retention run needs the old answer. The flat EasyEdit format is read by the same
+  code, so it also accepts ``portability_prompt``/``portability_ground_truth``.
+- ``mquake``: MQuAKE (``requested_rewrite`` as a list of CounterFact-style rewrites, ``questions``,
+  ``answer``, ``new_answer``). A case with exactly one rewrite is one record: the rewrite is the edit, its
+  ``question`` an evaluation paraphrase, and each multi-hop question a ``portability`` probe expecting
+  ``new_answer`` against ``answer``. A case with several rewrites is malformed here: its multi-hop questions are
+  answered only when all of its rewrites are edited into one model, while records are selected, split and (in
+  ``single`` and ``sequential`` mode) edited one by one. ``on_error="skip"`` keeps the single-rewrite cases.
+  ``single_hops``, ``new_single_hops``, ``orig`` and the answer aliases are not scored (counted as ignored).
 - ``zsre``: zsRE in the MEND format (``subject``, ``src``, ``rephrase``, ``alt``, ``answers``, ``loc``,
   ``loc_ans``). See :data:`ZSRE_TARGETS` for the two conventions for the new target. The neighbourhood
   prompt is ``loc`` (an ``"nq question: ..."`` string) with a ``?`` appended, expecting ``loc_ans``.
 - ``records``: our own format, a list of :meth:`KnowledgeRecord.to_dict` objects (the built-in set).
 
-Files are UTF-8 (a leading BOM is dropped), a JSON array of records or JSONL (one JSON object per line). Targets
+Files are UTF-8 (a leading BOM is dropped), a JSON array of records or JSONL (one JSON object per line), or a
+Parquet, CSV or Arrow table read through ``datasets`` (``pip install 'retention[hf]'``; null values are absent
+fields). Targets
 are stripped of surrounding whitespace (the scorer adds the leading space itself). A malformed record, or a text
 longer than ``max_prompt_chars``, raises :class:`RecordError` naming the file, the record and the field;
 ``on_error="skip"`` skips it and counts it in the :class:`ReadReport` instead. Errors of the file itself (not
-UTF-8, invalid JSON array, no records) always raise.
+UTF-8, invalid JSON array, no records) always raise. A field of a KnowEdit, EasyEdit or MQuAKE record that is
+not used (an alias, an unknown key) is never dropped silently: :attr:`ReadReport.ignored` counts the records per
+field, and the log names the file, the first such record and the field.
 
 The file helpers here (:func:`read_text`, :func:`parse_jsonl`, :class:`ReadReport`) serve the task readers too
 (``retention.data.tasks.sources``), so both decode, split and skip the same way.
@@ -37,7 +59,7 @@ from pathlib import Path
 from string import Formatter
 from typing import Any
 
-from retention.records import KnowledgeRecord, NeighborhoodPrompt, RecordError
+from retention.records import KnowledgeRecord, NeighborhoodPrompt, PortabilityPrompt, RecordError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +78,8 @@ ON_ERROR = ("raise", "skip")
 MAX_PROMPT_CHARS = 20_000
 """Default longest text (prompt, subject, target, ...) of a record, in characters: a longer one is malformed, as
 scoring pads every prompt of a batch to the longest (a 560 KB prompt asked for 48 GB)."""
+
+_INDEX = re.compile(r"\[\d+\]")
 
 _HINT = "on_error='skip' (--on_error skip, edits.on_error: skip) skips malformed records and counts them"
 
@@ -77,6 +101,17 @@ class ReadReport:
     """How to skip malformed records instead, added as a note to a raised record error."""
     dropped: int = 0
     """Records left out by design, not errors (blank records of the text task family)."""
+    ignored: dict[str, int] = field(default_factory=dict)
+    """Fields read but not used (answer aliases, unknown keys): ``"<field>: <why>"`` (list indices as ``[]``) ->
+    the number of records that had it."""
+    ignored_first: dict[str, str] = field(default_factory=dict)
+    """The first record of each :attr:`ignored` entry, as ``"<file>: record <r>: field '<field>'"``."""
+
+    def ignore(self, path: str, ref: str | int, field_name: str, why: str) -> None:
+        """Count a field of a kept record that is not used."""
+        key = f"{_INDEX.sub('[]', field_name)}: {why}"
+        self.ignored[key] = self.ignored.get(key, 0) + 1
+        self.ignored_first.setdefault(key, f"{path}: record {ref}: field '{field_name}'")
 
     def reject(self, err: RecordError) -> None:
         """Raise ``err`` (with :attr:`hint`) under ``on_error='raise'``; count it as skipped under ``'skip'``."""
@@ -95,14 +130,27 @@ class ReadReport:
         if self.skipped:
             first = "; ".join(str(e) for e in self.errors[:reasons])
             text += f", skipped {self.skipped} malformed ({'first: ' if self.skipped > reasons else ''}{first})"
+        if self.ignored:
+            text += "; not used: " + "; ".join(f"{key} in {n} record{'s' * (n != 1)} (first: {self.ignored_first[key]})"
+                                                for key, n in self.ignored.items())
         return text
 
 
 class _Raw:
     """A raw record: typed field access whose errors name the file, the record and the (dotted) field."""
 
-    def __init__(self, path: str, ref: str | int, data: dict[str, Any], prefix: str = ""):
+    def __init__(self, path: str, ref: str | int, data: dict[str, Any], prefix: str = "",
+                 notes: list[tuple[str, str]] | None = None):
         self.path, self.ref, self.data, self.prefix = path, ref, data, prefix
+        self.notes = [] if notes is None else notes
+        """``(field, why)`` of the fields read but not used (shared with the children)."""
+
+    def ignore(self, name: str, why: str) -> None:
+        self.notes.append((self.prefix + name, why))
+
+    def sub(self, name: str, data: dict[str, Any]) -> _Raw:
+        """A nested object ``data`` found at field ``name`` (fields named ``<name>.<field>``)."""
+        return _Raw(self.path, self.ref, data, f"{self.prefix}{name}.", self.notes)
 
     def error(self, name: str, message: str) -> RecordError:
         return RecordError(self.path, self.ref, self.prefix + name, message)
@@ -142,7 +190,7 @@ class _Raw:
         return list(items)
 
     def child(self, name: str) -> _Raw:
-        return _Raw(self.path, self.ref, self.get(name, dict), f"{self.prefix}{name}.")
+        return self.sub(name, self.get(name, dict))
 
 
 def _short(value: Any) -> str:
@@ -206,25 +254,144 @@ def _from_counterfact(raw: _Raw, case_id: str, zsre_target: str) -> KnowledgeRec
     )
 
 
+_ALIASES = "further answers (aliases) are not scored: a probe has one target"
+_UNKNOWN = "unknown field, not used"
+
+
+def _answer(raw: _Raw, name: str) -> str:
+    """The answer of a ground-truth field: a string, a list of answers or a list of alias lists (KnowEdit). The
+    first answer is the target; further ones are counted as ignored."""
+    value = raw.get(name, (str, list))
+    if isinstance(value, str):
+        return raw.target(name)
+    flat = [a for group in value for a in group] if value and all(isinstance(v, list) for v in value) else value
+    if not flat:
+        raise raw.error(name, "empty list")
+    if not all(isinstance(a, str) and a.strip() for a in flat):
+        raise raw.error(name, f"expected answers (non-empty strings or lists of them), got {_short(value)}")
+    if len(flat) > 1:
+        raw.ignore(name, _ALIASES)
+    return flat[0].strip()
+
+
+def _prompt_answer_items(raw: _Raw, name: str) -> list[tuple[list[str], str]]:
+    """``(prompts, answer)`` of each ``{prompt, ground_truth}`` of a KnowEdit ``locality`` or ``portability``
+    mapping (``{<kind>: [items]}``; a kind whose value is null, as in KnowEdit's parquet files, has none)."""
+    if raw.data.get(name) is None:
+        return []
+    kinds = raw.child(name)
+    out = []
+    for kind, items in kinds.data.items():
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            raise kinds.error(kind, f"expected a list of {{prompt, ground_truth}}, got {_short(items)}")
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise kinds.error(f"{kind}[{i}]", f"expected {{prompt, ground_truth}}, got {_short(item)}")
+            entry = kinds.sub(f"{kind}[{i}]", item)
+            if not entry.has("prompt"):
+                raise entry.error("prompt", "missing")
+            for extra in sorted(set(item) - {"prompt", "ground_truth"}):
+                entry.ignore(extra, _UNKNOWN)
+            prompts = entry.texts("prompt", single_ok=True)
+            for j, prompt in enumerate(prompts):
+                _check_prompt(entry, "prompt" if isinstance(item["prompt"], str) else f"prompt[{j}]", prompt)
+            out.append((prompts, _answer(entry, "ground_truth")))
+    return out
+
+
+def _pairs(raw: _Raw, prompts_name: str, answers_name: str) -> list[tuple[str, str]]:
+    """Flat EasyEdit ``<x>_prompt`` and ``<x>_ground_truth`` (a string or a list each), paired up."""
+    prompts = raw.texts(prompts_name, single_ok=True)
+    answers = [t.strip() for t in raw.texts(answers_name, single_ok=True)]
+    if len(prompts) != len(answers):
+        raise raw.error(answers_name, f"{len(answers)} answer(s) for {len(prompts)} {prompts_name}(s); they must pair up")
+    return list(zip(prompts, answers))
+
+
+_EASYEDIT_FIELDS = {
+    "case_id", "subject", "prompt", "src", "relation_id", "target_new", "ground_truth", "rephrase",
+    "rephrase_prompt", "locality_prompt", "locality_ground_truth", "portability_prompt",
+    "portability_ground_truth", "locality", "portability",
+}  # fmt: skip
+
+
 def _from_easyedit(raw: _Raw, case_id: str, zsre_target: str) -> KnowledgeRecord:
-    subject, prompt = raw.text("subject"), raw.text("prompt")
-    loc_prompts = raw.texts("locality_prompt", single_ok=True)
-    loc_truths = [t.strip() for t in raw.texts("locality_ground_truth", single_ok=True)]
-    if len(loc_prompts) != len(loc_truths):
-        raise raw.error(
-            "locality_ground_truth",
-            f"{len(loc_truths)} answer(s) for {len(loc_prompts)} locality_prompt(s); they must pair up",
-        )
+    """EasyEdit's flat records and KnowEdit's (nested ``locality``/``portability``), read by one converter."""
+    if not raw.has("subject") and raw.has("concept"):
+        raise raw.error("subject", "missing: a WikiBio record (text, labels, concept) edits a passage, not a fact "
+                                   "with an old and a new answer")
+    if not raw.has("ground_truth"):
+        raise raw.error("ground_truth", "missing: the old answer is what the edit replaces (the 'prob' alternative, "
+                                        "and what a control fact is measured against); KnowEdit's Wiki_recent "
+                                        "inserts facts without one, which this measurement cannot use")
+    prompt_field = "src" if raw.has("src") and not raw.has("prompt") else "prompt"
+    if prompt_field == "prompt" and raw.has("src"):
+        raw.ignore("src", "prompt is used")
+    subject, prompt = raw.text("subject"), raw.text(prompt_field)
+    target_new, target_true = raw.target("target_new"), _answer(raw, "ground_truth")
+    paraphrases = raw.texts("rephrase_prompt", single_ok=True) + raw.texts("rephrase", single_ok=True)
+    neighborhood = [NeighborhoodPrompt(p, t) for p, t in _pairs(raw, "locality_prompt", "locality_ground_truth")]
+    neighborhood += [NeighborhoodPrompt(p, t) for ps, t in _prompt_answer_items(raw, "locality") for p in ps]
+    portable = _pairs(raw, "portability_prompt", "portability_ground_truth")
+    portable += [(p, t) for ps, t in _prompt_answer_items(raw, "portability") for p in ps]
+    for name in sorted(set(raw.data) - _EASYEDIT_FIELDS):
+        raw.ignore(name, _UNKNOWN)
     return KnowledgeRecord(
         case_id=case_id,
         subject=subject,
-        prompt=_template_from_sentence(raw, "prompt", prompt, subject),
+        prompt=_template_from_sentence(raw, prompt_field, prompt, subject),
         relation_id=raw.get("relation_id", str, ""),
-        target_new=raw.target("target_new"),
-        target_true=raw.target("ground_truth"),
-        paraphrases=raw.texts("rephrase_prompt", single_ok=True),
-        neighborhood=[NeighborhoodPrompt(p, t) for p, t in zip(loc_prompts, loc_truths)],
-        source="easyedit",
+        target_new=target_new,
+        target_true=target_true,
+        paraphrases=list(dict.fromkeys(paraphrases)),
+        neighborhood=neighborhood,
+        # An answer that is the new target (Subject_Aliasing) has the old answer as its alternative.
+        portability=[PortabilityPrompt(p, t, target_true if t.casefold() == target_new.casefold() else None)
+                     for p, t in portable],
+        source="knowedit" if raw.has("locality") or raw.has("portability") else "easyedit",
+    )
+
+
+_SINGLE_HOPS = ("single-hop questions are not scored: the edited hop is requested_rewrite[0].question (read as a "
+                "paraphrase), the others ask about other facts of the chain")
+_MQUAKE_IGNORED = {"answer_alias": _ALIASES, "new_answer_alias": _ALIASES, "single_hops": _SINGLE_HOPS,
+                   "new_single_hops": _SINGLE_HOPS, "orig": "the case's triples are metadata, not prompts"}
+_MQUAKE_FIELDS = {"case_id", "requested_rewrite", "questions", "answer", "new_answer", *_MQUAKE_IGNORED}
+_REWRITE_FIELDS = {"prompt", "subject", "relation_id", "target_new", "target_true", "question"}
+
+
+def _from_mquake(raw: _Raw, case_id: str, zsre_target: str) -> KnowledgeRecord:
+    rewrites = raw.get("requested_rewrite", list)
+    if len(rewrites) != 1:
+        raise raw.error("requested_rewrite", "empty list" if not rewrites else (
+            f"{len(rewrites)} rewrites: a multi-hop case is answered only when all of its rewrites are edited into "
+            "one model, but records are selected, split and edited one by one (one rewrite each); "
+            "on_error='skip' keeps the single-rewrite cases"))
+    if not isinstance(rewrites[0], dict):
+        raise raw.error("requested_rewrite[0]", f"expected an object, got {_short(rewrites[0])}")
+    rw = raw.sub("requested_rewrite[0]", rewrites[0])
+    target_new, target_true = rw.child("target_new").target("str"), rw.child("target_true").target("str")
+    new_answer, answer = raw.target("new_answer"), raw.target("answer")
+    if not raw.has("questions"):
+        raise raw.error("questions", "missing")
+    questions = raw.texts("questions")
+    for name in sorted(set(rw.data) - _REWRITE_FIELDS):
+        rw.ignore(name, _UNKNOWN)
+    for name in sorted(set(raw.data) - {"case_id", "requested_rewrite", "questions", "answer", "new_answer"}):
+        raw.ignore(name, _MQUAKE_IGNORED.get(name, _UNKNOWN))
+    alternative = answer if answer.casefold() != new_answer.casefold() else None
+    return KnowledgeRecord(
+        case_id=case_id,
+        subject=rw.text("subject"),
+        prompt=rw.text("prompt"),
+        relation_id=rw.get("relation_id", str, ""),
+        target_new=target_new,
+        target_true=target_true,
+        paraphrases=rw.texts("question", single_ok=True),
+        portability=[PortabilityPrompt(q, new_answer, alternative) for q in questions],
+        source="mquake",
     )
 
 
@@ -269,6 +436,16 @@ def _from_records(raw: _Raw, case_id: str, zsre_target: str) -> KnowledgeRecord:
         if extra:
             raise n.error(extra[0], "unknown field (known: prompt, target)")
         neighborhood.append(NeighborhoodPrompt(n.text("prompt"), n.target("target")))
+    portability = []
+    for i, item in enumerate(raw.get("portability", list, [])):
+        if not isinstance(item, dict):
+            raise raw.error(f"portability[{i}]", f"expected {{prompt, target, alternative}}, got {_short(item)}")
+        q = _Raw(raw.path, raw.ref, item, f"portability[{i}].")
+        extra = sorted(set(item) - {"prompt", "target", "alternative"})
+        if extra:
+            raise q.error(extra[0], "unknown field (known: prompt, target, alternative)")
+        alternative = q.target("alternative") if item.get("alternative") is not None else None
+        portability.append(PortabilityPrompt(q.text("prompt"), q.target("target"), alternative))
     return KnowledgeRecord(
         case_id=case_id,
         subject=raw.text("subject"),
@@ -281,15 +458,18 @@ def _from_records(raw: _Raw, case_id: str, zsre_target: str) -> KnowledgeRecord:
         generation_prompts=raw.texts("generation_prompts"),
         augmentations=raw.texts("augmentations"),
         source=raw.get("source", str, ""),
+        portability=portability,
     )
 
 
 # Detection: the first key of each signature that a record has decides its file's format.
 _FORMATS = {
+    "mquake": (("new_answer", "questions"), _from_mquake),
     "counterfact": (("requested_rewrite",), _from_counterfact),
     "zsre": (("src", "alt", "answers"), _from_zsre),
-    "easyedit": (("ground_truth",), _from_easyedit),
     "records": (("target_true",), _from_records),
+    "knowedit": (("portability", "locality"), _from_easyedit),
+    "easyedit": (("ground_truth",), _from_easyedit),
 }
 
 
@@ -329,6 +509,9 @@ def _texts(rec: KnowledgeRecord) -> list[tuple[str, str]]:
     for i, n in enumerate(rec.neighborhood):
         texts += [(f"neighborhood[{i}].prompt", n.prompt), (f"neighborhood[{i}].target", n.target)]
     texts += [(f"generation_prompts[{i}]", p) for i, p in enumerate(rec.generation_prompts)]
+    for i, q in enumerate(rec.portability):
+        texts += [(f"portability[{i}].prompt", q.prompt), (f"portability[{i}].target", q.target)]
+        texts += [(f"portability[{i}].alternative", q.alternative)] if q.alternative is not None else []
     return texts + [(f"augmentations[{i}]", a) for i, a in enumerate(rec.augmentations)]
 
 
@@ -346,6 +529,8 @@ def _validate(raw: _Raw, rec: KnowledgeRecord, max_chars: int) -> None:
         _check_prompt(raw, f"paraphrases[{i}]", p)
     for i, n in enumerate(rec.neighborhood):
         _check_prompt(raw, f"neighborhood[{i}].prompt", n.prompt)
+    for i, q in enumerate(rec.portability):
+        _check_prompt(raw, f"portability[{i}].prompt", q.prompt)
     for i, a in enumerate(rec.augmentations):
         _check_template(raw, f"augmentations[{i}]", a)
         _check_prompt(raw, f"augmentations[{i}]", a)
@@ -466,6 +651,17 @@ def _json_value(line: str) -> Any:
         return _NOT_JSON
 
 
+_TABLE_SUFFIXES = (".parquet", ".csv", ".arrow")
+
+
+def _table_items(path: str) -> list[tuple[int | str, Any]]:
+    """(index, row) of a Parquet/CSV/Arrow file (through ``datasets``; KnowEdit's hub files are Parquet). A null
+    column value is an absent field: a table has every column in every row."""
+    from retention.data.tasks.sources import read_table_records
+
+    return [(i, {k: v for k, v in row.items() if v is not None}) for i, (_, row) in enumerate(read_table_records(path))]
+
+
 def read_records(
     path_or_name: str | Path,
     on_error: str = "raise",
@@ -488,9 +684,14 @@ def read_records(
     if max_prompt_chars < 1:
         raise ValueError(f"max_prompt_chars={max_prompt_chars}: must be >= 1")
     t0 = time.perf_counter()
-    path, text = _resolve(path_or_name)
-    report = ReadReport(path, on_error=on_error)
-    items = _parse(path, text, report)
+    if Path(str(path_or_name)).suffix in _TABLE_SUFFIXES and Path(path_or_name).expanduser().is_file():
+        path = str(Path(path_or_name).expanduser())
+        report = ReadReport(path, on_error=on_error)
+        items = _table_items(path)
+    else:
+        path, text = _resolve(path_or_name)
+        report = ReadReport(path, on_error=on_error)
+        items = _parse(path, text, report)
     if not items and not report.skipped:
         raise RecordError(path, "-", "<file>", "no records")
     report.format = _detect(path, items) if items else ""
@@ -501,18 +702,21 @@ def read_records(
         if limit is not None and len(records) >= limit:
             break
         try:
-            rec = _convert(path, index, item, convert, zsre_target, seen, max_prompt_chars)
+            rec, raw = _convert(path, index, item, convert, zsre_target, seen, max_prompt_chars)
         except RecordError as err:
             report.reject(err)
             continue
+        for name, why in raw.notes:
+            report.ignore(path, raw.ref, name, why)
         seen.add(rec.case_id)
         records.append(rec)
     report.read, report.seconds = len(records), time.perf_counter() - t0
-    (log.warning if report.skipped else log.info)(report.summary())
+    (log.warning if report.skipped or report.ignored else log.info)(report.summary())
     return records, report
 
 
-def _convert(path, index, item, convert, zsre_target: str, seen: set[str], max_chars: int) -> KnowledgeRecord:
+def _convert(path, index, item, convert, zsre_target: str, seen: set[str], max_chars: int,
+             ) -> tuple[KnowledgeRecord, _Raw]:
     if not isinstance(item, dict):
         raise RecordError(path, index, "<record>", f"expected a JSON object, got {type(item).__name__}")
     cid = item.get("case_id", index)
@@ -523,7 +727,7 @@ def _convert(path, index, item, convert, zsre_target: str, seen: set[str], max_c
         raise raw.error("case_id", f"duplicate case_id {_short(cid)}")
     rec = convert(raw, str(cid), zsre_target)
     _validate(raw, rec, max_chars)
-    return rec
+    return rec, raw
 
 
 def load_records(

@@ -1,6 +1,10 @@
-"""Reading task records from local files (JSON, JSONL) or the Hugging Face hub, with errors that name the
-file, the record and the field. Files are decoded, split into lines and their malformed records skipped or
-raised the way the knowledge readers do it (:mod:`retention.data.readers`)."""
+"""Reading task records from local files (JSON, JSONL; Parquet, CSV, Arrow through ``datasets``) or the Hugging
+Face hub, with errors that name the file, the record and the field. Files are decoded, split into lines and their
+malformed records skipped or raised the way the knowledge readers do it (:mod:`retention.data.readers`).
+
+Parquet, CSV and Arrow files and ``hf:<id>`` datasets need the ``datasets`` library (the optional extra
+``retention[hf]``); without it they are refused with an ImportError that names the extra. Local files are read
+in memory (nothing is written to the Hugging Face cache); a hub id needs a network."""
 
 from __future__ import annotations
 
@@ -15,6 +19,10 @@ from retention.records import RecordError
 T = TypeVar("T")
 
 HF_PREFIX = "hf:"
+HF_EXTRA = "pip install 'retention[hf]'"
+"""How to install the ``datasets`` library, named in every error of a source that needs it."""
+TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+"""Local file types read through ``datasets`` -> its loader."""
 
 
 def is_hub_source(source: str) -> bool:
@@ -56,32 +64,61 @@ def read_json_records(path: Path, report: ReadReport | None = None) -> Iterator[
         yield str(i), record
 
 
-def read_hub_records(source: str, config: str | None, split: str) -> Iterator[tuple[str, Any]]:
-    """``(location, record)`` pairs of a Hugging Face dataset ``hf:<id>`` (needs ``datasets`` and a network)."""
+def import_datasets(what: str):
+    """The ``datasets`` module, or an ImportError saying that ``what`` needs it and how to install it."""
     try:
         import datasets
     except ImportError:
         raise ImportError(
-            f"task data {source} needs the 'datasets' package: pip install datasets "
-            "(or point the task at a local file, or use 'builtin')"
+            f"{what} needs the 'datasets' package: {HF_EXTRA} (or give a JSON/JSONL file, or use 'builtin')"
         ) from None
+    return datasets
+
+
+def read_hub_records(source: str, config: str | None, split: str) -> Iterator[tuple[str, Any]]:
+    """``(location, record)`` pairs of a Hugging Face dataset ``hf:<id>`` (needs ``datasets`` and a network)."""
+    datasets = import_datasets(f"task data {source}")
     name = source[len(HF_PREFIX) :]
     ds = datasets.load_dataset(name, config, split=split)
     for i, record in enumerate(ds):
         yield f"{split}[{i}]", record
 
 
+def read_table_records(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """``(location, record)`` pairs (``row <i>``, a dict per row) of a local Parquet, CSV or Arrow file, read
+    through ``datasets`` in memory (its cache files go to a temporary folder that is removed)."""
+    import tempfile
+
+    path = Path(path)
+    if path.suffix not in TABLE_SUFFIXES:
+        raise ValueError(f"{path}: not a table file (expected {', '.join(TABLE_SUFFIXES)})")
+    datasets = import_datasets(f"data file {path}")
+    with tempfile.TemporaryDirectory(prefix="retention-datasets-") as tmp:
+        if path.suffix == ".arrow":
+            ds = datasets.Dataset.from_file(str(path), in_memory=True)
+        elif path.suffix == ".parquet":
+            ds = datasets.Dataset.from_parquet(str(path), cache_dir=tmp, keep_in_memory=True)
+        else:
+            ds = datasets.Dataset.from_csv(str(path), cache_dir=tmp, keep_in_memory=True)
+        rows = list(ds)
+    for i, record in enumerate(rows):
+        yield f"row {i}", record
+
+
 def read_records(
     source: str, hf_config: str | None = None, hf_split: str = "train", other_types: tuple[str, ...] = (),
     report: ReadReport | None = None,
 ) -> Iterator[tuple[str, Any]]:
-    """``(location, record)`` pairs of ``hf:<id>`` or of a local ``.json``/``.jsonl`` file (``other_types``:
-    the file types the caller reads itself, named in the error for an unsupported one)."""
+    """``(location, record)`` pairs of ``hf:<id>``, of a local ``.json``/``.jsonl`` file or of a local
+    ``.parquet``/``.csv``/``.arrow`` file (``other_types``: the file types the caller reads itself, named in the
+    error for an unsupported one)."""
     if is_hub_source(source):
         return read_hub_records(source, hf_config, hf_split)
     path = local_file(source)
+    if path.suffix in TABLE_SUFFIXES and path.suffix not in other_types:
+        return read_table_records(path)
     if path.suffix not in (".json", ".jsonl"):
-        expected = ", ".join((*other_types, ".json", ".jsonl"))
+        expected = ", ".join((*other_types, ".json", ".jsonl", *TABLE_SUFFIXES))
         raise ValueError(f"task data file {path}: unsupported type '{path.suffix}' (expected {expected})")
     return read_json_records(path, report)
 

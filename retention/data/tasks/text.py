@@ -1,6 +1,6 @@
-"""Continued pre-training on plain text: ``.txt``/``.raw`` files (WikiText-2 raw), JSONL/JSON records with a
-text field, a Hugging Face dataset, or the built-in prose corpus. Passages are the paragraphs of a file (one
-document) or whole records (one document each)."""
+"""Continued pre-training on plain text: ``.txt``/``.raw`` files (WikiText-2 raw), JSONL/JSON records or
+Parquet/CSV/Arrow rows (``retention[hf]``) with a text field, a Hugging Face dataset, or the built-in prose
+corpus. Passages are the paragraphs of a file (one document) or whole records (one document each)."""
 
 from __future__ import annotations
 
