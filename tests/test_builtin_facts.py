@@ -1,8 +1,10 @@
 import json
 from collections import Counter
+from importlib import resources
 
 import pytest
 
+from retention.data import builtin_facts
 from retention.data.builtin_facts import (
     N_AUGMENTATIONS,
     N_NEIGHBOURS,
@@ -12,7 +14,9 @@ from retention.data.builtin_facts import (
     main,
 )
 from retention.data.readers import load_records
-from retention.data.relations import resembles
+from retention.data.relations import RELATIONS as RELATION_TABLE
+from retention.data.relations import load_resource, resembles
+from retention.io import atomic_write_json
 from retention.records import KnowledgeRecord, Probe
 
 BY_ID = {rel.relation_id: rel for rel in RELATIONS}
@@ -46,6 +50,25 @@ def test_relations_have_a_main_template_and_five_distinct_phrasings():
         subjects = [s for s, _ in rel.facts]
         assert len(subjects) == len(set(subjects)), rel.relation_id
         assert len(rel.objects) >= 4, rel.relation_id
+
+
+def test_tables_are_package_data_and_use_the_one_relation_table():
+    rows = load_resource(builtin_facts.BUILTIN_RELATIONS_RESOURCE)
+    assert [row["relation"] for row in rows] == [rel.relation_id for rel in RELATIONS]
+    for row, rel in zip(rows, RELATIONS):
+        table = RELATION_TABLE[rel.relation_id]
+        # the built-in templates: the first 1 + phrasings of the relation's one table, no second table
+        assert rel.templates == table.templates[: 1 + row["phrasings"]] and rel.name == table.name
+        assert all(isinstance(x, str) for pair in rel.facts for x in pair), rel.relation_id  # no YAML bools
+    assert sum(len(rel.facts) for rel in RELATIONS) == 895
+
+
+def test_phrasings_beyond_the_relation_table_are_refused(monkeypatch):
+    rows = load_resource(builtin_facts.BUILTIN_RELATIONS_RESOURCE)
+    rows[0]["phrasings"] = len(RELATION_TABLE[rows[0]["relation"]].templates)
+    monkeypatch.setattr(builtin_facts, "load_resource", lambda name: rows)
+    with pytest.raises(ValueError, match=rf"{rows[0]['relation']}: phrasings \d+, but the relation has \d+ "):
+        builtin_facts._load_relations()
 
 
 def test_records_come_from_the_tables(shipped):
@@ -102,7 +125,7 @@ def test_build_is_seeded_and_filtering_moves_no_other_record():
         assert {n.prompt for n in r.neighborhood} <= {rel.templates[0].format(s) for rel in RELATIONS for s, _ in rel.facts}
 
 
-def test_shipped_file_is_what_the_tables_build(shipped):
+def test_shipped_file_is_what_the_tables_build(shipped, tmp_path):
     """Editing a table without regenerating the file fails here (regenerate with the module's command)."""
     from retention.models import default_tokenizer
     from retention.scoring import target_ids
@@ -110,6 +133,9 @@ def test_shipped_file_is_what_the_tables_build(shipped):
     tokenizer = default_tokenizer()
     rebuilt = build_builtin_facts(0, {r.case_id for r in shipped}, lambda t: target_ids(tokenizer, t)[0])
     assert rebuilt == shipped
+    # byte for byte, as the module's command writes it
+    out = atomic_write_json(tmp_path / "builtin_facts.json", [r.to_dict() for r in rebuilt])
+    assert out.read_bytes() == (resources.files("retention") / "resources" / "builtin_facts.json").read_bytes()
     for r in shipped:
         assert target_ids(tokenizer, r.target_new)[0] != target_ids(tokenizer, r.target_true)[0], r.case_id
 

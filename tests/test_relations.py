@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from string import Formatter
 
 import pytest
+import yaml
 from conftest import DATA, needs_data
 
+from retention.data.builtin_facts import RELATIONS as BUILTIN_RELATIONS
 from retention.data.readers import load_records
-from retention.data.relations import RELATIONS, augmentation_phrasings, relation_templates, resembles
+from retention.data.relations import (
+    RELATIONS,
+    RELATIONS_RESOURCE,
+    augmentation_phrasings,
+    relation_templates,
+    resembles,
+)
 from retention.records import KnowledgeRecord
 
 CF_ROME = DATA / "counterfact" / "counterfact_preknown.json"
@@ -37,6 +46,30 @@ def test_every_template_is_well_formed():
             assert [f for _, f, _, _ in Formatter().parse(t) if f is not None] == [""], t
             assert t == t.strip() and not t.endswith(("{}", ".")), t  # the prompt ends right before the object
         assert relation_templates(rid) == list(rel.templates)
+
+
+def test_one_template_table_per_relation_id():
+    """The resource has each relation id once (YAML would let a repeated key replace the first silently), and
+    the built-in set's templates are a prefix of that one table, not a second table for the same id."""
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+            assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
+            return super().construct_mapping(node, deep)
+
+    text = (resources.files("retention") / "resources" / RELATIONS_RESOURCE).read_text(encoding="utf-8")
+    assert set(yaml.load(text, Loader=UniqueKeys)) == set(RELATIONS)
+    builtin_ids = [rel.relation_id for rel in BUILTIN_RELATIONS]
+    assert len(builtin_ids) == len(set(builtin_ids))
+    assert set(RELATIONS) == set(COUNTERFACT_RELATIONS) | set(builtin_ids)
+    for rel in BUILTIN_RELATIONS:
+        assert relation_templates(rel.relation_id)[: len(rel.templates)] == list(rel.templates), rel.relation_id
+        assert RELATIONS[rel.relation_id].name == rel.name
+    # ids of both sets: the built-in main template (the one the shipped records are built from) leads
+    assert set(builtin_ids) & set(COUNTERFACT_RELATIONS) == {"P17", "P30", "P36", "P37", "P176", "P641", "P1303"}
+    assert relation_templates("P36")[:2] == ["The capital city of {} is", "The capital of {} is"]
+    assert "{} is governed from" in relation_templates("P36")  # CounterFact's phrasings stay in the table
 
 
 def test_unknown_relation():
