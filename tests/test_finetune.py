@@ -269,3 +269,73 @@ def test_fit_cli_fine_tunes_and_reports(tmp_path, capsys):
     assert exit_.value.code == 0
     printed = capsys.readouterr().out
     assert "model_name: tiny-llama" in printed and "use_distributed_sampler: false" in printed
+
+
+def _scheduled_lrs(optimizer: OptimizerArgs, total: int) -> list[float]:
+    """The learning rate of each of ``total`` optimizer steps, from the scheduler configure_optimizers builds."""
+    from types import SimpleNamespace
+
+    module = FineTuneModule.from_model(torch.nn.Linear(2, 2), None, optimizer=optimizer)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=total)  # all configure_optimizers reads of it
+    config = module.configure_optimizers()
+    return _stepped_lrs(config["optimizer"], config["lr_scheduler"]["scheduler"], total)
+
+
+def _stepped_lrs(opt, sched, total: int) -> list[float]:
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_demo_schedule_is_the_documented_one_bit_for_bit():
+    # configs/demo.yaml: lr 1e-4, warmup 5, constant, 120 steps. Warmup from lr/5 (not 0), full rate from step 4.
+    lrs = _scheduled_lrs(OptimizerArgs(lr=1.0e-4, warmup_steps=5, schedule="constant"), 120)
+    assert lrs == [1.0e-4 * ((s + 1) / 5) for s in range(5)] + [1.0e-4] * 115
+    assert lrs[:5] == [2e-05, 4e-05, 6e-05, 8e-05, 1e-04]
+    # Cosine (configs/fit/*): the same warmup, then 0.5 (1 + cos(pi (s - w) / (T - w))).
+    lrs = _scheduled_lrs(OptimizerArgs(lr=3.0e-4, warmup_steps=5, schedule="cosine"), 120)
+    assert lrs == [3.0e-4 * ((s + 1) / 5) for s in range(5)] + [
+        3.0e-4 * (0.5 * (1.0 + math.cos(math.pi * ((s - 5) / 115)))) for s in range(5, 120)
+    ]
+
+
+@pytest.mark.parametrize(("schedule", "warmup", "total"), [
+    ("constant", 5, 120), ("constant", 3, 120), ("constant", 0, 120),
+    ("cosine", 5, 120), ("cosine", 10, 120), ("cosine", 20, 60), ("cosine", 0, 120),
+])
+def test_schedule_against_transformers(schedule, warmup, total):
+    """Why lr_factor is ours: transformers' warmup is one step behind (it starts at 0); from the end of warmup on
+    the two give the same floats."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    ours = _scheduled_lrs(OptimizerArgs(lr=1.0e-4, warmup_steps=warmup, schedule=schedule), total)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0e-4)
+    if schedule == "constant":
+        sched = get_constant_schedule_with_warmup(opt, warmup)
+    else:
+        sched = get_cosine_schedule_with_warmup(opt, warmup, total)
+    theirs = _stepped_lrs(opt, sched, total)
+    assert ours[warmup:] == theirs[warmup:]
+    if warmup:
+        assert theirs[:warmup] == [0.0, *ours[:warmup - 1]]
+        assert ours[0] == 1.0e-4 / warmup
+
+
+def test_lightning_hooks_carry_override():
+    """Every method a class defines that a base class also has is marked @override, and only those."""
+    import inspect
+
+    from retention.callbacks.augmentation import ParaphraseAugmentation
+    from retention.callbacks.checkpoint import LastCheckpoint
+    from retention.callbacks.freeze import FreezeLayers
+    from retention.data.datamodule import TaskDataModule
+
+    for cls in (FineTuneModule, StopOnValLoss, LastCheckpoint, TaskDataModule, FreezeLayers, ParaphraseAugmentation):
+        for name, member in vars(cls).items():
+            if not inspect.isfunction(member) or name.startswith("__"):
+                continue
+            inherited = any(hasattr(base, name) for base in cls.__mro__[1:])
+            assert getattr(member, "__override__", False) == inherited, f"{cls.__name__}.{name}"

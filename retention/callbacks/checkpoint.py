@@ -16,6 +16,7 @@ from weakref import proxy
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from typing_extensions import override
 
 LAST = "last.ckpt"
 
@@ -36,6 +37,7 @@ class LastCheckpoint(ModelCheckpoint):
     def path(self) -> Path:
         return Path(self.dirpath) / LAST
 
+    @override
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         partial = Path(f"{filepath}.step{trainer.global_step}")
         if partial.is_dir():  # a sharded checkpoint left by a run killed while writing this step

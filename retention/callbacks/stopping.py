@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class StopOnValLoss(Callback):
         self.stopped_at_step: int | None = None
         """Global step at which the rule fired (None while it has not)."""
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -49,6 +51,7 @@ class StopOnValLoss(Callback):
         trainer.val_check_interval = self.check_every_n_steps
         trainer.check_val_every_n_epoch = None
 
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from typing_extensions import override
 
 from retention.data.tasks import Task, TaskConfig, build_task, load_examples
 from retention.models import DEFAULT_MODEL, load_tokenizer
@@ -148,10 +149,12 @@ class TaskDataModule(LightningDataModule):
             self._tokenizer = load_tokenizer(self._tokenizer)
         return self._tokenizer
 
+    @override
     def prepare_data(self) -> None:
         """Read the source once on the main process (downloads a hub dataset, builds the built-in prose cache)."""
         load_examples(self.task_config)
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self.task is not None and self._built_for == self.exclude_terms:
             return
@@ -181,11 +184,13 @@ class TaskDataModule(LightningDataModule):
         ahead by the batch Lightning prefetches."""
         return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
+    @override
     def train_dataloader(self) -> DataLoader:
         task = self._built()
         return self._loader(task.train, train_sampler(task.train, self.task_config.seed, *self._replicas()),
                             self.batch_size, ResumableLoader, position=self._train_position)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         task = self._built()
         return self._loader(task.val, val_sampler(task.val, *self._replicas()), self.eval_batch_size)

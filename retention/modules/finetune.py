@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
+from typing_extensions import override
 
 from retention.arch import ArchAdapter, unwrap_model
 from retention.models import DEFAULT_MODEL, load_model
@@ -96,7 +97,17 @@ class OptimizerArgs:
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int | None, schedule: str) -> float:
-    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based)."""
+    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based).
+
+    Warmup is ``(step + 1) / warmup_steps``: the first step trains at ``lr / warmup_steps`` and step
+    ``warmup_steps - 1`` at the full rate. Written here rather than taken from ``transformers``
+    (``get_constant_schedule_with_warmup``, ``get_cosine_schedule_with_warmup``) because their warmup is
+    ``step / warmup_steps``: one step behind, with a first step at learning rate 0 that moves nothing. With
+    ``warmup_steps > 0`` every warmup step would differ, and with it every result already reported (``make demo``
+    warms up for 5 steps). From ``warmup_steps`` on both give the same floats, bit for bit: the constant 1.0, and
+    the cosine (``num_cycles=0.5``: ``cos(pi * 0.5 * 2.0 * progress)`` is ``cos(pi * progress)`` exactly)
+    up to the last step; past it (not reached under ``max_steps``) this one stays at 0 where theirs rises again.
+    ``tests/test_finetune.py`` checks both facts."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -205,6 +216,7 @@ class FineTuneModule(LightningModule):
 
     # -- model preparation (the contract) --------------------------------------------------------------
 
+    @override
     def configure_model(self) -> None:
         if self._ready:
             return
@@ -280,6 +292,7 @@ class FineTuneModule(LightningModule):
 
     # -- steps -----------------------------------------------------------------------------------------
 
+    @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
@@ -288,6 +301,7 @@ class FineTuneModule(LightningModule):
         logits = self(batch["input_ids"], batch.get("attention_mask"))
         return token_nll(logits, batch["labels"])
 
+    @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         total, count = self._common_step(batch)
         loss = total / count.clamp(min=1)
@@ -303,6 +317,7 @@ class FineTuneModule(LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
+    @override
     def on_validation_epoch_start(self) -> None:
         # Plain tensors made afresh each pass: a validate() runs in inference mode and validation inside fit
         # does not, and state carried from one into the other could not be updated in place.
@@ -314,6 +329,7 @@ class FineTuneModule(LightningModule):
             most = self.trainer.strategy.reduce(torch.tensor(mine, device=self.device), reduce_op="max")
             self._val_batches = int(most) - mine
 
+    @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         total, count = self._common_step(batch)
         self._val_sums += torch.stack([total.double(), count.double()])
@@ -322,6 +338,7 @@ class FineTuneModule(LightningModule):
             for _ in range(self._val_batches):
                 self._common_step(batch)
 
+    @override
     def on_validation_epoch_end(self) -> None:
         total, count = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").tolist()
         if count == 0:
@@ -348,6 +365,7 @@ class FineTuneModule(LightningModule):
     def _frozen_parameter_names(self) -> set[str]:
         return {f"model.{n}" for n, p in self.model.named_parameters() if not p.requires_grad}
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """A light checkpoint: trainable weights only (frozen base weights, edited or not, are rebuilt on resume:
         loaded again and edited again by ApplyEdits, which restores the edited ones from its own state), plus what
@@ -364,6 +382,7 @@ class FineTuneModule(LightningModule):
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Under FSDP2 the strategy has loaded every weight already (strictly) and took them out of ``checkpoint``.
         if not is_sharded(self.model):
@@ -384,6 +403,7 @@ class FineTuneModule(LightningModule):
 
     # -- optimisation ----------------------------------------------------------------------------------
 
+    @override
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # FSDP1's precision plugin refuses norm clipping; the wrapped module clips by the norm over all shards.
         clip_grad_norm = getattr(self.trainer.model, "clip_grad_norm_", None)
@@ -392,6 +412,7 @@ class FineTuneModule(LightningModule):
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    @override
     def configure_optimizers(self):
         o = self.optim
         optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
@@ -403,6 +424,7 @@ class FineTuneModule(LightningModule):
                     "optimizer.schedule=cosine needs a finite run: set trainer.max_steps or trainer.max_epochs "
                     "(or use optimizer.schedule=constant)"
                 )
+        # Our warmup, not transformers' (one step ahead of theirs; see lr_factor).
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, o.warmup_steps, total, o.schedule)
         )
