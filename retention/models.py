@@ -113,6 +113,38 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.float32
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; a CUDA device this machine lacks raises
+    ValueError naming it (before any model is loaded)."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r}: {err}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(device)!r}: no CUDA GPU is visible on this machine (use cpu or auto)")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+    return dev
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device) -> torch.dtype:
+    """A dtype from its name (float32, bfloat16, float16); ``None`` or ``auto``: :func:`default_dtype`."""
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose from auto, {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
 def _folder_of(name_or_path: str) -> str:
     """The folder transformers loads a non-tiny model from (converting the default or a GGUF once)."""
     if name_or_path == DEFAULT_MODEL:
@@ -154,16 +186,16 @@ def load_model(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
 ):
-    """Load ``(model, tokenizer)`` in eval mode.
+    """Load ``(model, tokenizer)`` in eval mode on ``device`` (``auto``: cuda when available) in ``dtype``
+    (a name or ``auto``/None: :func:`default_dtype`).
 
     ``name_or_path``: ``smollm2-135m`` (built-in default), ``tiny-llama`` / ``tiny-gpt2`` (random, seeded),
     a local folder, a ``.gguf`` file or a Hugging Face hub id.
     """
     from transformers import AutoModelForCausalLM
 
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dtype = dtype or default_dtype(device)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     t0 = time.perf_counter()
     if name_or_path in TINY_MODELS:
         tokenizer = default_tokenizer()

@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from retention.commands.edit import EditArgs, main, run
+from retention.cli import UsageError
+from retention.commands.edit import EditArgs, main, read_edit_folder, run
 from retention.data.readers import RecordError
 from retention.editing.base import EditResult
 from retention.records import KnowledgeRecord, NeighborhoodPrompt
@@ -68,12 +69,15 @@ def test_edit_command_single_mode_saves_one_result_per_edit(records, tmp_path):
 
 
 def test_edit_command_errors(records, tmp_path):
-    with pytest.raises(ValueError, match="unknown editor"):
+    with pytest.raises(UsageError, match="--editor: unknown editor"):
         run(_args(records, tmp_path, editor="nope"))
-    with pytest.raises(ValueError, match="unknown RomeHParams field.*lyer"):
+    with pytest.raises(UsageError, match="--hparams/--set: .*unknown RomeHParams field.*lyer"):
         run(_args(records, tmp_path, set={"lyer": 1}))
-    with pytest.raises(FileNotFoundError, match="no preset 'tiny-llama'"):
-        run(_args(records, tmp_path, hparams=None))
+    with pytest.raises(UsageError, match="--hparams/--set: .*no preset 'nowhere'"):
+        run(_args(records, tmp_path, hparams=None, model=str(tmp_path / "nowhere")))
+    with pytest.raises(UsageError, match="--n 0 must be at least 1"):
+        run(_args(records, tmp_path, n=0))
+    assert not (tmp_path / "scores.json").exists()
 
 
 def test_edit_command_malformed_record_raises_or_is_skipped(records, tmp_path):
@@ -94,11 +98,39 @@ def test_edit_command_prints_efficacy_per_call_of_several_facts(records, tmp_pat
     assert "call   1 (2 facts)" in capsys.readouterr().out
 
 
-def test_edit_command_refuses_a_non_positive_n(records, tmp_path, capsys):
+def test_edit_command_refuses_a_non_positive_n_when_parsing(records, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["--model", "tiny-llama", "--data", str(records), "--n", "-1", "--out", str(out)]) == 2
-    assert "--n -1 must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "tiny-llama", "--data", str(records), "--n", "-1", "--out", str(out)])
+    assert exit_.value.code == 2
+    assert 'key "n"' in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_edit_command_from_a_config_file(records, tmp_path, capsys):
+    """``retention edit -c edit.yaml`` (as ``--print_config`` writes it), a later flag overriding the file."""
+    out = tmp_path / "from_config"
+    config = tmp_path / "edit.yaml"
+    config.write_text(f"model: tiny-llama\neditor: ft-m\ndata: {records}\nn: 2\nselect_known: none\n"
+                      f"mode: batch\nhparams: smollm2-135m\nset: {{layers: [1], steps: 2}}\nout: {tmp_path / 'x'}\n"
+                      "device: cpu\n")
+    assert main(["-c", str(config), "--out", str(out), "--save_model", "false"]) == 0
+    saved = json.loads((out / "scores.json").read_text())
+    assert (saved["editor"], saved["mode"], saved["n_edits"], saved["dtype"]) == ("ft-m", "batch", 2, "float32")
+    assert saved["hparams"]["steps"] == 2 and saved["device"] == "cpu"
+    assert read_edit_folder(out)["editor"] == "ft-m"  # a float32 edit is what fit's edits.precomputed takes
+    assert not (out / "model").exists() and not (tmp_path / "x").exists()
+
+
+def test_edit_command_in_bfloat16_edits_but_is_no_precomputed_edit_for_fit(records, tmp_path, capsys):
+    out = tmp_path / "bf16"
+    summary = run(_args(records, out, mode="batch", dtype="bfloat16", save_model=False, device="cpu"))
+    assert summary["dtype"] == "bfloat16" and summary["edited"]["edit"]["prob"]["denominator"] == 2
+    assert (out / "edit" / "edit.json").exists()
+    assert not (out / "edited_weights.safetensors").exists() and not (out / "facts.jsonl").exists()
+    assert "cannot be `retention fit`'s edits.precomputed" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="edited in bfloat16.*--dtype float32"):
+        read_edit_folder(out)
 
 
 def test_case_ids_from_data_never_leave_the_output_folder(records, tmp_path):

@@ -10,6 +10,11 @@ edited (``facts.jsonl``), the edited weights themselves (``edited_weights.safete
 editor left, which the summed deltas of a sequential edit are not) and the unedited model's weight
 fingerprint (``base_fingerprint`` in ``scores.json``).
 
+``--dtype`` other than float32 (bfloat16 or float16, for models too large for float32 on the device) edits and
+scores in that dtype (the editors' statistics and solves stay float32/float64) but writes neither ``facts.jsonl``
+nor ``edited_weights.safetensors``: ``retention fit`` loads the model in float32, so only a float32 edit can be
+its ``edits.precomputed``.
+
 Facts whose new and true targets share their first token pass or fail ``top1`` alike, edited or not: they are
 counted (``top1_blind_edits`` in ``scores.json``) and warned about.
 """
@@ -17,15 +22,14 @@ counted (``top1_blind_edits`` in ``scores.json``) and warned about.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import torch
+from jsonargparse.typing import PositiveInt
 
-from retention.cli import parse_args
+from retention.cli import Device, OnError, UsageError, check_device, command_parser
 from retention.io import atomic_path, atomic_write_json, atomic_write_text, safe_name
 from retention.models import DEFAULT_MODEL, load_model, model_fingerprint
 from retention.reporting import GROUP_LABELS, probe_group, rate
@@ -45,32 +49,56 @@ class EditArgs:
     model: str = DEFAULT_MODEL
     """Model: smollm2-135m, tiny-llama, tiny-gpt2, a local folder, a .gguf file or a hub id."""
     editor: str = "rome"
-    """Editor: rome, ft-l, ft-m, memit, alphaedit."""
+    """Editor: rome, ft-l, ft-m, memit, alphaedit, or the import path of an Editor subclass (package.module.Class)."""
     data: str = "builtin"
     """Knowledge records: 'builtin' or a CounterFact / zsRE / retention JSON(L) file."""
-    n: int = 50
-    """Number of facts to edit (the first N, after --select-known)."""
-    mode: str = "sequential"
+    n: PositiveInt = 50
+    """Number of facts to edit (the first N, after --select_known)."""
+    mode: Literal["batch", "sequential", "single"] = "sequential"
     """batch (one call), sequential (one after another) or single (each alone on the unedited model)."""
-    batch_size: int = 1
+    batch_size: PositiveInt = 1
     """Requests per editor call in sequential mode."""
     hparams: str | None = None
     """Editor hyperparameters: a YAML file or a preset name (default: the preset named after --model)."""
     set: dict[str, Any] | None = None
     """Hyperparameter overrides as a YAML mapping, e.g. --set '{layer: 6, v_lr: 0.1}'."""
-    select_known: str | None = "top1"
-    """Keep only facts the unedited model knows under this protocol (top1, prob, ...); 'none' keeps all."""
+    select_known: Literal["top1", "prob", "token_acc", "gen", "none"] = "top1"
+    """Keep only facts the unedited model knows under this protocol; 'none' keeps all."""
     out: str = "runs/edit"
     """Output folder."""
     save_model: bool = True
     """Save the edited model (safetensors) under OUT/model."""
-    batch_size_scoring: int = 16
+    batch_size_scoring: PositiveInt = 16
     """Probes per forward pass when scoring."""
-    on_error: str = "raise"
+    on_error: OnError = "raise"
     """Malformed records: raise (naming file, record and field), or skip and count."""
-    device: str = "cpu"
-    """Device to edit on (cpu, cuda, cuda:1); the model is loaded there in float32, as `retention fit` loads it,
-    so `edits.precomputed` can use the edit."""
+    device: Device = "auto"
+    """Device to edit on: auto (cuda when available, else cpu), cpu, cuda or cuda:i."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Model dtype. float32 is what `retention fit` loads; with another dtype the folder cannot be its
+    edits.precomputed (facts.jsonl and edited_weights.safetensors are not written)."""
+
+
+ARGS = EditArgs
+
+
+def parser():
+    return command_parser(EditArgs, __doc__)
+
+
+def check(args: EditArgs) -> None:
+    """What can be checked before loading the model: N, the editor, the hyperparameters file and the device."""
+    from retention.editing.registry import editor_class
+
+    if args.n < 1:
+        raise UsageError(f"--n {args.n} must be at least 1 (the number of facts to edit)")
+    try:
+        editor_class(args.editor)
+    except ValueError as err:
+        raise UsageError(f"--editor: {err}") from None
+    if args.hparams is not None and Path(args.hparams).suffix in (".yaml", ".yml") and not Path(args.hparams).is_file():
+        raise UsageError(f"--hparams {args.hparams}: no such file")
+    check_device(args.device)
 
 
 def _select(model, tokenizer, records, protocol: str | None, n: int, batch_size: int):
@@ -131,9 +159,13 @@ def run(args: EditArgs) -> dict:
     from retention.editing.registry import build_editor
 
     t_start = time.perf_counter()
-    editor = build_editor(args.editor, args.hparams, args.model, **(args.set or {}))
-    model, tokenizer = load_model(args.model, dtype=torch.float32, device=args.device)
+    check(args)
+    try:
+        editor = build_editor(args.editor, args.hparams, args.model, **(args.set or {}))
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(f"--hparams/--set: {err}") from None
     records = load_records(args.data, on_error=args.on_error)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     records = _select(model, tokenizer, records, args.select_known, args.n, args.batch_size_scoring)
     if not records:
         raise ValueError(f"no facts to edit from {args.data}")
@@ -158,16 +190,20 @@ def run(args: EditArgs) -> dict:
         after = score_probes(model, tokenizer, probes, **score)
         merged = EditResult.merge(results)
         merged.save(out / "edit")
-        base = unwrap_model(model)
-        with atomic_path(out / EDITED_WEIGHTS) as tmp:
-            save_file({n: base.get_parameter(n).detach().cpu().contiguous() for n in sorted(merged.deltas)}, str(tmp))
-        atomic_write_text(out / FACTS, "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in records))
+        if args.dtype == "float32":  # what `retention fit` (float32) can use as edits.precomputed
+            base = unwrap_model(model)
+            with atomic_path(out / EDITED_WEIGHTS) as tmp:
+                save_file({n: base.get_parameter(n).detach().cpu().contiguous() for n in sorted(merged.deltas)},
+                          str(tmp))
+            atomic_write_text(out / FACTS, "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n"
+                                                   for r in records))
         if args.save_model:
             model.save_pretrained(out / "model")
             tokenizer.save_pretrained(out / "model")
     acc_before, acc_after = _accuracy(before), _accuracy(after)
     summary = {
         "model": args.model, "editor": args.editor, "mode": args.mode, "data": args.data, "n_edits": len(requests),
+        "dtype": args.dtype, "device": str(next(model.parameters()).device),
         "hparams": editor.hparams.to_dict(), "edit_seconds": edit_seconds,
         "seconds_per_edit": edit_seconds / len(requests), "base_fingerprint": fingerprint,
         "unedited": acc_before, "edited": acc_after,
@@ -190,19 +226,24 @@ def run(args: EditArgs) -> dict:
         for c in summary["efficacy_by_call"]:
             cells = "  ".join(f"{p} {c[p]['value']:.1%} ({c[p]['count']}/{c[p]['denominator']})" for p in PROTOCOLS)
             print(f"  call {c['call']:>3} ({c['facts']} facts)  {cells}")
+    if args.dtype != "float32" and args.mode != "single":
+        print(f"\nedited in {args.dtype}: {out} cannot be `retention fit`'s edits.precomputed (fit loads float32; "
+              "edit with --dtype float32 for that)")
     print(f"\nresults: {out}")
     return summary
 
 
-def main(argv: list[str]) -> int:
+def execute(args: EditArgs) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args = parse_args(EditArgs, argv, "retention edit", __doc__)
-    if args.n < 1:
-        # records[:-1] would edit all facts but one and exit 0.
-        print(f"retention edit: --n {args.n} must be at least 1 (the number of facts to edit)", file=sys.stderr)
-        return 2
     run(args)
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """``retention edit ARGV``."""
+    from retention.cli import main as cli_main
+
+    return cli_main(["edit", *argv])
 
 
 def read_edit_folder(folder: str | Path) -> dict:
@@ -218,6 +259,11 @@ def read_edit_folder(folder: str | Path) -> dict:
         raise FileNotFoundError(f"{folder} is not a folder")
     if (folder / "edits").is_dir() and not (folder / "edit").is_dir():
         raise ValueError(f"{folder} holds a single-mode edit (one result per fact, never applied together)")
+    if (folder / SCORES).is_file():
+        dtype = json.loads((folder / SCORES).read_text(encoding="utf-8")).get("dtype", "float32")
+        if dtype != "float32":
+            raise ValueError(f"{folder} was edited in {dtype}; `retention fit` loads float32: make its "
+                             "edits.precomputed with `retention edit --dtype float32`")
     for name in (SCORES, "edit/edit.json", FACTS, EDITED_WEIGHTS):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} has no {name}: not the output of `retention edit` in batch or "

@@ -7,10 +7,13 @@ and stores the located MLP layers for ``layers: located`` in editor presets and 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from retention.cli import parse_args
+from jsonargparse.typing import NonNegativeFloat, PositiveInt
+
+from retention.cli import Device, OnError, Protocol, UsageError, check_device, command_parser
 from retention.models import DEFAULT_MODEL, load_model
 
 
@@ -22,29 +25,41 @@ class LocateArgs:
     """Model: smollm2-135m, tiny-llama, tiny-gpt2, a local folder, a .gguf file or a hub id."""
     data: str = "builtin"
     """Knowledge records: 'builtin' or a CounterFact / zsRE / retention JSON(L) file."""
-    n: int = 50
+    n: PositiveInt = 50
     """Number of facts to trace (the first N the model knows)."""
-    known: str = "top1"
-    """Protocol a fact must pass to count as known (top1, prob, token_acc, gen), or 'none' to trace any fact."""
-    on_error: str = "raise"
+    known: Protocol | Literal["none"] = "top1"
+    """Protocol a fact must pass to count as known, or 'none' to trace any fact."""
+    on_error: OnError = "raise"
     """Malformed records: raise (naming file, record and field), or skip and count."""
-    k: int = 5
+    k: PositiveInt = 5
     """Size of the located window: the k contiguous MLP layers with the highest AIE at the subject's last token."""
-    samples: int = 3
+    samples: PositiveInt = 3
     """Noise draws per fact."""
-    noise_scale: float = 3.0
+    noise_scale: NonNegativeFloat = 3.0
     """Noise σ as a multiple of the subject embeddings' standard deviation."""
-    window: int = 1
+    window: PositiveInt = 1
     """Layers restored together for the MLP and attention traces."""
-    kinds: str = "hidden,mlp"
-    """Comma-separated activations to restore: hidden, mlp, attn (attention output)."""
+    kinds: list[Literal["hidden", "mlp", "attn"]] = field(default_factory=lambda: ["hidden", "mlp"])
+    """Activations to restore, comma-separated or a YAML list: hidden, mlp, attn (attention output)."""
     all_positions: bool = False
     """Trace every token-position group (the paper's heatmap), not only the subject's last token."""
     seed: int = 0
+    """Seed of the noise."""
     out: str = "runs/locate"
     """Output folder for causal_trace.json and causal_trace.png."""
     save: bool = True
     """Store the located layers in the cache for 'layers: located'."""
+    device: Device = "auto"
+    """Device: auto (cuda when available, else cpu), cpu, cuda or cuda:i."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Model dtype; auto: float32 on CPU, bfloat16 on a GPU that supports it."""
+
+
+ARGS = LocateArgs
+
+
+def parser():
+    return command_parser(LocateArgs, __doc__)
 
 
 def _known_facts(model, tokenizer, records, n: int, protocol: str):
@@ -61,21 +76,24 @@ def _known_facts(model, tokenizer, records, n: int, protocol: str):
     return known[:n]
 
 
-def main(argv: list[str]) -> int:
+def execute(args: LocateArgs) -> int:
     from retention.data.readers import read_records
     from retention.editing.causal_trace import TraceConfig, plot_trace, save_located, trace_facts
     from retention.io import atomic_write_json
 
-    args = parse_args(LocateArgs, argv, "retention locate", __doc__)
     if args.n < 1:
-        raise SystemExit(f"retention locate: --n={args.n}: must be >= 1")
-    config = TraceConfig(
-        noise_scale=args.noise_scale, samples=args.samples, kinds=tuple(k.strip() for k in args.kinds.split(",")),
-        window=args.window, all_positions=args.all_positions, seed=args.seed,
-    )
+        raise UsageError(f"--n {args.n} must be at least 1")
+    check_device(args.device)
+    try:
+        config = TraceConfig(
+            noise_scale=args.noise_scale, samples=args.samples, kinds=tuple(dict.fromkeys(args.kinds)),
+            window=args.window, all_positions=args.all_positions, seed=args.seed,
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     t0 = time.perf_counter()
     records, _ = read_records(args.data, on_error=args.on_error)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     facts = _known_facts(model, tokenizer, records, args.n, args.known)
     if len(facts) < args.n:
         print(f"only {len(facts)} of {len(records)} facts of {args.data} are known under {args.known}; tracing those")
@@ -102,3 +120,10 @@ def main(argv: list[str]) -> int:
             print(f"stored for 'layers: located': {path}")
     print(f"wrote {out / 'causal_trace.json'} and {out / 'causal_trace.png'} in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """``retention locate ARGV``."""
+    from retention.cli import main as cli_main
+
+    return cli_main(["locate", *argv])

@@ -8,12 +8,12 @@ Writes report.md, report.csv, comparisons.csv and PNGs (see docs/studies.md for 
 
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retention.cli import parse_args
-from retention.study.report import ReportError, write_report
+from retention.cli import command_parser
 
 
 @dataclass
@@ -21,19 +21,27 @@ class ReportArgs:
     """Which folders to report on and where to write."""
 
     folders: list[str] = field(default_factory=list)
-    """Study folders (holding study.json) or run folders (holding summary.json)."""
+    """Study folders (holding study.json) or run folders (holding summary.json), given before the options."""
     out: str | None = None
     """Output folder; default <the folder>/report for one folder, else runs/report."""
     plots: bool = True
     """Write the PNGs (retention curves with interval bands, final retention per arm)."""
 
 
-def main(argv: list[str]) -> int:
-    # Folders may be given positionally before the options: `retention report DIR... [--out OUT]`.
-    n = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
-    folders, rest = argv[:n], argv[n:]
-    args = parse_args(ReportArgs, rest, "retention report", __doc__.split("\n\n")[0])
-    folders = folders + list(args.folders)
+ARGS = ReportArgs
+
+
+def parser():
+    p = command_parser(ReportArgs, __doc__.split("\n\n")[0], skip={"folders"})
+    p.add_argument("folders", nargs="*", default=argparse.SUPPRESS,
+                   help="Study folders (holding study.json) or run folders (holding summary.json).")
+    return p
+
+
+def execute(args: ReportArgs) -> int:
+    from retention.study.report import ReportError, write_report
+
+    folders = list(args.folders)
     if not folders:
         print("retention report: give one or more study or run folders", file=sys.stderr)
         return 2
@@ -46,3 +54,10 @@ def main(argv: list[str]) -> int:
     print(paths["markdown"].read_text(encoding="utf-8"))
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """``retention report ARGV``."""
+    from retention.cli import main as cli_main
+
+    return cli_main(["report", *argv])

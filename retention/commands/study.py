@@ -1,9 +1,9 @@
 """``retention study``: run a whole study (grid cells x arms x seeds, or the single-edit protocol) as one
 resumable command, then write its report.
 
-    retention study --config configs/studies/paper_smollm2_cpu.yaml
-    retention study --config configs/studies/paper_gpt2xl.yaml --dry_run true
-    retention study --config my_study.yaml --jobs 4            # 4 runs at a time (one per GPU where GPUs exist)
+    retention study -c configs/studies/paper_smollm2_cpu.yaml
+    retention study -c configs/studies/paper_gpt2xl.yaml --dry_run true
+    retention study -c my_study.yaml --jobs 4            # 4 runs at a time (one per GPU where GPUs exist)
 
 Re-running the same command after an interruption (even ``kill -9``) keeps the finished runs and redoes the one
 that was cut off. See docs/studies.md.
@@ -16,9 +16,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from retention.cli import parse_args
-from retention.study import Study, StudyError, StudySpec
-from retention.study.report import write_report
+from jsonargparse.typing import PositiveInt
+
+from retention.cli import command_parser
 
 
 @dataclass
@@ -31,7 +31,7 @@ class StudyArgs:
     """Folder holding study folders; default the study file's ``out_dir`` (runs/studies)."""
     dry_run: bool = False
     """Print the expanded runs and check that every run's config resolves, without loading a model."""
-    jobs: int = 1
+    jobs: PositiveInt = 1
     """Runs at a time: 1 runs them one after another in this process; N > 1 runs N subprocesses (CPU threads
     split between them; at most one run per GPU where GPUs exist)."""
     redo_changed: bool = False
@@ -40,8 +40,21 @@ class StudyArgs:
     """Write the report into <study folder>/report when the runs are done."""
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(StudyArgs, argv, "retention study", __doc__.split("\n\n")[0])
+ARGS = StudyArgs
+
+
+def parser():
+    # -c/--config is the study file itself (its options are the study's), so there is no --print_config here.
+    p = command_parser(StudyArgs, __doc__.split("\n\n")[0], config=False, skip={"config"})
+    p.add_argument("-c", "--config", required=True,
+                   help="The study file (YAML): base fit config, grid, arms, seeds, protocol (see docs/studies.md).")
+    return p
+
+
+def execute(args: StudyArgs) -> int:
+    from retention.study import Study, StudyError, StudySpec
+    from retention.study.report import write_report
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.jobs < 1:
         print(f"retention study: --jobs {args.jobs} must be at least 1", file=sys.stderr)
@@ -73,3 +86,10 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """``retention study ARGV``."""
+    from retention.cli import main as cli_main
+
+    return cli_main(["study", *argv])
