@@ -55,7 +55,7 @@ from retention.data.readers import read_records
 from retention.data.selection import select_known_facts, split_edit_control
 from retention.diskcache import DiskCache, digest
 from retention.editing.base import EditRequest, RequestDiagnostics, run_edits
-from retention.editing.registry import EDITORS, build_editor
+from retention.editing.registry import build_editor, editor_class, editor_hparams
 from retention.models import cache_dir, model_fingerprint
 from retention.records import KnowledgeRecord
 from retention.scoring import check_protocols, top1_blind
@@ -109,9 +109,12 @@ class ApplyEdits(Callback):
                 token_acc, gen); ``none`` keeps every fact (random test models know nothing).
             max_candidates: score at most this many records (a seeded sample) when selecting known facts.
             seed: seed of the sample and of the edit/control split.
-            editor: editor name (see ``retention edit --help``).
-            hparams: the editor's hyperparameters: a YAML file, a preset name or a mapping; None for the preset
-                named after the model (``configs/editors/<editor>/<model>.yaml``).
+            editor: editor name (rome, memit, alphaedit, ft-l, ft-m) or the import path of an Editor subclass of
+                your own (``package.module.Class``).
+            hparams: the editor's hyperparameters: a YAML file, a preset name, or a mapping of fields that
+                override the preset named after the model (``{layer: 4}`` keeps the preset's other fields); None
+                for that preset (``retention/resources/editors/<editor>/<model>.yaml``; an editor of your own without one
+                gets its hyperparameter class's defaults).
             mode: ``batch`` (one editor call) or ``sequential`` (calls of ``batch_size`` requests, each applied
                 before the next); ``single`` edits only fact ``single_index`` (one run of the single protocol).
             batch_size: requests per editor call in ``sequential`` mode.
@@ -133,8 +136,10 @@ class ApplyEdits(Callback):
         """
         if n_edit < 0 or n_control < 0:
             raise ValueError(f"ApplyEdits: n_edit={n_edit}, n_control={n_control} must be >= 0")
-        if editor not in EDITORS:
-            raise ValueError(f"ApplyEdits: editor {editor!r} unknown; choose from {', '.join(EDITORS)}")
+        try:
+            editor_class(editor)
+        except ValueError as err:
+            raise ValueError(f"ApplyEdits: {err}") from None
         if known_protocol != "none":
             check_protocols([known_protocol])
         if on_error not in ("raise", "skip"):
@@ -219,15 +224,19 @@ class ApplyEdits(Callback):
         skip``), ``candidates`` (after ``max_candidates``), ``known``, ``top1_blind_edits`` (when top1 is scored)
         and ``task_examples_dropped``."""
         self.timings: dict[str, float] = {}
+        self.resolved_hparams: dict[str, Any] | None = None
+        """The editor's hyperparameters as the edit used them (preset, file or mapping resolved)."""
         self.edit_diagnostics: list[dict] = []
         """Per edit request: seconds, update norm, relative update (‖ΔW‖/‖W‖ of its call) and the editor's own
         numbers (e.g. target probability)."""
 
     def describe(self) -> dict:
-        """What this run edited and kept, for the run summary (with an edit made earlier: where it came from, and
-        for ``precomputed`` the editor, hyperparameters and mode it was made with)."""
+        """What this run edited and kept, for the run summary: the editor's hyperparameters as resolved (every
+        field), and with an edit made earlier where it came from (for ``precomputed`` the editor, hyperparameters
+        and mode it was made with)."""
         made = self.precomputed_edit
-        editor, hparams, mode = (self.editor, self.hparams, self.mode) if made is None else \
+        given = self.hparams if self.resolved_hparams is None else self.resolved_hparams
+        editor, hparams, mode = (self.editor, given, self.mode) if made is None else \
             (made["editor"], made["hparams"], made["mode"])
         if self.edited_model is not None:
             editor = hparams = mode = None
@@ -309,6 +318,7 @@ class ApplyEdits(Callback):
         """Apply the edits of the edit set to ``pl_module.model``."""
         t0 = time.perf_counter()
         editor = build_editor(self.editor, self.hparams, getattr(pl_module, "model_name", None))
+        self.resolved_hparams = editor.hparams.to_dict()
         requests = [EditRequest.from_record(r) for r in self.edited_records]
         mode = "batch" if self.mode == "single" else self.mode
         cache = DiskCache(cache_dir() / "edits")
@@ -447,7 +457,7 @@ class ApplyEdits(Callback):
             return list(self.precomputed_edit["layers"])
         if not self.n_edit or self.edited_model is not None:
             return None
-        hparams = build_editor(self.editor, self.hparams, model_name).hparams.to_dict()
+        hparams = editor_hparams(self.editor, self.hparams, model_name).to_dict()
         layers = hparams.get("layers", hparams.get("layer"))
         return [layers] if isinstance(layers, int) else layers if isinstance(layers, list) else None
 
