@@ -16,7 +16,7 @@ BASE = ["--model.model_name", "tiny-llama", "--edits.n_edit", "2", "--edits.know
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--edits.editor", "bogus"], "editor 'bogus' unknown"),
+    (["--edits.editor", "bogus"], "unknown editor 'bogus'"),
     (["--edits.editor", "rome", "--edits.hparams", "{layer: 7}"], r"edits.hparams layers: \[7\] out of range"),
     (["--edits.editor", "memit", "--edits.hparams", "{layers: [0, 5]}"], r"\[5\] out of range for tiny-llama"),
     (["--freeze.policy", "list", "--freeze.layers", "[3]"], r"freeze.layers: \[3\] out of range"),
@@ -62,3 +62,38 @@ def test_config_files_that_include_each_other_are_refused(tmp_path):
     (tmp_path / "b.yaml").write_text("config: a.yaml\n")
     with pytest.raises(ValueError, match="include each other"):
         resolve_config(["--config", str(Path(tmp_path / "a.yaml"))])
+
+
+@pytest.mark.parametrize("trainer_kwargs, description", [
+    ({"max_steps": 5}, "Epoch 0"),  # step-bounded: max_epochs -1, Lightning's own bar reads "Epoch 0/-2"
+    ({"max_epochs": 3}, "Epoch 0/2"),
+])
+def test_the_progress_bar_of_a_step_bounded_run_has_no_negative_epoch_total(trainer_kwargs, description):
+    from lightning.pytorch import Trainer
+
+    from retention.commands.fit import StepProgressBar
+
+    bar = StepProgressBar()
+    trainer = Trainer(callbacks=[bar], accelerator="cpu", logger=False, enable_checkpointing=False, **trainer_kwargs)
+    assert trainer.progress_bar_callback is bar
+    bar.setup(trainer, None, "fit")
+    assert bar._get_train_description(0).strip() == description
+
+
+def test_fit_adds_the_step_progress_bar(tmp_path, monkeypatch):
+    """`retention fit` replaces Lightning's default bar (a bar of your own, or none, is kept)."""
+    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+    import retention.commands.fit as fit
+    from retention.commands.fit import StepProgressBar
+
+    seen = {}
+
+    def stop(self):
+        seen["bars"] = [type(c).__name__ for c in self.trainer.callbacks if "ProgressBar" in type(c).__name__]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit.FitCLI, "before_fit", stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--model.model_name", "tiny-llama", "--run.wandb", "disabled", "--run.out_dir", str(tmp_path)])
+    assert seen["bars"] == ([StepProgressBar.__name__] if _RICH_AVAILABLE else ["TQDMProgressBar"])

@@ -9,11 +9,15 @@ The folder (``out_dir``, default the trainer's ``default_root_dir``) gets, all w
 - ``retention_curves.png``: retention against fine-tuning steps, one panel per protocol;
 - ``config.yaml`` is LightningCLI's resolved configuration (its SaveConfigCallback writes it to the log dir).
 
+With a W&B logger attached, the final table (:func:`table_rows`, key ``retention/table``) and the curve PNG
+(``retention/curves``) are logged to the W&B run too.
+
 A resumed run (``--ckpt_path``) rewrites the same files: the monitor's curves come back from the checkpoint.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -25,7 +29,11 @@ from retention.callbacks.apply_edits import ApplyEdits
 from retention.callbacks.monitor import RetentionMonitor
 from retention.callbacks.probing import Measurement
 from retention.io import atomic_write_json, atomic_write_jsonl
-from retention.reporting import collapse, format_table, plot_curves, probe_group, summarize
+from retention.records import GROUPS, probe_group
+from retention.reporting import collapse, format_table, plot_curves, summarize
+
+TABLE_COLUMNS = ["protocol", "group", "retention", "kept", "passing_t0", "accuracy_t0", "probes"]
+"""The columns of :func:`table_rows`: retention (kept / passing at t=0) and accuracy at t=0 (passing / probes)."""
 
 
 def _find(trainer: Trainer, cls: type) -> Callback:
@@ -49,6 +57,22 @@ def environment(trainer: Trainer) -> dict:
         "python": platform.python_version(), "device": str(trainer.strategy.root_device),
         "world_size": trainer.world_size, "precision": str(trainer.precision), "threads": torch.get_num_threads(),
     }
+
+
+def table_rows(summary: dict) -> list[list]:
+    """The final retention table of a ``summary.json`` as rows of :data:`TABLE_COLUMNS`, one per protocol and
+    probe group (NaN, an empty denominator, as None)."""
+    def number(value: float) -> float | None:
+        return None if math.isnan(value) else value
+
+    rows = []
+    for protocol in summary["protocols"]:
+        kept = summary["retention"].get(protocol, {})
+        for group in (g for g in GROUPS if g in kept):
+            t0 = summary["t0"][group][protocol]
+            rows.append([protocol, group, number(kept[group]["value"]), kept[group]["count"],
+                         kept[group]["denominator"], number(t0["value"]), t0["denominator"]])
+    return rows
 
 
 def probe_rows(m: Measurement) -> list[dict]:
@@ -144,7 +168,21 @@ class RunReport(Callback):
             plot_curves(self.summary["curves"], folder / "retention_curves.png",
                         title=f"{run['model']}: {run.get('editor')} ({run.get('mode')}), {run['n_edit']} edits, "
                         f"{run['n_control']} controls, frozen {run['frozen_layers'] or 'none'}")
+        self.log_to_wandb(trainer)
         return self.summary
+
+    def log_to_wandb(self, trainer: Trainer) -> None:
+        """Log the final table (``retention/table``) and the curve PNG (``retention/curves``) to every W&B logger."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        png = self.folder(trainer) / "retention_curves.png"
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key="retention/table", columns=TABLE_COLUMNS, data=table_rows(self.summary),
+                                 step=trainer.global_step)
+                if self.plot and png.is_file():
+                    logger.log_image(key="retention/curves", images=[str(png)], step=trainer.global_step,
+                                     caption=[f"retention after {self.summary['final_step']} steps"])
 
     def describe(self, trainer: Trainer) -> str:
         """The final table and where the files are."""

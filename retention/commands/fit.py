@@ -34,9 +34,10 @@ import torch
 import yaml
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from typing_extensions import override
 
 from retention.arch import out_of_range
@@ -216,6 +217,34 @@ def expand_config_includes(argv: list[str]) -> list[str]:
     return out
 
 
+class RunConfig(SaveConfigCallback):
+    """Writes the resolved ``config.yaml`` into the run folder (as LightningCLI does) and logs the same
+    configuration, every group (model, data, trainer, run, edits, paraphrases, freeze, monitor, report, ...), as
+    hyperparameters to every logger: W&B's run config and the CSV logger's ``hparams.yaml`` hold the whole run,
+    not only the model's settings (which the FineTuneModule logs next to it)."""
+
+    @override
+    def save_config(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        config.pop("config", None)  # the --config layers themselves; their content is in the groups
+        for logger in trainer.loggers:
+            logger.log_hyperparams(config)
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, whose description reads ``Epoch 0`` rather than ``Epoch 0/-2`` when
+    training is bounded by steps (``max_epochs`` -1: no epoch limit), and ``Epoch 0/2`` with 3 epochs."""
+
+    @override
+    def _get_train_description(self, current_epoch: int) -> str:
+        max_epochs = self.trainer.max_epochs
+        description = f"Epoch {current_epoch}" + (f"/{max_epochs - 1}" if max_epochs is not None and max_epochs > 0
+                                                  else "")
+        if len(self.validation_description) > len(description):
+            description = f"{description:{len(self.validation_description)}}"  # no flicker against "Validation"
+        return description
+
+
 class FitCLI(LightningCLI):
     """LightningCLI for :class:`FineTuneModule` on a :class:`TaskDataModule`, with run folders and a report."""
 
@@ -233,7 +262,8 @@ class FitCLI(LightningCLI):
         args = expand_config_includes(args)
         super().__init__(
             FineTuneModule, TaskDataModule, subclass_mode_model=False, subclass_mode_data=False,
-            trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0, save_config_kwargs={"overwrite": True},
+            trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0, save_config_callback=RunConfig,
+            save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False, args=args if parse_only else ["fit", *args], run=not parse_only,
             parser_kwargs={"exit_on_error": False} if parse_only else None,
         )
@@ -327,6 +357,9 @@ class FitCLI(LightningCLI):
         if run.checkpoint_every and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks.append(LastCheckpoint(run_dir / "checkpoints", run.checkpoint_every))
             kwargs["enable_checkpointing"] = True
+        if _RICH_AVAILABLE and trainer_config.get("enable_progress_bar") is not False \
+                and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(StepProgressBar())  # Lightning's default, with a step-bounded run's description
         return super().instantiate_trainer(logger=loggers, default_root_dir=str(run_dir), callbacks=callbacks,
                                            **kwargs)
 
