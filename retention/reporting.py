@@ -1,9 +1,8 @@
-"""Run reports: rates with their denominators, the summary, the retention table, the curve plot.
+"""Run reports: the summary, the retention table, the curve plot.
 
-Probe groups name what a probe measures: ``edit`` (the rewrite prompt of an edited fact), ``edit_paraphrase``
-(its held-out evaluation paraphrases), ``edit_neighborhood`` (prompts about other subjects that must keep their
-answers), ``control`` and ``control_paraphrase`` (the intrinsic control facts, never edited). The table puts
-edited (``edit``) and intrinsic (``control``) retention side by side under every protocol.
+Rates come with their denominators (``retention.metrics.Rate``), per probe group (``retention.records.GROUPS``:
+what a probe measures). The table puts edited (``edit``) and intrinsic (``control``) retention side by side
+under every protocol.
 """
 
 from __future__ import annotations
@@ -14,47 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from retention.io import atomic_path
-from retention.metrics import ratio
+from retention.metrics import Rate, flip_ratio
+from retention.records import GROUP_LABELS, GROUPS
 
 INCOMPLETE = "incomplete.json"
 """Present in a run folder from the run's start until it has finished; readers refuse such folders."""
-
-GROUP_OF_KIND = {
-    "rewrite": "edit",
-    "paraphrase": "edit_paraphrase",
-    "neighborhood": "edit_neighborhood",
-    "control": "control",
-    "control_paraphrase": "control_paraphrase",
-}
-"""Probe kind (``Probe.kind``) -> probe group."""
-GROUPS = ("edit", "control", "edit_paraphrase", "control_paraphrase", "edit_neighborhood")
-"""Probe groups in table order: edited and intrinsic side by side first."""
-GROUP_LABELS = {
-    "edit": "edited (E)",
-    "control": "intrinsic (I)",
-    "edit_paraphrase": "E paraphrase",
-    "control_paraphrase": "I paraphrase",
-    "edit_neighborhood": "E neighbourhood",
-}
 
 COLLAPSE_UNIFORM = 0.9
 """A last validation loss at or above this fraction of ln(vocabulary size) — the loss of a uniform guess — is
 a collapse (when the first validation was below it)."""
 COLLAPSE_GROWTH = 2.0
 """A last validation loss more than this many times the first is a collapse."""
-
-Rate = dict[str, Any]
-"""``{"value": count / denominator (NaN when empty), "count": int, "denominator": int}``."""
-
-
-def rate(count: int, denominator: int) -> Rate:
-    return {"value": ratio(count, denominator), "count": int(count), "denominator": int(denominator)}
-
-
-def probe_group(kind: str) -> str:
-    if kind not in GROUP_OF_KIND:
-        raise ValueError(f"probe kind {kind!r} has no group; known kinds: {', '.join(GROUP_OF_KIND)}")
-    return GROUP_OF_KIND[kind]
 
 
 def _fmt(r: Rate | None) -> str:
@@ -134,7 +103,7 @@ def summarize(
         "t0": first["accuracy"],
         "edit_success_t0": {g: first["accuracy"][g] for g in ("edit", "edit_paraphrase") if g in first["accuracy"]},
         "retention": retention,
-        "flip_ratio": {p: 1.0 - retention[p]["edit"]["value"] for p in protocols if "edit" in retention[p]},
+        "flip_ratio": {p: flip_ratio(retention[p]["edit"]) for p in protocols if "edit" in retention[p]},
         "final_accuracy": last["accuracy"],
         "curves": curves(measurements),
         "measurements": [{k: m[k] for k in ("step", "accuracy", "retention")} for m in measurements],
@@ -164,7 +133,8 @@ def plot_curves(curve_data: Mapping[str, Mapping[str, Sequence[Sequence[float]]]
     protocols = list(dict.fromkeys(p for by_protocol in curve_data.values() for p in by_protocol))
     fig, axes = plt.subplots(1, len(protocols), figsize=(4.2 * len(protocols), 3.6), squeeze=False, sharey=True)
     styles = {"edit": ("C3", "-"), "control": ("C0", "-"), "edit_paraphrase": ("C3", "--"),
-              "control_paraphrase": ("C0", "--"), "edit_neighborhood": ("C2", ":")}  # fmt: skip
+              "control_paraphrase": ("C0", "--"), "edit_neighborhood": ("C2", ":"),
+              "edit_portability": ("C1", "-.")}  # fmt: skip
     for ax, protocol in zip(axes[0], protocols):
         for group in GROUPS:
             points = curve_data.get(group, {}).get(protocol)

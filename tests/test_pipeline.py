@@ -10,7 +10,7 @@ import sys
 import pytest
 from tiny_runs import N_CONTROL, N_EDIT, PROTOCOLS, RATES, read_run, write_config
 
-from retention.reporting import GROUPS
+from retention.records import GROUPS
 
 
 def test_pipeline_writes_the_run_folder(one_rank):
@@ -27,7 +27,8 @@ def test_pipeline_writes_the_run_folder(one_rank):
     assert all(len(rows) == n_probes for rows in probes.values())
     t0 = probes["step_000000.jsonl"]
     assert sum(r["group"] == "edit" for r in t0) == N_EDIT and sum(r["group"] == "control" for r in t0) == N_CONTROL
-    for group in GROUPS:
+    assert "edit_portability" not in summary["t0"]  # the built-in facts have no portability probes
+    for group in (g for g in GROUPS if g != "edit_portability"):
         for protocol in PROTOCOLS:
             final = [r for r in probes["step_000003.jsonl"] if r["group"] == group]
             before = {r["prompt"]: r["passed"][protocol] for r in t0 if r["group"] == group}

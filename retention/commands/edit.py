@@ -31,8 +31,9 @@ from jsonargparse.typing import PositiveInt
 
 from retention.cli import Device, OnError, UsageError, check_device, command_parser
 from retention.io import atomic_path, atomic_write_json, atomic_write_text, safe_name
+from retention.metrics import rate
 from retention.models import DEFAULT_MODEL, load_model, model_fingerprint
-from retention.reporting import GROUP_LABELS, probe_group, rate
+from retention.records import GROUP_LABELS, probe_group
 from retention.scoring import score_probes, top1_blind
 
 PROTOCOLS = ("top1", "prob")

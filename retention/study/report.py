@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retention.io import atomic_write_text
-from retention.reporting import GROUP_LABELS, GROUPS, INCOMPLETE, save_figure
+from retention.records import GROUP_LABELS, GROUPS
+from retention.reporting import INCOMPLETE, save_figure
 from retention.study.runner import DONE
 from retention.study.spec import cell_label
 from retention.study.stats import Interval, newcombe, paired_interval, t_interval, wilson
