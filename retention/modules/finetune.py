@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
+from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from retention.arch import ArchAdapter, unwrap_model
+from retention.distributed import all_reduce_sum
 from retention.models import DEFAULT_MODEL, load_model
 from retention.scoring import gathered_root, is_sharded
 
@@ -201,8 +203,9 @@ class FineTuneModule(LightningModule):
         """One entry per validation pass: ``step`` and the logged ``val/*`` values (what the CLI reports)."""
         self.train_tokens = 0
         """Input tokens (padding excluded) trained on so far, on this rank."""
-        self._val_sums: torch.Tensor | None = None
-        """Summed validation NLL and labelled-token count of the current validation pass, on this rank."""
+        self.val_loss = MeanMetric(nan_strategy=math.nan, dist_sync_fn=all_reduce_sum).set_dtype(torch.float64)
+        """Token-weighted mean validation NLL of the current pass (batch means weighted by their labelled tokens;
+        ``nan_strategy=nan`` keeps a NaN loss NaN: the collapse check reads it)."""
         self._val_batches: int | None = None
         """Under FSDP2: the extra validation forwards this rank runs in the current pass (others have more batches)."""
         self._ready = False
@@ -319,9 +322,9 @@ class FineTuneModule(LightningModule):
 
     @override
     def on_validation_epoch_start(self) -> None:
-        # Plain tensors made afresh each pass: a validate() runs in inference mode and validation inside fit
-        # does not, and state carried from one into the other could not be updated in place.
-        self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        # States made afresh each pass: a validate() runs in inference mode and validation inside fit does not,
+        # and state carried from one into the other could not be updated in place.
+        self.val_loss.reset()
         if self._val_batches is not None:
             # Sharded forwards are collectives: a rank with fewer validation batches repeats its last one,
             # uncounted, right after it, until it has run as many forwards as the rank with the most.
@@ -332,7 +335,7 @@ class FineTuneModule(LightningModule):
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         total, count = self._common_step(batch)
-        self._val_sums += torch.stack([total.double(), count.double()])
+        self.val_loss.update(total.double() / count.clamp(min=1), weight=count)
         last = self.trainer.num_val_batches
         if self._val_batches and (dataloader_idx, batch_idx) == (len(last) - 1, last[-1] - 1):
             for _ in range(self._val_batches):
@@ -340,14 +343,15 @@ class FineTuneModule(LightningModule):
 
     @override
     def on_validation_epoch_end(self) -> None:
-        total, count = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").tolist()
-        if count == 0:
-            return
-        loss = total / count
+        with self.val_loss.sync_context():  # every rank calls it: the labelled tokens over ranks
+            if not self.val_loss.weight:
+                return
+        loss = float(self.val_loss.compute())  # over ranks; cached for the log below
         metrics = {"val/loss": loss, "val/ppl": math.exp(min(loss, 80.0))}
         if not self.trainer.sanity_checking:
             metrics.update(self._task_metrics())
-        for name, value in metrics.items():
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        for name, value in list(metrics.items())[1:]:
             self.log(name, value, prog_bar=name != "val/ppl")
         if not self.trainer.sanity_checking:
             self.validations.append({"step": self.global_step, **metrics})
