@@ -164,3 +164,14 @@ class ArchAdapter:
 
     def mlp_out_weight(self, i: int) -> torch.Tensor:
         return self.mlp_out(i).weight
+
+    def key_size(self, i: int) -> int:
+        """The input width of layer ``i``'s MLP output projection: the size of an editing key."""
+        return self.weight_to_out_in(self.mlp_out_weight(i)).shape[1]
+
+    def mlp_out_delta(self, i: int, update_out_in: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """An editor's ``[out, in]`` update of layer ``i``'s MLP output projection as an edit-result entry: the
+        weight's parameter name and the float32 delta in the weight's stored layout, on the weight's device."""
+        weight = self.mlp_out_weight(i)
+        delta = self.delta_to_weight(update_out_in.float()).contiguous().to(weight.device)
+        return f"{self.mlp_out_name(i)}.weight", delta

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from retention.arch import ArchAdapter
 from retention.diskcache import DiskCache
 from retention.editing.base import EditRequest
+from retention.editing.context import EditorContext
 from retention.editing.memit import MemitEditor, MemitHParams, keys_and_values
 from retention.models import cache_dir
 
@@ -112,45 +112,42 @@ class AlphaEditEditor(MemitEditor):
         self._n_previous = 0
         """Requests of the earlier batches."""
 
-    def _prepare(self, model: nn.Module, tokenizer) -> bool:
-        fresh = super()._prepare(model, tokenizer)
+    def _set_up(self, ctx: EditorContext, fresh: bool) -> None:
         if fresh:
             self._projectors, self._ranks, self._previous, self._expected, self._n_previous = {}, {}, {}, {}, 0
             hp = self.hparams
-            adapter = ArchAdapter.for_model(model)
-            for layer in self._layers:
-                if layer in self._covs:
-                    p, rank = null_space_projector(self._covs[layer], hp.nullspace_threshold, hp.relative_threshold)
+            for layer in ctx.layers:
+                if layer in ctx.covs:
+                    p, rank = null_space_projector(ctx.covs[layer], hp.nullspace_threshold, hp.relative_threshold)
                 else:
-                    dim = adapter.weight_to_out_in(adapter.mlp_out_weight(layer)).shape[1]
+                    dim = ctx.adapter.key_size(layer)
                     p, rank = torch.eye(dim, dtype=torch.float64), dim
                 self._projectors[layer], self._ranks[layer] = p, rank
                 log.info("alphaedit layer %d: null-space projector of rank %d of %d (threshold %g%s)", layer, rank,
                          p.shape[0], hp.nullspace_threshold, " × largest eigenvalue" if hp.relative_threshold else "")
-        elif self._expected and not self._holds_earlier_batches(model):
+        elif self._expected and not self._holds_earlier_batches(ctx.model):
             log.info("alphaedit: the model no longer holds the earlier batches' edits; their keys are dropped")
             self._previous, self._expected, self._n_previous = {}, {}, 0
-        return fresh
 
     def _holds_earlier_batches(self, model: nn.Module) -> bool:
         return all(_digest(model.get_parameter(name)) == d for name, d in self._expected.items())
 
-    def _solve(self, index: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+    def _solve(self, ctx: EditorContext, index: int, layer: int, keys: torch.Tensor,
+               resid: torch.Tensor) -> torch.Tensor:
         p = self._projectors[layer]
         previous = self._previous.get(layer, torch.zeros_like(p))
         return alphaedit_delta(keys, resid, p, previous, self.hparams.l2)
 
-    def _after_batch(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> None:
+    def _after_batch(self, ctx: EditorContext, requests: Sequence[EditRequest]) -> None:
         # The batch's keys as the edited model computes them join the preserved set (as in AlphaEdit's code).
-        adapter = ArchAdapter.for_model(model)
         self._n_previous += len(requests)
-        for layer in self._layers:
-            keys, _ = keys_and_values(model, tokenizer, requests, self._templates, layer, layer,
+        for layer in ctx.layers:
+            keys, _ = keys_and_values(ctx, ctx.tokenizer, requests, ctx.templates, layer, layer,
                                       self.hparams.batch_size)
             previous = self._previous.get(layer)
             self._previous[layer] = keys.T @ keys + (0 if previous is None else previous)
-            name = f"{adapter.mlp_out_name(layer)}.weight"
-            self._expected[name] = _digest(model.get_parameter(name))
+            name = f"{ctx.adapter.mlp_out_name(layer)}.weight"
+            self._expected[name] = _digest(ctx.model.get_parameter(name))
 
     def _info(self) -> dict:
         return {"projector_ranks": dict(self._ranks), "earlier_requests_kept": self._n_previous}

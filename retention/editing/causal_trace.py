@@ -341,9 +341,10 @@ class LayersNotLocated(FileNotFoundError):
     pass
 
 
-def located_layers(model: nn.Module) -> list[int]:
-    """The layers ``retention locate`` found for this model (``layers: located`` in presets and freeze policies)."""
-    entries, key = _located(), {"fingerprint": model_fingerprint(model)}
+def located_layers(model: nn.Module, fingerprint: str | None = None) -> list[int]:
+    """The layers ``retention locate`` found for this model (``layers: located`` in presets and freeze policies);
+    ``fingerprint``: the model's :func:`~retention.models.model_fingerprint` when the caller has it already."""
+    entries, key = _located(), {"fingerprint": fingerprint or model_fingerprint(model)}
     path = entries.data_path(key, ".json")
     if not path.exists():
         raise LayersNotLocated(
@@ -356,13 +357,13 @@ def located_layers(model: nn.Module) -> list[int]:
     return [int(i) for i in hit[0]["layers"]]
 
 
-def resolve_layers(layers: Sequence[int] | str, model: nn.Module) -> list[int]:
-    """An editor's layer setting as indices: ``"located"`` reads :func:`located_layers`, negatives count from
-    the end."""
+def resolve_layers(layers: Sequence[int] | str, model: nn.Module, fingerprint: str | None = None) -> list[int]:
+    """An editor's layer setting as indices: ``"located"`` reads :func:`located_layers` (with the model's
+    ``fingerprint`` when given), negatives count from the end."""
     if isinstance(layers, str):
         if layers != "located":
             raise ValueError(f"layers={layers!r}: give a list of layer indices or 'located'")
-        return located_layers(model)
+        return located_layers(model, fingerprint)
     n = ArchAdapter.for_model(model).num_layers
     bad = out_of_range(layers, n)
     if bad:

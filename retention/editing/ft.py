@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from retention.arch import ArchAdapter, unwrap_model
 from retention.editing.base import (
     Editor,
     EditorHParams,
@@ -32,6 +31,7 @@ from retention.editing.base import (
     check_finite,
 )
 from retention.editing.causal_trace import resolve_layers
+from retention.editing.context import EditorContext
 from retention.editing.targets import trainable_only
 from retention.editing.trace import layer_input, patch_outputs, start_at_layer
 from retention.tokens import prompt_ids, right_pad, target_ids
@@ -101,10 +101,9 @@ class FtEditor(Editor):
     def edit(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> EditResult:
         t0 = time.perf_counter()
         hp = self.hparams
-        base = unwrap_model(model)
-        adapter = ArchAdapter.for_model(base)
+        ctx = EditorContext(model, tokenizer)
+        base, adapter, device = ctx.model, ctx.adapter, ctx.device
         layers = sorted(set(resolve_layers(hp.layers, base)))
-        device = adapter.embed.weight.device
         rows = self._rows(tokenizer, requests)
         ids, mask = (t.to(device) for t in right_pad([r[0] for r in rows], tokenizer.pad_token_id))
         pos_rows = torch.tensor([i for i, (_, pos, _) in enumerate(rows) for _ in pos], device=device)
@@ -148,8 +147,8 @@ class FtEditor(Editor):
         for i, d in deltas.items():
             d = d.detach()
             check_finite(d, requests, f"layer-{i} fine-tuning delta")
-            weight = adapter.mlp_out_weight(i)
-            out_deltas[f"{adapter.mlp_out_name(i)}.weight"] = adapter.delta_to_weight(d).contiguous().to(weight.device)
+            name, delta = adapter.mlp_out_delta(i, d)
+            out_deltas[name] = delta
             norm2 += d.double().norm().item() ** 2
         # One joint optimisation: every request shares the call's loss curve and update.
         diags = [RequestDiagnostics(r.case_id, seconds, losses, norm2**0.5, {"steps": len(losses)}) for r in requests]

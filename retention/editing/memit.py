@@ -31,25 +31,22 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from retention.arch import ArchAdapter, unwrap_model
 from retention.editing.base import (
-    Editor,
     EditRequest,
     EditResult,
     RequestDiagnostics,
     check_finite,
 )
-from retention.editing.causal_trace import resolve_layers
-from retention.editing.covariance import KeyStatsHParams, key_covariances
+from retention.editing.context import EditorContext
+from retention.editing.covariance import KeyStatsHParams
 from retention.editing.targets import (
+    LocateThenEditEditor,
     TargetConfig,
     TargetHParams,
-    context_templates,
     optimise_targets,
     rewriting_templates,
 )
 from retention.editing.trace import capture, stop_after, subject_last_token_index
-from retention.models import model_fingerprint
 from retention.tokens import prompt_ids, right_pad
 
 log = logging.getLogger(__name__)
@@ -89,16 +86,26 @@ class MemitHParams(TargetHParams, KeyStatsHParams):
 
 @torch.no_grad()
 def keys_and_values(
-    model: nn.Module, tokenizer, requests: Sequence[EditRequest], templates: Sequence[str], key_layer: int,
-    value_layer: int, batch_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (request, phrasing) column: the key of ``key_layer`` (the MLP-out input at the subject's last token,
-    averaged over the context templates) and the output of decoder layer ``value_layer`` there on the plain
-    phrasing; float64 ``[columns, in]`` and ``[columns, hidden]``, columns request-major."""
-    adapter = ArchAdapter.for_model(model)
-    device = adapter.embed.weight.device
-    modules = {"k": adapter.mlp_out(key_layer), "z": adapter.layer(value_layer)}
-    last = max(key_layer, value_layer)
+    model: nn.Module | EditorContext, tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
+    key_layer: int, value_layer: int | None = None, batch_size: int | None = 64, per: str = "phrasing",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per column: the key of ``key_layer`` (the MLP-out input at the subject's last token, averaged over the
+    column's rewriting prompts) and the output of decoder layer ``value_layer`` there on the column's plain
+    prompt; float64 ``[columns, in]`` and ``[columns, hidden]`` (None without ``value_layer``).
+
+    ``per="phrasing"`` (MEMIT): a column per (request, phrasing), request-major, its key averaged over the context
+    templates. ``per="request"`` (ROME's ``k̄``): a column per request, its key the mean over all of its rewriting
+    prompts (context templates × phrasings). ``batch_size``: prompts per forward (None: all in one).
+    ``model`` may be the :class:`EditorContext` of an editor call.
+    """
+    if per not in ("phrasing", "request"):
+        raise ValueError(f"per={per!r}: choose 'phrasing' or 'request'")
+    ctx = EditorContext.of(model, tokenizer)
+    adapter, device = ctx.adapter, ctx.device
+    modules = {"k": adapter.mlp_out(key_layer)}
+    if value_layer is not None:
+        modules["z"] = adapter.layer(value_layer)
+    stop = modules["k"] if value_layer is None else adapter.layer(max(key_layer, value_layer))
     rows = []  # (column, is_plain, ids, subject position)
     column = 0
     for req in requests:
@@ -106,25 +113,39 @@ def keys_and_values(
         for r, template in enumerate(rewriting_templates(req, templates)):
             ids = prompt_ids(tokenizer, template.format(req.subject))
             pos = subject_last_token_index(tokenizer, template, req.subject)
-            rows.append((column + r % phrasings, r < phrasings, ids, pos))
-        column += phrasings
-    dim = adapter.weight_to_out_in(adapter.mlp_out_weight(key_layer)).shape[1]
-    keys = torch.zeros(column, dim, dtype=torch.float64)
+            if per == "phrasing":
+                rows.append((column + r % phrasings, r < phrasings, ids, pos))
+            else:
+                rows.append((column, r == 0, ids, pos))
+        column += phrasings if per == "phrasing" else 1
+    keys = torch.zeros(column, adapter.key_size(key_layer), dtype=torch.float64)
     counts = torch.zeros(column, dtype=torch.float64)
-    values = torch.zeros(column, adapter.hidden_size, dtype=torch.float64)
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
+    values = None if value_layer is None else torch.zeros(column, adapter.hidden_size, dtype=torch.float64)
+    parts: dict[int, list[torch.Tensor]] = {}  # per="request": each column's keys, averaged at the end
+    step = batch_size or len(rows)
+    for start in range(0, len(rows), step):
+        chunk = rows[start : start + step]
         ids, mask = right_pad([row_ids for _, _, row_ids, _ in chunk], tokenizer.pad_token_id)
-        with capture(modules, outputs=True) as rec, stop_after(adapter.layer(last)):
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        with capture(modules, outputs=values is not None) as rec, stop_after(stop):
+            ctx.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
         at = (torch.arange(len(chunk)), torch.tensor([pos for *_, pos in chunk]))
-        k = rec["k"].input[at].to(torch.float64).cpu()
-        z = rec["z"].output[at].to(torch.float64).cpu()
+        k = rec["k"].input[at].to(torch.float64)
+        z = None if values is None else rec["z"].output[at].to(torch.float64).cpu()
+        if per == "request":
+            for col in dict.fromkeys(col for col, *_ in chunk):
+                parts.setdefault(col, []).append(k[[i for i, row in enumerate(chunk) if row[0] == col]])
+        else:
+            k = k.cpu()
         for i, (col, plain, _, _) in enumerate(chunk):
-            keys[col] += k[i]
-            counts[col] += 1
-            if plain:
+            if per == "phrasing":
+                keys[col] += k[i]
+                counts[col] += 1
+            if plain and values is not None:
                 values[col] = z[i]
+    if per == "request":
+        for col, pieces in parts.items():
+            keys[col] = torch.cat(pieces).mean(0).cpu()
+        return keys, values
     return keys / counts[:, None], values
 
 
@@ -137,51 +158,29 @@ def memit_delta(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor | Non
     return torch.linalg.solve(weight * c + k @ k.T, k @ r.T).T
 
 
-class MemitEditor(Editor):
+class MemitEditor(LocateThenEditEditor):
     """MEMIT: one update of every critical layer's MLP output projection for a whole batch of requests."""
 
     name = "memit"
     hparams_class = MemitHParams
     hparams: MemitHParams
 
-    def __init__(self, hparams: MemitHParams):
-        super().__init__(hparams)
-        # Layers, context templates and covariances come from the first (unedited) model an instance edits, so a
-        # sequential run neither recomputes them nor looks the located layers up on edited weights.
-        self._model_id: int | None = None
-        self._layers: list[int] = []
-        self._templates: list[str] = []
-        self._covs: dict[int, torch.Tensor] = {}
+    def layer_setting(self) -> list[int] | str:
+        return self.hparams.layers
 
-    def _prepare(self, model: nn.Module, tokenizer) -> bool:
-        """Set up for ``model``; True when it is a model this instance has not seen before."""
-        if self._model_id == id(model):
-            return False
-        hp = self.hparams
-        self._layers = sorted(set(resolve_layers(hp.layers, model)))
-        fingerprint = model_fingerprint(model)
-        self._templates = context_templates(model, tokenizer, hp.context_templates, hp.context_seed, fingerprint)
-        self._covs = {}
-        if hp.mom2_adjustment:
-            self._covs = key_covariances(model, tokenizer, self._layers, hp.covariance_spec(), fingerprint)
-        else:
-            log.info("%s: mom2_adjustment is off: C = I", self.name)
-        self._model_id = id(model)
-        return True
-
-    def _solve(self, index: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+    def _solve(self, ctx: EditorContext, index: int, layer: int, keys: torch.Tensor,
+               resid: torch.Tensor) -> torch.Tensor:
         """The ``[out, in]`` float64 update of critical layer ``layer`` (``index`` in the critical layers)."""
-        return memit_delta(keys, resid, self._covs.get(layer), self.hparams.mom2_update_weight)
+        return memit_delta(keys, resid, ctx.covs.get(layer), self.hparams.mom2_update_weight)
 
     def edit(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> EditResult:
         """Compute the batch's update layer by layer (each on the model updated below it); the model is restored."""
         t0 = time.perf_counter()
         hp = self.hparams
-        base = unwrap_model(model)
-        adapter = ArchAdapter.for_model(base)
-        self._prepare(base, tokenizer)
-        layers, z_layer = self._layers, self._layers[-1]
-        targets = optimise_targets(base, tokenizer, requests, self._templates, hp.target_config(z_layer))
+        ctx = self.prepare(model, tokenizer)
+        base, adapter = ctx.model, ctx.adapter
+        layers, z_layer = ctx.layers, ctx.layers[-1]
+        targets = optimise_targets(ctx, tokenizer, requests, ctx.templates, hp.target_config(z_layer))
         for req, target in zip(requests, targets):
             check_finite(target.delta, req, "z delta")
         owner = torch.tensor([f for f, req in enumerate(requests) for _ in req.templates])
@@ -191,22 +190,21 @@ class MemitEditor(Editor):
         z = None
         try:
             for i, layer in enumerate(layers):
-                keys, cur = keys_and_values(base, tokenizer, requests, self._templates, layer, z_layer, hp.batch_size)
+                keys, cur = keys_and_values(ctx, tokenizer, requests, ctx.templates, layer, z_layer, hp.batch_size)
                 if z is None:
                     z = cur + deltas
                 resid = (z - cur) / (len(layers) - i)
-                update = self._solve(i, layer, keys, resid)
+                update = self._solve(ctx, i, layer, keys, resid)
                 for req in requests:
                     check_finite(update, req, f"layer-{layer} update")
-                weight = adapter.mlp_out_weight(layer)
-                delta = adapter.delta_to_weight(update.float()).contiguous().to(weight.device)
-                step = EditResult(self.name, {f"{adapter.mlp_out_name(layer)}.weight": delta}, [layer], [])
+                name, delta = adapter.mlp_out_delta(layer, update)
+                step = EditResult(self.name, {name: delta}, [layer], [])
                 step.apply(base)
                 applied.append(step)
                 norms[layer] = update.norm().item()
                 log.info("%s layer %d: %d key(s), residual %.3g, |dW| %.3g", self.name, layer, len(keys),
                          resid.norm(dim=1).mean().item() * (len(layers) - i), norms[layer])
-            self._after_batch(base, tokenizer, requests)
+            self._after_batch(ctx, requests)
         finally:
             for step in reversed(applied):
                 step.revert(base)
@@ -223,12 +221,12 @@ class MemitEditor(Editor):
         return EditResult(
             self.name, {n: d for s in applied for n, d in s.deltas.items()}, list(layers),
             [r.case_id for r in requests], diagnostics,
-            {**hp.to_dict(), "layers_used": list(layers), "context_templates_used": self._templates,
+            {**hp.to_dict(), "layers_used": list(layers), "context_templates_used": ctx.templates,
              "update_norms": norms, **self._info()},
             seconds,
         )
 
-    def _after_batch(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> None:
+    def _after_batch(self, ctx: EditorContext, requests: Sequence[EditRequest]) -> None:
         """Called with the batch's updates applied (AlphaEdit records the new keys here)."""
 
     def _info(self) -> dict:

@@ -28,26 +28,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from retention.arch import ArchAdapter, unwrap_model
 from retention.editing.base import (
-    Editor,
     EditRequest,
     EditResult,
     RequestDiagnostics,
     check_finite,
 )
-from retention.editing.causal_trace import resolve_layers
-from retention.editing.covariance import KeyStatsHParams, key_covariance
+from retention.editing.context import EditorContext
+from retention.editing.covariance import KeyStatsHParams
+from retention.editing.memit import keys_and_values
 from retention.editing.targets import (
+    LocateThenEditEditor,
     TargetConfig,
     TargetHParams,
-    context_templates,
     optimise_targets,
-    rewriting_templates,
 )
-from retention.editing.trace import capture, stop_after, subject_last_token_index
-from retention.models import model_fingerprint
-from retention.tokens import prompt_ids, right_pad
 
 log = logging.getLogger(__name__)
 
@@ -64,23 +59,16 @@ class RomeHParams(TargetHParams, KeyStatsHParams):
 
 
 @torch.no_grad()
-def average_key(model: nn.Module, tokenizer, layer: int, request: EditRequest,
+def average_key(model: nn.Module | EditorContext, tokenizer, layer: int, request: EditRequest,
                 context_templates: Sequence[str]) -> torch.Tensor:
-    """``k̄``: the MLP-out input at the subject's last token, averaged over the rewriting prompts (float64)."""
-    adapter = ArchAdapter.for_model(model)
-    module = adapter.mlp_out(layer)
-    templates = rewriting_templates(request, context_templates)
-    encoded = [prompt_ids(tokenizer, t.format(request.subject)) for t in templates]
-    positions = [subject_last_token_index(tokenizer, t, request.subject) for t in templates]
-    ids, mask = right_pad(encoded, tokenizer.pad_token_id)
-    device = adapter.embed.weight.device
-    with capture({"k": module}, outputs=False) as rec, stop_after(module):
-        model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-    keys = rec["k"].input[torch.arange(len(encoded)), torch.tensor(positions)]
-    return keys.to(torch.float64).mean(0).cpu()
+    """``k̄``: the MLP-out input at the subject's last token, averaged over the rewriting prompts (float64) — the
+    one-request, one-column case of :func:`~retention.editing.memit.keys_and_values` (``per="request"``, all
+    prompts in one forward)."""
+    keys, _ = keys_and_values(model, tokenizer, [request], context_templates, layer, batch_size=None, per="request")
+    return keys[0]
 
 
-class RomeEditor(Editor):
+class RomeEditor(LocateThenEditEditor):
     """r-ROME: one rank-one update of ``layer``'s MLP output projection per request, requests in turn."""
 
     name = "rome"
@@ -89,61 +77,46 @@ class RomeEditor(Editor):
 
     def __init__(self, hparams: RomeHParams):
         super().__init__(hparams)
-        # Context templates and the covariance come from the first (unedited) model an instance edits, so a
-        # sequential run does not recompute them after every edit.
-        self._model_id: int | None = None
-        self.templates: list[str] = []
-        """The context templates in use (plain ``"{}"`` first)."""
         self._cov_lu: tuple[torch.Tensor, torch.Tensor] | None = None
+        """The LU factors of the layer's C (None: C = I)."""
 
-    def prepare(self, model: nn.Module, tokenizer) -> None:
-        """Context templates and key statistics for ``model`` (the first edit of a model does this)."""
-        if self._model_id == id(model):
-            return
-        hp = self.hparams
-        fingerprint = model_fingerprint(model)
-        self.templates = context_templates(model, tokenizer, hp.context_templates, hp.context_seed, fingerprint)
-        self._cov_lu = None
-        if hp.mom2_adjustment:
-            (layer,) = resolve_layers([hp.layer], model)
-            c = key_covariance(model, tokenizer, layer, hp.covariance_spec(), fingerprint)
-            self._cov_lu = torch.linalg.lu_factor(c)
-        else:
-            log.info("rome: mom2_adjustment is off: C = I (u is the averaged key itself)")
-        self._model_id = id(model)
+    def layer_setting(self) -> list[int]:
+        return [self.hparams.layer]
+
+    def _set_up(self, ctx: EditorContext, fresh: bool) -> None:
+        if fresh:
+            (layer,) = ctx.layers
+            self._cov_lu = torch.linalg.lu_factor(ctx.covs[layer]) if layer in ctx.covs else None
 
     def edit(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> EditResult:
         """Compute each request's update on the model edited by the previous ones; the model is restored after."""
         t0 = time.perf_counter()
-        base = unwrap_model(model)
-        self.prepare(base, tokenizer)
+        ctx = self.prepare(model, tokenizer)
         done: list[EditResult] = []
         try:
             for req in requests:
-                result = self._edit_one(base, tokenizer, req)
-                result.apply(base)
+                result = self._edit_one(ctx, req)
+                result.apply(ctx.model)
                 done.append(result)
         finally:
             for result in reversed(done):
-                result.revert(base)
+                result.revert(ctx.model)
         merged = EditResult.merge(done)
         merged.seconds = time.perf_counter() - t0
         return merged
 
-    def _edit_one(self, model: nn.Module, tokenizer, request: EditRequest) -> EditResult:
+    def _edit_one(self, ctx: EditorContext, request: EditRequest) -> EditResult:
         t0 = time.perf_counter()
         hp = self.hparams
-        adapter = ArchAdapter.for_model(model)
-        (layer,) = resolve_layers([hp.layer], model)
-        k = check_finite(average_key(model, tokenizer, layer, request, self.templates), request, "key")
+        (layer,) = ctx.layers
+        k = check_finite(average_key(ctx, ctx.tokenizer, layer, request, ctx.templates), request, "key")
         u = torch.linalg.lu_solve(*self._cov_lu, k[:, None])[:, 0] if self._cov_lu is not None else k
-        target = optimise_targets(model, tokenizer, [request], self.templates, hp.target_config())[0]
+        target = optimise_targets(ctx, ctx.tokenizer, [request], ctx.templates, hp.target_config())[0]
         check_finite(target.delta, request, "v* delta")
         denom = torch.dot(u, k)
         update = torch.outer(target.delta.double().cpu(), u) / denom  # [out, in]
         check_finite(update, request, "rank-one update")
-        weight = adapter.mlp_out_weight(layer)
-        delta = adapter.delta_to_weight(update.float()).contiguous().to(weight.device)
+        name, delta = ctx.adapter.mlp_out_delta(layer, update)
         diag = RequestDiagnostics(
             request.case_id, time.perf_counter() - t0, target.losses, update.norm().item(),
             {"target_prob": target.target_prob, "nll": target.nll, "kl": target.kl, "steps": target.steps,
@@ -153,6 +126,6 @@ class RomeEditor(Editor):
         log.info("rome %s: layer %d, p(target) %.3f after %d steps, |dW| %.3g, %.1f s", request.case_id, layer,
                  target.target_prob, target.steps, diag.delta_norm, diag.seconds)
         return EditResult(
-            self.name, {f"{adapter.mlp_out_name(layer)}.weight": delta}, [layer], [request.case_id], [diag],
-            {**hp.to_dict(), "context_templates_used": self.templates}, diag.seconds,
+            self.name, {name: delta}, [layer], [request.case_id], [diag],
+            {**hp.to_dict(), "context_templates_used": ctx.templates}, diag.seconds,
         )

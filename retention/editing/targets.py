@@ -16,6 +16,11 @@ with its own δ, loss, Adam state, clamp and early stop, so a batch gives the ve
 optimisation gives. A fact's loss is a weighted sum over its prompt rows, so the rows of all facts are sorted by
 length and run in chunks of similar length (little padding), their gradients adding up. No weight gradients are
 computed and the frozen layers below ``L`` run once: their output is cached and every step starts at layer ``L``.
+:class:`TargetOptimiser` holds one batch's optimisation; :func:`optimise_targets` runs one.
+
+:class:`LocateThenEditEditor` is the set-up ROME, MEMIT and AlphaEdit share: one ``prepare`` that builds the
+:class:`~retention.editing.context.EditorContext` of a model (located layers, context templates, key covariances,
+the weights hashed once) and keeps it while the editor edits that model.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import logging
 import math
 import re
 import time
+from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,9 +37,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from retention.arch import ArchAdapter, unwrap_model
+from retention.arch import unwrap_model
 from retention.diskcache import DiskCache
-from retention.editing.base import EditError, EditorHParams, EditRequest
+from retention.editing.base import EditError, Editor, EditorHParams, EditRequest
+from retention.editing.causal_trace import resolve_layers
+from retention.editing.context import EditorContext
+from retention.editing.covariance import key_covariances
 from retention.editing.trace import (
     add_at,
     capture,
@@ -167,93 +176,23 @@ def evaluating(model: nn.Module) -> Iterator[None]:
 
 
 def optimise_targets(
-    model: nn.Module,
+    model: nn.Module | EditorContext,
     tokenizer,
     requests: Sequence[EditRequest],
     context_templates: Sequence[str],
     config: TargetConfig,
     naive: bool = False,
 ) -> list[TargetVector]:
-    """Optimise one δ per request, all together (see the module docstring); a non-finite loss is an
-    :class:`EditError` naming the request and the step.
+    """Optimise one δ per request, all together (see the module docstring and :class:`TargetOptimiser`); a
+    non-finite loss is an :class:`EditError` naming the request and the step. ``model`` may be the
+    :class:`EditorContext` of an editor call.
 
     ``naive=True`` runs the same loop the slow way — every step a full forward and backward through all layers
     with weight gradients — as the reference for tests and benchmarks.
     """
     if not requests:
         return []
-    base = unwrap_model(model)
-    adapter = ArchAdapter.for_model(base)
-    layer = config.layer % adapter.num_layers
-    site = adapter.mlp_out(layer) if config.site == "mlp_out" else adapter.layer(layer)
-    device = adapter.embed.weight.device
-    rows = _rows(tokenizer, requests, context_templates, config)
-    all_ids, all_mask = (t.to(device) for t in right_pad([r.ids for r in rows], tokenizer.pad_token_id))
-    t0 = time.perf_counter()
-    params = list(base.parameters()) if naive else []
-    with evaluating(base), trainable_only(base, params):
-        cached = None if naive else layer_input(base, layer, all_ids, all_mask)
-        deltas = [torch.zeros(adapter.hidden_size, device=device, requires_grad=True) for _ in requests]
-        opt = torch.optim.Adam(deltas, lr=config.lr)
-        results = [TargetVector(torch.zeros(0), torch.zeros(0)) for _ in requests]
-        kl_init: dict[int, torch.Tensor] = {}
-        active = list(range(len(requests)))
-        # A fact's loss is a weighted sum over its rows, so chunks of rows add up to it exactly.
-        weights = torch.tensor([r.share * (1.0 if r.targets else config.kl_factor) for r in rows], device=device)
-        for step in range(config.steps):
-            last = step == config.steps - 1
-            opt.zero_grad(set_to_none=True)
-            nll, kl, prob = ([0.0] * len(requests) for _ in range(3))
-            for chunk in _chunks(rows, active, config.max_rows):
-                values = _step(base, adapter, site, rows, chunk, all_ids, all_mask, cached, deltas, kl_init,
-                               results, step == 0, layer)
-                if not last:  # after the last step nothing is updated
-                    (weights[chunk] * values).sum().backward()
-                for i, v in zip(chunk, values.tolist()):
-                    r = rows[i]
-                    if r.targets is None:
-                        kl[r.fact] += r.share * v
-                    else:
-                        nll[r.fact] += r.share * v
-                        prob[r.fact] += r.share * math.exp(-v)
-            decays = {f: config.weight_decay * deltas[f].norm() / results[f].init.norm() ** 2 for f in active}
-            stepping = []
-            for f in active:
-                res = results[f]
-                res.nll, res.kl, res.target_prob = nll[f], kl[f], prob[f]
-                res.losses.append(nll[f] + config.kl_factor * kl[f] + decays[f].item())
-                if not math.isfinite(res.losses[-1]):
-                    raise EditError(
-                        f"{requests[f].describe()}: non-finite v*/z loss {res.losses[-1]} at step {step + 1} of "
-                        f"{config.steps} (NLL {nll[f]}, KL {kl[f]}, ‖δ‖ {deltas[f].norm().item():.3g}, "
-                        f"‖v₀‖ {res.init.norm().item():.3g}); the edit is not applied: lower v_lr (now {config.lr}) "
-                        f"or clamp_norm_factor (now {config.clamp_norm_factor}), or load the model in float32 or "
-                        f"bfloat16 (it is {adapter.embed.weight.dtype}) and check that its weights are finite"
-                    )
-                if res.losses[-1] >= config.early_stop_loss and not last:
-                    stepping.append(f)
-            if stepping:
-                torch.stack([decays[f] for f in stepping]).sum().backward()
-                for f in set(active) - set(stepping):
-                    deltas[f].grad = None  # Adam skips it: a finished fact keeps its δ and Adam state
-                opt.step()
-                with torch.no_grad():
-                    for f in stepping:
-                        results[f].steps += 1
-                        max_norm = config.clamp_norm_factor * results[f].init.norm()
-                        norm = deltas[f].norm()
-                        if norm > max_norm:
-                            deltas[f].mul_(max_norm / norm)
-            if naive:
-                for p in params:
-                    p.grad = None
-            active = stepping
-            if not active:
-                break
-    for f, res in enumerate(results):
-        res.delta = deltas[f].detach().float().clone()
-    log.debug("optimised %d target vector(s) at layer %d in %.2f s", len(requests), layer, time.perf_counter() - t0)
-    return results
+    return TargetOptimiser(EditorContext.of(model, tokenizer), requests, context_templates, config, naive).run()
 
 
 _CHUNK_COST = 32
@@ -281,68 +220,193 @@ def _chunks(rows: Sequence[_Row], facts: Sequence[int], max_rows: int) -> list[l
     return groups[::-1]
 
 
-def _step(base, adapter, site, rows, chunk, all_ids, all_mask, cached, deltas, kl_init, results, first: bool,
-          layer: int) -> torch.Tensor:
-    """One forward over the rows ``chunk``; per row its target NLL (rewriting row) or KL (KL row)."""
-    sub = [rows[i] for i in chunk]
-    width = max(len(r.ids) for r in sub)
-    sel = torch.tensor(chunk, device=all_ids.device)
-    ids, mask = all_ids[sel, :width], all_mask[sel, :width]
-    facts = sorted({r.fact for r in sub})
-    slot = {f: j for j, f in enumerate(facts)}
-    stacked = torch.stack([deltas[f] for f in facts])
-    values = stacked[torch.tensor([slot[r.fact] for r in sub], device=stacked.device)]
-    patch = add_at(torch.arange(len(sub)), torch.tensor([r.subject for r in sub]), values)
-    with patch_outputs({site: patch}), capture({"site": site}, inputs=False) as rec:
-        if cached is None:
-            hidden = base.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        else:
-            with start_at_layer(base, layer, cached[sel, :width]):
+class TargetOptimiser:
+    """One batch of δ optimisations (the module docstring's loss, Adam, clamp and early stop per fact).
+
+    Holds the model, its adapter, the site δ is added at and the prompt rows of all facts, and the state the steps
+    share: the cached input of layer ``L`` (none when ``naive``), the δs and their Adam optimiser, the KL
+    reference distributions of the first step and the :class:`TargetVector` results. :meth:`run` optimises;
+    :meth:`step` is one forward over a chunk of rows.
+    """
+
+    def __init__(self, context: EditorContext, requests: Sequence[EditRequest], context_templates: Sequence[str],
+                 config: TargetConfig, naive: bool = False):
+        self.ctx, self.requests, self.config, self.naive = context, list(requests), config, naive
+        self.base, self.adapter = context.model, context.adapter
+        self.layer = config.layer % self.adapter.num_layers
+        self.site = self.adapter.mlp_out(self.layer) if config.site == "mlp_out" else self.adapter.layer(self.layer)
+        self.device = context.device
+        tokenizer = context.tokenizer
+        self.rows = _rows(tokenizer, self.requests, context_templates, config)
+        self.ids, self.mask = (t.to(self.device) for t in right_pad([r.ids for r in self.rows], tokenizer.pad_token_id))
+        self.cached: torch.Tensor | None = None
+        """The rows' input of layer ``L`` (the frozen layers below run once); None for the naive loop."""
+        self.deltas: list[torch.Tensor] = []
+        self.results: list[TargetVector] = []
+        self.kl_init: dict[int, torch.Tensor] = {}
+        """KL row -> its log-probs at δ = 0 (the first step's), the reference p₀."""
+        self.weights = torch.zeros(0)
+        """Per row its weight in its fact's loss: a fact's loss is a weighted sum over its rows, so chunks of rows
+        add up to it exactly."""
+
+    def run(self) -> list[TargetVector]:
+        """Optimise every fact's δ; the results in the order of the requests."""
+        config, base = self.config, self.base
+        t0 = time.perf_counter()
+        params = list(base.parameters()) if self.naive else []
+        with evaluating(base), trainable_only(base, params):
+            self.cached = None if self.naive else layer_input(base, self.layer, self.ids, self.mask)
+            self.deltas = [torch.zeros(self.adapter.hidden_size, device=self.device, requires_grad=True)
+                           for _ in self.requests]
+            opt = torch.optim.Adam(self.deltas, lr=config.lr)
+            self.results = [TargetVector(torch.zeros(0), torch.zeros(0)) for _ in self.requests]
+            self.kl_init = {}
+            active = list(range(len(self.requests)))
+            self.weights = torch.tensor([r.share * (1.0 if r.targets else config.kl_factor) for r in self.rows],
+                                        device=self.device)
+            for step in range(config.steps):
+                opt.zero_grad(set_to_none=True)
+                losses = self._losses(step, active)
+                decays = {f: config.weight_decay * self.deltas[f].norm() / self.results[f].init.norm() ** 2
+                          for f in active}
+                stepping = self._record(step, active, *losses, decays)
+                if stepping:
+                    self._update(opt, active, stepping, decays)
+                for p in params:
+                    p.grad = None
+                active = stepping
+                if not active:
+                    break
+        for f, res in enumerate(self.results):
+            res.delta = self.deltas[f].detach().float().clone()
+        log.debug("optimised %d target vector(s) at layer %d in %.2f s", len(self.requests), self.layer,
+                  time.perf_counter() - t0)
+        return self.results
+
+    def _losses(self, step: int, active: Sequence[int]) -> tuple[list[float], list[float], list[float]]:
+        """Per fact its NLL, KL and target probability at this step, over the chunks of the active facts' rows;
+        their gradients are accumulated (but after the last step, when nothing is updated)."""
+        n = len(self.requests)
+        nll, kl, prob = [0.0] * n, [0.0] * n, [0.0] * n
+        for chunk in _chunks(self.rows, active, self.config.max_rows):
+            values = self.step(chunk, step == 0)
+            if step != self.config.steps - 1:
+                (self.weights[chunk] * values).sum().backward()
+            for i, v in zip(chunk, values.tolist()):
+                r = self.rows[i]
+                if r.targets is None:
+                    kl[r.fact] += r.share * v
+                else:
+                    nll[r.fact] += r.share * v
+                    prob[r.fact] += r.share * math.exp(-v)
+        return nll, kl, prob
+
+    def _record(self, step: int, active: Sequence[int], nll: list[float], kl: list[float], prob: list[float],
+                decays: dict[int, torch.Tensor]) -> list[int]:
+        """Record each active fact's losses; the facts still above ``early_stop_loss`` (none after the last step).
+        A non-finite loss is an :class:`EditError`."""
+        config = self.config
+        stepping = []
+        for f in active:
+            res = self.results[f]
+            res.nll, res.kl, res.target_prob = nll[f], kl[f], prob[f]
+            res.losses.append(nll[f] + config.kl_factor * kl[f] + decays[f].item())
+            if not math.isfinite(res.losses[-1]):
+                raise EditError(
+                    f"{self.requests[f].describe()}: non-finite v*/z loss {res.losses[-1]} at step {step + 1} of "
+                    f"{config.steps} (NLL {nll[f]}, KL {kl[f]}, ‖δ‖ {self.deltas[f].norm().item():.3g}, "
+                    f"‖v₀‖ {res.init.norm().item():.3g}); the edit is not applied: lower v_lr (now {config.lr}) "
+                    f"or clamp_norm_factor (now {config.clamp_norm_factor}), or load the model in float32 or "
+                    f"bfloat16 (it is {self.adapter.embed.weight.dtype}) and check that its weights are finite"
+                )
+            if res.losses[-1] >= config.early_stop_loss and step != config.steps - 1:
+                stepping.append(f)
+        return stepping
+
+    def _update(self, opt: torch.optim.Optimizer, active: Sequence[int], stepping: Sequence[int],
+                decays: dict[int, torch.Tensor]) -> None:
+        """An Adam step of the ``stepping`` facts' δs (with their weight decay), each then clamped to
+        ``clamp_norm_factor · ‖v₀‖``; the other active facts keep their δ and Adam state."""
+        torch.stack([decays[f] for f in stepping]).sum().backward()
+        for f in set(active) - set(stepping):
+            self.deltas[f].grad = None  # Adam skips it: a finished fact keeps its δ and Adam state
+        opt.step()
+        with torch.no_grad():
+            for f in stepping:
+                self.results[f].steps += 1
+                max_norm = self.config.clamp_norm_factor * self.results[f].init.norm()
+                norm = self.deltas[f].norm()
+                if norm > max_norm:
+                    self.deltas[f].mul_(max_norm / norm)
+
+    def step(self, chunk: Sequence[int], first: bool) -> torch.Tensor:
+        """One forward over the rows ``chunk`` with each fact's δ added at the site; per row its target NLL
+        (rewriting row) or KL (KL row). The ``first`` step records ``v₀`` and the KL reference."""
+        base, rows = self.base, self.rows
+        sub = [rows[i] for i in chunk]
+        width = max(len(r.ids) for r in sub)
+        sel = torch.tensor(chunk, device=self.ids.device)
+        ids, mask = self.ids[sel, :width], self.mask[sel, :width]
+        facts = sorted({r.fact for r in sub})
+        slot = {f: j for j, f in enumerate(facts)}
+        stacked = torch.stack([self.deltas[f] for f in facts])
+        values = stacked[torch.tensor([slot[r.fact] for r in sub], device=stacked.device)]
+        patch = add_at(torch.arange(len(sub)), torch.tensor([r.subject for r in sub]), values)
+        with patch_outputs({self.site: patch}), capture({"site": self.site}, inputs=False) as rec:
+            if self.cached is None:
                 hidden = base.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    if first:
-        for j, r in enumerate(sub):
-            if r.plain:
-                # The captured output already holds δ = 0 at this step, so it is the original output.
-                results[r.fact].init = rec["site"].output[j, r.subject].detach().float().clone()
-    # Logits only where they are needed: each target token of a rewriting row, the subject token of a KL row.
-    # Log-probs are picked with one index per kind (a slice per row would make backward zero-fill a full
-    # [positions, vocab] gradient for every row).
-    pos_rows, pos_cols, tok, tok_at, tok_row, kl_at, kl_row = [], [], [], [], [], [], []
-    for j, r in enumerate(sub):
-        if r.targets is None:
-            kl_at.append(len(pos_rows))
-            kl_row.append(j)
-            pos_rows.append(j)
-            pos_cols.append(r.subject)
-        else:
-            start = len(r.ids) - len(r.targets)
-            tok_at += range(len(pos_rows), len(pos_rows) + len(r.targets))
-            tok_row += [j] * len(r.targets)
-            pos_rows += [j] * len(r.targets)
-            pos_cols += range(start, start + len(r.targets))
-            tok += r.targets
-    logits = base.get_output_embeddings()(hidden[torch.tensor(pos_rows), torch.tensor(pos_cols)]).float()
-    logprobs = torch.log_softmax(logits, -1)
-    dev = logits.device
-    per_row = torch.zeros(len(sub), device=dev)
-    if tok:  # a chunk may hold KL rows only
-        tok_row_t = torch.tensor(tok_row, device=dev)
-        picked = logprobs[torch.tensor(tok_at, device=dev), torch.tensor(tok, device=dev)]
-        counts = torch.zeros(len(sub), device=dev).index_add(0, tok_row_t, torch.ones_like(picked))
-        per_row = -per_row.index_add(0, tok_row_t, picked) / counts.clamp(min=1)
-    if kl_at:
-        lp = logprobs[torch.tensor(kl_at, device=dev)]
+            else:
+                with start_at_layer(base, self.layer, self.cached[sel, :width]):
+                    hidden = base.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         if first:
-            for i, j in enumerate(kl_row):
-                kl_init[chunk[j]] = lp[i].detach()
-        ref = torch.stack([kl_init[chunk[j]] for j in kl_row])
-        per_row = per_row.index_put((torch.tensor(kl_row, device=dev),), torch.sum(ref.exp() * (ref - lp), -1))
-    return per_row
+            for j, r in enumerate(sub):
+                if r.plain:
+                    # The captured output already holds δ = 0 at this step, so it is the original output.
+                    self.results[r.fact].init = rec["site"].output[j, r.subject].detach().float().clone()
+        return self._row_losses(chunk, hidden, first)
+
+    def _row_losses(self, chunk: Sequence[int], hidden: torch.Tensor, first: bool) -> torch.Tensor:
+        """Per row of ``chunk`` its mean target NLL or its KL(p₀ ‖ p) from the final hidden states ``hidden``."""
+        sub = [self.rows[i] for i in chunk]
+        # Logits only where they are needed: each target token of a rewriting row, the subject token of a KL row.
+        # Log-probs are picked with one index per kind (a slice per row would make backward zero-fill a full
+        # [positions, vocab] gradient for every row).
+        pos_rows, pos_cols, tok, tok_at, tok_row, kl_at, kl_row = [], [], [], [], [], [], []
+        for j, r in enumerate(sub):
+            if r.targets is None:
+                kl_at.append(len(pos_rows))
+                kl_row.append(j)
+                pos_rows.append(j)
+                pos_cols.append(r.subject)
+            else:
+                start = len(r.ids) - len(r.targets)
+                tok_at += range(len(pos_rows), len(pos_rows) + len(r.targets))
+                tok_row += [j] * len(r.targets)
+                pos_rows += [j] * len(r.targets)
+                pos_cols += range(start, start + len(r.targets))
+                tok += r.targets
+        logits = self.base.get_output_embeddings()(hidden[torch.tensor(pos_rows), torch.tensor(pos_cols)]).float()
+        logprobs = torch.log_softmax(logits, -1)
+        dev = logits.device
+        per_row = torch.zeros(len(sub), device=dev)
+        if tok:  # a chunk may hold KL rows only
+            tok_row_t = torch.tensor(tok_row, device=dev)
+            picked = logprobs[torch.tensor(tok_at, device=dev), torch.tensor(tok, device=dev)]
+            counts = torch.zeros(len(sub), device=dev).index_add(0, tok_row_t, torch.ones_like(picked))
+            per_row = -per_row.index_add(0, tok_row_t, picked) / counts.clamp(min=1)
+        if kl_at:
+            lp = logprobs[torch.tensor(kl_at, device=dev)]
+            if first:
+                for i, j in enumerate(kl_row):
+                    self.kl_init[chunk[j]] = lp[i].detach()
+            ref = torch.stack([self.kl_init[chunk[j]] for j in kl_row])
+            per_row = per_row.index_put((torch.tensor(kl_row, device=dev),), torch.sum(ref.exp() * (ref - lp), -1))
+        return per_row
 
 
 @torch.no_grad()
 def context_templates(
-    model: nn.Module, tokenizer, lengths: Sequence[Sequence[int]], seed: int = 0, fingerprint: str | None = None,
+    model: nn.Module | EditorContext, tokenizer, lengths: Sequence[Sequence[int]], seed: int = 0, fingerprint: str | None = None,
 ) -> list[str]:
     """``["{}"]`` followed by short sampled texts ending in ``". {}"`` (``[length, count]`` pairs), seeded.
 
@@ -354,8 +418,8 @@ def context_templates(
     key = {"fingerprint": fingerprint, **spec}
     if fingerprint is not None and (hit := entries.get(key)) is not None:
         return list(hit[0]["templates"])
-    base = unwrap_model(model)
-    device = ArchAdapter.for_model(base).embed.weight.device
+    ctx = EditorContext.of(model, tokenizer)
+    base, device = ctx.model, ctx.device
     start = torch.tensor([[tokenizer.eos_token_id]], device=device)
     templates = ["{}"]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -402,3 +466,49 @@ class TargetHParams(EditorHParams):
             kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor,
             early_stop_loss=self.early_stop_loss, kl_prompts=tuple(self.kl_prompts),
         )
+
+
+class LocateThenEditEditor(Editor):
+    """The set-up of the editors that write at located MLP layers from key statistics (ROME, MEMIT, AlphaEdit):
+    one :meth:`prepare` for all of them. Their hyperparameters are :class:`TargetHParams` and
+    :class:`~retention.editing.covariance.KeyStatsHParams`."""
+
+    def __init__(self, hparams: EditorHParams):
+        super().__init__(hparams)
+        self.context: EditorContext | None = None
+        """The context of the model set up for, made on the first (unedited) model this instance edits and
+        reused while it edits that model: a sequential run neither recomputes the context templates and
+        covariances after every edit nor looks the located layers up on edited weights."""
+
+    @abstractmethod
+    def layer_setting(self) -> Sequence[int] | str:
+        """The edited layers as the hyperparameters give them (indices or ``located``)."""
+
+    @property
+    def templates(self) -> list[str]:
+        """The context templates in use (plain ``"{}"`` first); empty before the first :meth:`prepare`."""
+        return self.context.templates if self.context is not None else []
+
+    def prepare(self, model: nn.Module, tokenizer) -> EditorContext:
+        """The editor context of ``model``: the one set up before when it is the same model, else a new one
+        holding the layers, the context templates and (``mom2_adjustment``) the key covariances, read from the
+        caches keyed by the weights' fingerprint, which is computed once."""
+        base = unwrap_model(model)
+        ctx = self.context
+        fresh = ctx is None or ctx.model is not base
+        if fresh:
+            hp = self.hparams
+            ctx = EditorContext(base, tokenizer)
+            ctx.layers = sorted(set(resolve_layers(self.layer_setting(), base, ctx.fingerprint)))
+            ctx.templates = context_templates(ctx, tokenizer, hp.context_templates, hp.context_seed, ctx.fingerprint)
+            if hp.mom2_adjustment:
+                ctx.covs = key_covariances(base, tokenizer, ctx.layers, hp.covariance_spec(), ctx.fingerprint)
+            else:
+                log.info("%s: mom2_adjustment is off: C = I", self.name)
+        ctx.tokenizer = tokenizer
+        self._set_up(ctx, fresh)
+        self.context = ctx
+        return ctx
+
+    def _set_up(self, ctx: EditorContext, fresh: bool) -> None:
+        """Editor-specific set-up after :meth:`prepare` (``fresh``: a model this instance had not set up for)."""
