@@ -241,7 +241,7 @@ def trace_fact(
                     mask[r, groups[g]] = True
             start = restored[rows[0]][0]
             hooks = {modules[key]: _restorer(clean[key], m.to(device)) for key, m in masks.items()}
-            with start_at_layer(model, start, seen[start].input.expand(len(rows), -1, -1)), patch_outputs(hooks):
+            with start_at_layer(model, start, seen[start].input.expand(len(rows), -1, -1), adapter), patch_outputs(hooks):
                 probs[rows] += _last_token_prob(model, input_ids.expand(len(rows), -1), target).cpu()
     probs /= config.samples
     effects: dict[str, dict[str, list[float]]] = {}

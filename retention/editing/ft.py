@@ -120,10 +120,10 @@ class FtEditor(Editor):
         was_training = base.training
         base.eval()
         with trainable_only(base):
-            hidden = layer_input(base, layers[0], ids, mask)
+            hidden = layer_input(base, layers[0], ids, mask, adapter)
             patches = {adapter.mlp_out(i): _linear_delta(d) for i, d in deltas.items()}
             for _ in range(hp.steps):
-                with patch_outputs(patches, with_input=True), start_at_layer(base, layers[0], hidden):
+                with patch_outputs(patches, with_input=True), start_at_layer(base, layers[0], hidden, adapter):
                     out = base.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
                 logits = base.get_output_embeddings()(out[pos_rows, pos_cols]).float()
                 token_nll = -torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]

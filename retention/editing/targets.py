@@ -255,7 +255,7 @@ class TargetOptimiser:
         t0 = time.perf_counter()
         params = list(base.parameters()) if self.naive else []
         with evaluating(base), trainable_only(base, params):
-            self.cached = None if self.naive else layer_input(base, self.layer, self.ids, self.mask)
+            self.cached = None if self.naive else layer_input(base, self.layer, self.ids, self.mask, self.adapter)
             self.deltas = [torch.zeros(self.adapter.hidden_size, device=self.device, requires_grad=True)
                            for _ in self.requests]
             opt = torch.optim.Adam(self.deltas, lr=config.lr)
@@ -356,7 +356,7 @@ class TargetOptimiser:
             if self.cached is None:
                 hidden = base.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             else:
-                with start_at_layer(base, self.layer, self.cached[sel, :width]):
+                with start_at_layer(base, self.layer, self.cached[sel, :width], self.adapter):
                     hidden = base.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         if first:
             for j, r in enumerate(sub):

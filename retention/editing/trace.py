@@ -128,10 +128,12 @@ def add_at(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> Patc
 
 @torch.no_grad()
 def layer_input(
-    model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    adapter: ArchAdapter | None = None,
 ) -> torch.Tensor:
-    """The hidden states entering decoder layer ``layer`` (the forward stops there)."""
-    block = ArchAdapter.for_model(model).layer(layer)
+    """The hidden states entering decoder layer ``layer`` (the forward stops there); ``adapter``: the model's, when
+    the caller has it."""
+    block = (adapter or ArchAdapter.for_model(model)).layer(layer)
     seen: list[torch.Tensor] = []
 
     def hook(module, args, kwargs):
@@ -153,14 +155,15 @@ def _skip(*args, **kwargs):
 
 
 @contextmanager
-def start_at_layer(model: nn.Module, layer: int, hidden: torch.Tensor) -> Iterator[None]:
+def start_at_layer(model: nn.Module, layer: int, hidden: torch.Tensor,
+                   adapter: ArchAdapter | None = None) -> Iterator[None]:
     """Forwards inside skip decoder layers ``< layer`` and feed ``hidden`` (from :func:`layer_input` on the same
-    ``input_ids``/``attention_mask``) into layer ``layer``.
+    ``input_ids``/``attention_mask``) into layer ``layer``; ``adapter``: the model's, when the caller has it.
 
     Everything that depends only on the input ids — position ids, rotary embeddings, attention masks — is still
     computed by the model itself, so the logits equal those of a full forward.
     """
-    adapter = ArchAdapter.for_model(model)
+    adapter = adapter or ArchAdapter.for_model(model)
     start = adapter.layer(layer)
     below = [adapter.layer(i) for i in range(layer % adapter.num_layers)]
 
