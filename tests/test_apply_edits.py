@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from retention.callbacks.apply_edits import ApplyEdits
-from retention.callbacks.probing import KnowledgeSets, shard
+from retention.callbacks.probing import shard
+from retention.data.selection import KnowledgeSets
 
 
 def _select(**kw) -> KnowledgeSets:
@@ -32,15 +33,12 @@ def test_single_protocol_run_edits_one_fact_of_the_same_selection():
         assert single.edit == [full.edit[i]] and single.control == full.control
 
 
-def test_exclusion_terms_reach_the_datamodule_and_rebuild_it():
-    calls = []
-    datamodule = SimpleNamespace(exclude_terms=[], task=SimpleNamespace(n_dropped=7),
-                                 setup=lambda stage: calls.append(stage))
+def test_exclusion_terms_reach_the_datamodule():
+    datamodule = SimpleNamespace(exclude_terms=[])
     edits = ApplyEdits(n_edit=2, n_control=2, known_protocol="none")
     edits.sets = edits.select(None)
     edits._exclude_from_task(SimpleNamespace(datamodule=datamodule))
-    assert datamodule.exclude_terms == edits.sets.terms() and calls == ["fit"]
-    assert edits.stats["task_examples_dropped"] == 7
+    assert datamodule.exclude_terms == edits.sets.terms()
 
 
 def test_rank_shards_cover_every_probe_once():

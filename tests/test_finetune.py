@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader
 
 from retention.arch import ArchAdapter
+from retention.callbacks.pipeline import PipelineCallback
 from retention.callbacks.stopping import StopOnValLoss
 from retention.models import load_model
 from retention.modules.finetune import AdapterArgs, FineTuneModule, OptimizerArgs, lr_factor, token_nll
@@ -47,7 +48,7 @@ def _loss(model, loader) -> float:
     return (total / count).item()
 
 
-class _Freeze(Callback):
+class _Freeze(PipelineCallback):
     """Stands in for the pipeline's FreezeLayers callback: decides frozen layers in the contract hook."""
 
     def __init__(self, layers):
@@ -56,7 +57,7 @@ class _Freeze(Callback):
     def on_base_model_ready(self, trainer, pl_module):
         self.calls += 1
         assert not hasattr(pl_module.model, "peft_config"), "hook must run before adapters are added"
-        pl_module.frozen_layers = set(self.layers)
+        pl_module.pipeline.frozen_layers = set(self.layers)
 
 
 @pytest.mark.parametrize("name,method,lr", [
@@ -99,7 +100,7 @@ def test_adapters_on_target_layers_only_and_never_on_frozen():
 
     model, tok = load_model("tiny-llama")
     module = FineTuneModule.from_model(model, tok, adapter=AdapterArgs(method="lora", target_layers=[-2]))
-    module.frozen_layers = {0}
+    module.pipeline.frozen_layers = {0}
     with pytest.raises(ValueError, match="no layer left for lora adapters"):
         module.configure_model()
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
 from retention.arch import ArchAdapter
 from retention.callbacks.freeze import FreezeLayers, frozen_layers
+from retention.callbacks.pipeline import PipelineCallback, PipelineState
 from retention.modules.finetune import AdapterArgs, FineTuneModule, OptimizerArgs
 
 N_LAYERS = 6
@@ -36,11 +37,11 @@ def test_policy_layer_sets():
         FreezeLayers("list")
 
 
-class _Edited(Callback):
+class _Edited(PipelineCallback):
     """Stands in for ApplyEdits: declares the edited layers in the contract hook."""
 
     def on_base_model_ready(self, trainer, pl_module):
-        pl_module.edited_layers = list(EDITED)
+        pl_module.pipeline.edited_layers = list(EDITED)
 
 
 def _model(vocab: int):
@@ -93,7 +94,7 @@ def test_frozen_weights_bit_identical_after_fine_tuning(policy, method, tiny_lla
     Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
             callbacks=[_Edited(), freeze]).fit(module, _loader(len(tok)))
-    assert module.frozen_layers == EXPECTED[policy] == freeze.frozen
+    assert module.pipeline.frozen_layers == EXPECTED[policy] == freeze.frozen
     after = _layer_state(module.merged_model())
     for i in range(N_LAYERS):
         prefix = arch.layer_name(i) + "."
@@ -117,10 +118,10 @@ def test_located_layers_are_read_before_the_edits_change_the_weights(tiny_llama,
     model = _model(len(tiny_llama[1]))
     monkeypatch.setenv("RETENTION_CACHE", str(tmp_path))
     save_located(model, [1, 2])
-    module = SimpleNamespace(model=model, edited_layers=[4], frozen_layers=set())
+    module = SimpleNamespace(model=model, pipeline=PipelineState(edited_layers=[4]))
     freeze = FreezeLayers("located")
     freeze.on_before_edits(None, module, [])
     with torch.no_grad():
         ArchAdapter.for_model(model).mlp_out(4).weight.add_(1.0)  # the edit
     freeze.on_base_model_ready(None, module)
-    assert module.frozen_layers == {1, 2}
+    assert module.pipeline.frozen_layers == {1, 2}

@@ -19,10 +19,10 @@ from tiny_runs import fit_config, prepare
 from retention.arch import ArchAdapter
 from retention.callbacks.apply_edits import ApplyEdits
 from retention.callbacks.monitor import RetentionMonitor
-from retention.callbacks.probing import KnowledgeSets
 from retention.commands.edit import EditArgs
 from retention.commands.edit import run as run_edit_command
 from retention.data.readers import load_records
+from retention.data.selection import KnowledgeSets
 from retention.editing.base import (
     EditError,
     Editor,
@@ -189,7 +189,7 @@ def test_a_collapsed_run_is_flagged_in_summary_and_reports(tmp_path, tiny_llama,
     assert "WARNING: fine-tuning collapsed the model" in capsys.readouterr().out  # `retention fit`'s own report
     run = summary["run"]
     assert run["read_records"] >= run["candidates"] and run["skipped_records"] == 0
-    assert isinstance(run["top1_blind_edits"], int)
+    assert isinstance(run["top1_blind_edits"], int) and isinstance(run["task_examples_dropped"], int)
     assert all(0 < d["relative_update"] < 10 for d in run["edit_diagnostics"])
 
 
@@ -219,16 +219,23 @@ def test_a_quarter_of_the_shared_zsre_file_is_top1_blind(tiny_llama):
     assert (len(top1_blind(tiny_llama[1], records)), len(records)) == (249, 981)
 
 
-def test_apply_edits_counts_and_warns_about_top1_blind_edits(tiny_llama):
-    edits = ApplyEdits(n_edit=2, known_protocol="none")
-    edits.sets = KnowledgeSets([_record("1", "English", "French"), _record("2", "Paris Hilton", "Paris")], [])
-    module = SimpleNamespace(tokenizer=tiny_llama[1])
+def test_monitor_counts_and_warns_about_top1_blind_edits(tiny_llama, monkeypatch):
+    from retention.callbacks import monitor as monitor_module
+    from retention.callbacks.pipeline import PipelineState
+    from retention.callbacks.probing import Measurement
+
+    sets = KnowledgeSets([_record("1", "English", "French"), _record("2", "Paris Hilton", "Paris")], [])
+    monkeypatch.setattr(monitor_module, "measure", lambda *a, **k: (Measurement(0, {"accuracy": {}, "retention": {}},
+                                                                                 0.0), []))
+    trainer = SimpleNamespace(strategy=None, world_size=1, ckpt_path=None, loggers=[])
+    module = SimpleNamespace(model=None, tokenizer=tiny_llama[1], pipeline=PipelineState())
     with pytest.warns(UserWarning, match=r"1 of 2 edit records \(case ids 2\).*top1 cannot tell.*prob or gen"):
-        edits._flag_top1_blind(SimpleNamespace(callbacks=[RetentionMonitor(protocols=["top1", "prob"])]), module)
-    assert edits.stats["top1_blind_edits"] == 1
-    edits.stats = {}
-    edits._flag_top1_blind(SimpleNamespace(callbacks=[RetentionMonitor(protocols=["prob"])]), module)
-    assert "top1_blind_edits" not in edits.stats  # not scored under top1: nothing to flag
+        RetentionMonitor(protocols=["top1", "prob"]).on_edits_applied(trainer, module, sets)
+    assert module.pipeline.stats["top1_blind_edits"] == 1
+    module.pipeline = PipelineState()
+    RetentionMonitor(protocols=["prob"]).on_edits_applied(trainer, module, sets)
+    assert "top1_blind_edits" not in module.pipeline.stats  # not scored under top1: nothing to flag
+    assert module.pipeline.protocols == ("prob",) and len(module.pipeline.measurements) == 1
 
 
 def test_retention_edit_counts_and_warns_about_top1_blind_facts(tmp_path, tiny_llama, cache, capsys):
@@ -253,4 +260,3 @@ def test_skipped_knowledge_records_are_counted_in_the_run_stats(tmp_path: Path):
     edits = ApplyEdits(knowledge=str(path), n_edit=1, n_control=1, known_protocol="none", on_error="skip")
     edits.select(pl_module=None)
     assert edits.stats["read_records"] == 4 and edits.stats["skipped_records"] == 1
-    assert {"read_records": 4, "skipped_records": 1}.items() <= edits.describe().items()

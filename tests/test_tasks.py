@@ -589,11 +589,12 @@ def test_task_evaluate_uses_validation_examples(tiny_llama):
 
 def test_datamodule_loaders_and_late_exclude_terms(tok):
     dm = TaskDataModule(TaskConfig(family="classify", limit=200), tokenizer=tok, batch_size=4, eval_batch_size=8)
-    dm.exclude_terms = ["film", "hotel"]
     dm.prepare_data()
     dm.setup("fit")
-    assert dm.task.n_dropped > 0
+    assert dm.task.n_dropped == 0
+    dm.exclude_terms = ["film", "hotel"]  # set after setup, as ApplyEdits does: the loaders apply them
     batch = next(iter(dm.train_dataloader()))
+    assert dm.task.n_dropped > 0
     assert batch["input_ids"].shape[0] == 4 and set(batch) == {"input_ids", "attention_mask", "labels"}
     assert sum(b["input_ids"].shape[0] for b in dm.val_dataloader()) == len(dm.task.val)
     first = [b["input_ids"].tolist() for b in dm.train_dataloader()][:3]

@@ -6,13 +6,14 @@ loaded and before adapters, freezing and the strategy's wrap/shard, so the edits
 1. read the knowledge source and keep the facts the base model knows (``known_protocol``; ``none`` keeps all,
    for tests on random tiny models);
 2. split them (seeded, disjoint by subject and object) into ``n_edit`` facts to edit and ``n_control`` facts
-   left untouched; give their subjects and objects to the datamodule's ``exclude_terms`` and rebuild its task
-   (its ``setup`` ran before ``configure_model``), so no fine-tuning example mentions them;
-3. call ``on_before_edits(trainer, pl_module, records)`` on the callbacks that define it (paraphrase
-   augmentation returns the records with their editing phrasings; without it edits use no augmentation);
-4. edit in ``batch`` or ``sequential`` mode and set ``pl_module.edited_layers``;
-5. call ``on_edits_applied(trainer, pl_module, sets)`` on the callbacks that define it (the RetentionMonitor
-   measures t=0 there).
+   left untouched; give their subjects and objects to the datamodule's ``exclude_terms`` (it drops the examples
+   that mention them when it builds its loaders);
+3. call ``on_before_edits(trainer, pl_module, records)`` on the pipeline callbacks (paraphrase augmentation
+   returns the records with their editing phrasings; without it edits use no augmentation);
+4. edit in ``batch`` or ``sequential`` mode, and write the sets, the edited layers and what was edited to the
+   module's :class:`~retention.callbacks.pipeline.PipelineState`;
+5. call ``on_edits_applied(trainer, pl_module, sets)`` on the pipeline callbacks (the RetentionMonitor measures
+   t=0 there).
 
 Under DDP every rank runs these steps itself (they are deterministic), so no weights need broadcasting.
 
@@ -42,33 +43,27 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.tensor import DTensor
+from typing_extensions import override
 
 from retention.arch import ArchAdapter, unwrap_model
-from retention.callbacks.augmentation import ParaphraseAugmentation
-from retention.callbacks.monitor import RetentionMonitor
-from retention.callbacks.probing import KnowledgeSets
+from retention.callbacks.pipeline import PipelineCallback, check_order
 from retention.commands.edit import read_edit_folder
 from retention.data.readers import read_records
-from retention.data.selection import select_known_facts, split_edit_control
+from retention.data.selection import KnowledgeSets, select_known, split_edit_control
 from retention.diskcache import DiskCache, digest
 from retention.editing.base import EditRequest, RequestDiagnostics, run_edits
 from retention.editing.registry import build_editor, editor_class, editor_hparams
 from retention.models import cache_dir, model_fingerprint
 from retention.records import KnowledgeRecord
-from retention.scoring import check_protocols, top1_blind
+from retention.scoring import check_protocols
 
 Mode = Literal["batch", "sequential", "single"]
 SELECTION_CACHE_VERSION = 1
 EDIT_CACHE_VERSION = 1
 """Bump when selection or editing changes what it computes, so cached entries are recomputed."""
-
-
-def _hooks(trainer: Trainer, name: str) -> list:
-    """The bound ``name`` methods of the trainer's callbacks that define it, in callback order."""
-    return [getattr(cb, name) for cb in trainer.callbacks if callable(getattr(cb, name, None))]
 
 
 def _diagnostics(d: RequestDiagnostics) -> dict:
@@ -77,7 +72,7 @@ def _diagnostics(d: RequestDiagnostics) -> dict:
             "relative_update": d.relative_update, **d.values}
 
 
-class ApplyEdits(Callback):
+class ApplyEdits(PipelineCallback):
     """Edits ``n_edit`` known facts into the base model and keeps ``n_control`` known facts as controls."""
 
     def __init__(
@@ -221,8 +216,7 @@ class ApplyEdits(Callback):
         """Names (in the base model) of the weights the editor changed."""
         self.stats: dict[str, int] = {}
         """Counts for the run summary: ``read_records`` and ``skipped_records`` (malformed, under ``on_error:
-        skip``), ``candidates`` (after ``max_candidates``), ``known``, ``top1_blind_edits`` (when top1 is scored)
-        and ``task_examples_dropped``."""
+        skip``), ``candidates`` (after ``max_candidates``) and ``known``."""
         self.timings: dict[str, float] = {}
         self.resolved_hparams: dict[str, Any] | None = None
         """The editor's hyperparameters as the edit used them (preset, file or mapping resolved)."""
@@ -248,7 +242,7 @@ class ApplyEdits(Callback):
             "n_edit": len(self.sets.edit), "n_control": len(self.sets.control), "edited_layers": self.edited_layers,
             "augmented_phrasings": sum(len(r.augmentations) for r in self.edited_records),
             "edit_case_ids": [r.case_id for r in self.sets.edit],
-            "control_case_ids": [r.case_id for r in self.sets.control], **self.stats,
+            "control_case_ids": [r.case_id for r in self.sets.control],
             "edit_diagnostics": self.edit_diagnostics, "reused": self.reused,
         }
 
@@ -285,34 +279,14 @@ class ApplyEdits(Callback):
         if hit is not None:
             known_ids = set(hit[0]["known"])
             return [r for r in records if str(r.case_id) in known_ids]
-        known = select_known_facts(pl_module.model, pl_module.tokenizer, records, self.known_protocol)
+        known = select_known(pl_module.model, pl_module.tokenizer, records, self.known_protocol)
         if self.cache:
             cache.put(key, {"known": [str(r.case_id) for r in known]})
         return known
 
-    def _flag_top1_blind(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Count (``stats["top1_blind_edits"]``) and warn about edit records ``top1`` cannot judge, when the
-        monitor scores ``top1``: their new and true targets share the first token (:func:`top1_blind`)."""
-        if not any(isinstance(cb, RetentionMonitor) and "top1" in cb.protocols for cb in trainer.callbacks):
-            return
-        blind = top1_blind(pl_module.tokenizer, self.sets.edit)
-        self.stats["top1_blind_edits"] = len(blind)
-        if blind:
-            rank_zero_warn(
-                f"{len(blind)} of {len(self.sets.edit)} edit records (case ids {', '.join(blind[:5])}"
-                f"{', ...' if len(blind) > 5 else ''}) have target_new and target_true with the same first token: "
-                "top1 cannot tell their edit from no edit; read their retention under prob or gen"
-            )
-
     def _exclude_from_task(self, trainer: Trainer) -> None:
-        datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "exclude_terms"):
-            return
-        datamodule.exclude_terms = self.sets.terms()
-        datamodule.setup("fit")
-        n_dropped = getattr(getattr(datamodule, "task", None), "n_dropped", None)
-        if n_dropped is not None:
-            self.stats["task_examples_dropped"] = int(n_dropped)
+        if hasattr(trainer.datamodule, "exclude_terms"):
+            trainer.datamodule.exclude_terms = self.sets.terms()
 
     def edit(self, pl_module: LightningModule) -> None:
         """Apply the edits of the edit set to ``pl_module.model``."""
@@ -465,28 +439,33 @@ class ApplyEdits(Callback):
     def active(self) -> bool:
         return self.n_edit + self.n_control > 0
 
+    @override
     def on_base_model_ready(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.active:
             return
+        pipeline = check_order(trainer.callbacks)
         if self.cache and self.fingerprint is None:
             self.fingerprint = model_fingerprint(unwrap_model(pl_module.model))
         self.sets = self.select(pl_module)
-        self._flag_top1_blind(trainer, pl_module)
         self._exclude_from_task(trainer)
+        # Augmentation is opt-in (ParaphraseAugmentation): the records' own phrasings are not used by default.
+        records = [dataclasses.replace(r, augmentations=[]) for r in self.sets.edit]
+        for callback in pipeline:
+            records = callback.on_before_edits(trainer, pl_module, records) or records
         if self.given is not None:
-            if any(isinstance(cb, ParaphraseAugmentation) and cb.k for cb in trainer.callbacks):
+            if any(r.augmentations for r in records):
                 raise ValueError(f"paraphrases.k: augmentation phrasings are used while editing, and edits."
                                  f"{'precomputed' if self.precomputed else 'edited_model'} gives an edit already made")
             self.edited_records = list(self.sets.edit)
             self.load_edit(pl_module)
         else:
-            # Augmentation is opt-in (ParaphraseAugmentation): the records' own phrasings are not used by default.
-            records = [dataclasses.replace(r, augmentations=[]) for r in self.sets.edit]
-            for hook in _hooks(trainer, "on_before_edits"):
-                records = hook(trainer, pl_module, records) or records
             self.edited_records = records
             if records:
                 self.edit(pl_module)
-        pl_module.edited_layers = list(self.edited_layers)
-        for hook in _hooks(trainer, "on_edits_applied"):
-            hook(trainer, pl_module, self.sets)
+        state = pl_module.pipeline
+        state.sets, state.edited_layers = self.sets, list(self.edited_layers)
+        state.edit = self.describe()
+        state.stats.update(self.stats)
+        state.timings.update(self.timings)
+        for callback in pipeline:
+            callback.on_edits_applied(trainer, pl_module, self.sets)

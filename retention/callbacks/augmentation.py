@@ -21,10 +21,12 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from retention.arch import unwrap_model
+from retention.callbacks.pipeline import PipelineCallback
 from retention.data.relations import augmentation_phrasings, resembles
 from retention.records import KnowledgeRecord
 
@@ -112,7 +114,7 @@ def sampler(model: torch.nn.Module, tokenizer, seed: int, max_new_tokens: int = 
     return generate
 
 
-class ParaphraseAugmentation(Callback):
+class ParaphraseAugmentation(PipelineCallback):
     """Gives each edit request ``k`` phrasings before editing (see the module docstring for the sources)."""
 
     def __init__(self, k: int = 0, source: Source = "record", seed: int = 0, generator: str | None = None):
@@ -134,6 +136,7 @@ class ParaphraseAugmentation(Callback):
         self.counts: dict[str, int] = {}
         """case_id -> phrasings given."""
 
+    @override
     def on_before_edits(self, trainer: Trainer, pl_module: LightningModule,
                         records: list[KnowledgeRecord]) -> list[KnowledgeRecord]:
         if self.k == 0:

@@ -1,6 +1,6 @@
 """FreezeLayers: choose the decoder layers that fine-tuning must not change.
 
-Policies (``L`` = the edited layers, set by ApplyEdits on ``pl_module.edited_layers``):
+Policies (``L`` = the edited layers, which ApplyEdits writes to the module's ``pipeline.edited_layers``):
 
 - ``none``: nothing frozen.
 - ``edited``: freeze L (Wen & Zhang 2025, arXiv 2507.14198).
@@ -11,7 +11,7 @@ Policies (``L`` = the edited layers, set by ApplyEdits on ``pl_module.edited_lay
 - ``list``: freeze the layers given in ``layers``.
 - ``located``: freeze the layers ``retention locate`` found for the base model (causal tracing).
 
-The callback sets ``pl_module.frozen_layers``; the FineTuneModule then skips those layers when it adds
+The callback adds its layers to ``pl_module.pipeline.frozen_layers``; the FineTuneModule then skips those layers when it adds
 LoRA/DoRA adapters and turns off their gradients, before the strategy wraps the model.
 """
 
@@ -19,10 +19,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from retention.arch import ArchAdapter
+from retention.callbacks.pipeline import PipelineCallback
 
 Policy = Literal["none", "edited", "window", "upto", "only_edited", "list", "located"]
 POLICIES = ("none", "edited", "window", "upto", "only_edited", "list", "located")
@@ -58,8 +60,10 @@ def frozen_layers(policy: str, num_layers: int, edited: list[int] | None = None,
     return set(range(num_layers)) - set(edited)
 
 
-class FreezeLayers(Callback):
+class FreezeLayers(PipelineCallback):
     """Freezes decoder layers during fine-tuning according to a policy (see the module docstring)."""
+
+    runs_after = ("ApplyEdits",)
 
     def __init__(self, policy: Policy = "none", window: int = 1, layers: list[int] | None = None):
         """
@@ -86,18 +90,21 @@ class FreezeLayers(Callback):
 
             self._located = located_layers(pl_module.model)
 
-    def on_before_edits(self, trainer: Trainer, pl_module: LightningModule, requests: list) -> None:
+    @override
+    def on_before_edits(self, trainer: Trainer, pl_module: LightningModule, records: list) -> None:
         # Called by ApplyEdits while the model is still the base model: located layers are keyed by its weights.
         self._locate(pl_module)
 
+    @override
     def on_base_model_ready(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._locate(pl_module)
         arch = ArchAdapter.for_model(pl_module.model)
         layers = self._located if self.policy == "located" else self.layers
-        self.frozen = frozen_layers(self.policy, arch.num_layers, list(pl_module.edited_layers), self.window, layers)
-        pl_module.frozen_layers = set(pl_module.frozen_layers) | self.frozen
+        state = pl_module.pipeline
+        self.frozen = frozen_layers(self.policy, arch.num_layers, list(state.edited_layers), self.window, layers)
+        state.frozen_layers |= self.frozen
         if self.policy == "only_edited":
             for module in (arch.embed, arch.final_norm, arch.lm_head):
                 module.requires_grad_(False)
         rank_zero_info(f"freeze policy {self.policy}: frozen layers {sorted(self.frozen) or 'none'} "
-                       f"of {arch.num_layers} (edited {sorted(pl_module.edited_layers) or 'none'})")
+                       f"of {arch.num_layers} (edited {sorted(state.edited_layers) or 'none'})")

@@ -5,23 +5,27 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
-from retention.callbacks.probing import KnowledgeSets, Measurement, ScoreSettings, measure
+from retention.callbacks.pipeline import PipelineCallback
+from retention.callbacks.probing import Measurement, ScoreSettings, measure
+from retention.data.selection import KnowledgeSets
 from retention.records import Probe
-from retention.scoring import ProbeResult, check_protocols
+from retention.scoring import ProbeResult, check_protocols, top1_blind
 
 
-class RetentionMonitor(Callback):
+class RetentionMonitor(PipelineCallback):
     """Measures the probe sets of :class:`~retention.callbacks.apply_edits.ApplyEdits` during fine-tuning.
 
     t=0 is measured when ApplyEdits has applied the edits (``on_edits_applied``, before the strategy wraps the
     model; without edit and control sets the monitor does nothing);
     then every ``every_n_steps`` optimizer steps and at the end of training. Logs, per probe group (``edit``,
     ``edit_paraphrase``, ``edit_neighborhood``, ``control``, ``control_paraphrase``) and protocol,
-    ``retention/<group>_<protocol>`` (vs t=0) and ``accuracy/<group>_<protocol>``, and keeps the curves.
+    ``retention/<group>_<protocol>`` (vs t=0) and ``accuracy/<group>_<protocol>``, and keeps the curves (in
+    the module's :class:`~retention.callbacks.pipeline.PipelineState` too, for the report).
     """
 
     def __init__(
@@ -51,10 +55,15 @@ class RetentionMonitor(Callback):
     def protocols(self) -> tuple[str, ...]:
         return self.settings.protocols
 
+    @override
     def on_edits_applied(self, trainer: Trainer, pl_module: LightningModule, sets: KnowledgeSets) -> None:
         self.probes = sets.probes()
         if not self.probes:
             return
+        pl_module.pipeline.protocols = self.protocols
+        pl_module.pipeline.measurements = self.measurements
+        if "top1" in self.protocols:
+            self._flag_top1_blind(pl_module, sets)
         # On one device FSDP1's units hold whole weights (checked on an H200); sharded over several they do not.
         if isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
             raise ValueError(
@@ -67,11 +76,26 @@ class RetentionMonitor(Callback):
         m, self.baseline = measure(pl_module.model, pl_module.tokenizer, self.probes, self.settings, 0)
         self._record(trainer, m, log=trainer.ckpt_path is None)
 
+    @staticmethod
+    def _flag_top1_blind(pl_module: LightningModule, sets: KnowledgeSets) -> None:
+        """Count (``top1_blind_edits``) and warn about edit records ``top1`` cannot judge: their new and true
+        targets share the first token (:func:`~retention.scoring.top1_blind`)."""
+        blind = top1_blind(pl_module.tokenizer, sets.edit)
+        pl_module.pipeline.stats["top1_blind_edits"] = len(blind)
+        if blind:
+            rank_zero_warn(
+                f"{len(blind)} of {len(sets.edit)} edit records (case ids {', '.join(blind[:5])}"
+                f"{', ...' if len(blind) > 5 else ''}) have target_new and target_true with the same first token: "
+                "top1 cannot tell their edit from no edit; read their retention under prob or gen"
+            )
+
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step():
             self._measure(trainer, pl_module)
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.global_step != self._last_step():
             self._measure(trainer, pl_module)
@@ -108,11 +132,14 @@ class RetentionMonitor(Callback):
         rank_zero_info(f"step {m.step}: measured {len(self.probes)} probes in {m.seconds:.1f} s; retention "
                        + ", ".join(parts))
 
+    @override
     def state_dict(self) -> dict:
         return {"measurements": [m.to_dict() for m in self.measurements]}
 
+    @override
     def load_state_dict(self, state_dict: dict) -> None:
-        self.measurements = [
+        # In place: the module's PipelineState holds this list.
+        self.measurements[:] = [
             Measurement(d["step"], {k: d[k] for k in ("accuracy", "retention")}, d["seconds"])
             for d in state_dict["measurements"]
         ]

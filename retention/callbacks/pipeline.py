@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 if TYPE_CHECKING:
-    from retention.callbacks.probing import KnowledgeSets
+    from retention.callbacks.probing import Measurement
+    from retention.data.selection import KnowledgeSets
     from retention.records import KnowledgeRecord
 
 
@@ -34,8 +35,17 @@ class PipelineState:
     """Decoder layers the edits changed (set by ApplyEdits)."""
     frozen_layers: set[int] = field(default_factory=set)
     """Decoder layers kept frozen during fine-tuning (set by FreezeLayers)."""
-    diagnostics: dict[str, Any] = field(default_factory=dict)
-    """Per-edit diagnostics of the editor (set by ApplyEdits)."""
+    edit: dict[str, Any] = field(default_factory=dict)
+    """What was edited and how, for the run summary (set by ApplyEdits: knowledge, editor, resolved
+    hyperparameters, mode, case ids, per-edit diagnostics, cache reuse)."""
+    stats: dict[str, int] = field(default_factory=dict)
+    """Counts for the run summary (records read and skipped, candidates, known facts, top1-blind edits)."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds of the pipeline's steps before fine-tuning (``select_s``, ``edit_s``)."""
+    protocols: tuple[str, ...] = ()
+    """The protocols the measurements score (set by RetentionMonitor)."""
+    measurements: list[Measurement] = field(default_factory=list)
+    """t=0 and every later measurement, in step order (RetentionMonitor appends; on resume it refills the list)."""
 
 
 class PipelineCallback(Callback):

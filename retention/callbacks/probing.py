@@ -12,32 +12,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from retention.distributed import gather_shards, rank_and_world, shard, state_device
 from retention.metrics import ProbeCounts, Rates
-from retention.records import KnowledgeRecord, Probe, probe_group
+from retention.records import Probe, probe_group
 from retention.scoring import ProbeResult, gathered_root, is_sharded, score_probes
-
-
-@dataclass
-class KnowledgeSets:
-    """The facts of a run: the edit set E (edited to ``target_new``) and the intrinsic control set I."""
-
-    edit: list[KnowledgeRecord] = field(default_factory=list)
-    control: list[KnowledgeRecord] = field(default_factory=list)
-
-    def probes(self) -> list[Probe]:
-        """Edit probes (rewrite, paraphrase, neighbourhood) of E, then true-fact probes of I."""
-        probes = [p for r in self.edit for p in r.edit_probes()]
-        return probes + [p for r in self.control for p in r.true_probes("control")]
-
-    def terms(self) -> list[str]:
-        """Subjects and objects (true and new) of both sets: what task data must not mention."""
-        return sorted({t for r in self.edit + self.control for t in (r.subject, r.target_true, r.target_new)})
 
 
 @dataclass

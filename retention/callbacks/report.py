@@ -21,12 +21,12 @@ import math
 import time
 from pathlib import Path
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from retention.arch import unwrap_model
-from retention.callbacks.apply_edits import ApplyEdits
-from retention.callbacks.monitor import RetentionMonitor
+from retention.callbacks.pipeline import PipelineCallback
 from retention.callbacks.probing import Measurement
 from retention.io import atomic_write_json, atomic_write_jsonl
 from retention.records import GROUPS, probe_group
@@ -34,13 +34,6 @@ from retention.reporting import collapse, format_table, plot_curves, summarize
 
 TABLE_COLUMNS = ["protocol", "group", "retention", "kept", "passing_t0", "accuracy_t0", "probes"]
 """The columns of :func:`table_rows`: retention (kept / passing at t=0) and accuracy at t=0 (passing / probes)."""
-
-
-def _find(trainer: Trainer, cls: type) -> Callback:
-    for cb in trainer.callbacks:
-        if isinstance(cb, cls):
-            return cb
-    raise ValueError(f"RunReport needs a {cls.__name__} callback in trainer.callbacks")
 
 
 def environment(trainer: Trainer) -> dict:
@@ -79,8 +72,10 @@ def probe_rows(m: Measurement) -> list[dict]:
     return [{"step": m.step, "group": probe_group(r.probe.kind), **r.to_dict()} for r in m.results or []]
 
 
-class RunReport(Callback):
-    """Writes per-probe results, ``summary.json`` and the curve PNG of a run; prints the retention table."""
+class RunReport(PipelineCallback):
+    """Writes per-probe results, ``summary.json`` and the curve PNG of a run; prints the retention table.
+
+    It reads everything from the module's :class:`~retention.callbacks.pipeline.PipelineState`."""
 
     def __init__(self, out_dir: str | None = None, plot: bool = True):
         """
@@ -98,31 +93,35 @@ class RunReport(Callback):
     def folder(self, trainer: Trainer) -> Path:
         return Path(self.out_dir or trainer.default_root_dir)
 
-    def _flush(self, trainer: Trainer) -> None:
+    def _flush(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Write the per-probe results of measurements not yet written (rank 0 holds them)."""
         if not trainer.is_global_zero:
             return
-        monitor = _find(trainer, RetentionMonitor)
-        for m in monitor.measurements:
+        for m in pl_module.pipeline.measurements:
             if m.results is not None and m.step not in self._written:
                 atomic_write_jsonl(self.folder(trainer) / "probes" / f"step_{m.step:06d}.jsonl", probe_rows(m))
                 self._written.add(m.step)
 
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._flush(trainer)
+        self._flush(trainer, pl_module)
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._t_train = time.perf_counter()
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
-        self._flush(trainer)
+        self._flush(trainer, pl_module)
 
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._flush(trainer)
-        if trainer.is_global_zero and _find(trainer, RetentionMonitor).measurements:
+        self._flush(trainer, pl_module)
+        if trainer.is_global_zero and pl_module.pipeline.measurements:
             self.write(trainer, pl_module)
             rank_zero_info("\n" + self.describe(trainer))
 
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # `retention fit` validates once more after fit when the last step had no validation: keep it.
         if self.summary is not None and trainer.is_global_zero and not trainer.sanity_checking:
@@ -146,20 +145,23 @@ class RunReport(Callback):
 
     def write(self, trainer: Trainer, pl_module: LightningModule) -> dict:
         """Write ``summary.json`` and the curve PNG; returns the summary."""
-        monitor = _find(trainer, RetentionMonitor)
-        edits = _find(trainer, ApplyEdits)
-        measure_s = sum(m.seconds for m in monitor.measurements)
+        state = pl_module.pipeline
+        measure_s = sum(m.seconds for m in state.measurements)
         # Measurements after t=0 run inside the training window; fine-tuning is the rest of it.
         train_window = time.perf_counter() - self._t_train if self._t_train is not None else 0.0
         timings = {
-            **edits.timings,
+            **state.timings,
             "measure_s": measure_s,
-            "fine_tune_s": max(0.0, train_window - sum(m.seconds for m in monitor.measurements[1:])),
+            "fine_tune_s": max(0.0, train_window - sum(m.seconds for m in state.measurements[1:])),
             "total_s": time.perf_counter() - self._t_start,
         }
-        run = {**edits.describe(), "model": getattr(pl_module, "model_name", ""),
-               "frozen_layers": sorted(getattr(pl_module, "frozen_layers", []))}
-        self.summary = summarize(run, monitor.protocols, [m.to_dict() for m in monitor.measurements],
+        stats = dict(state.stats)
+        n_dropped = getattr(getattr(trainer.datamodule, "task", None), "n_dropped", None)
+        if n_dropped is not None:
+            stats["task_examples_dropped"] = int(n_dropped)
+        run = {**state.edit, **stats, "model": getattr(pl_module, "model_name", ""),
+               "frozen_layers": sorted(state.frozen_layers)}
+        self.summary = summarize(run, state.protocols, [m.to_dict() for m in state.measurements],
                                  self._downstream(pl_module), timings)
         self.summary["environment"] = environment(trainer)
         folder = self.folder(trainer)

@@ -102,22 +102,6 @@ def check(args: EditArgs) -> None:
     check_device(args.device)
 
 
-def _select(model, tokenizer, records, protocol: str | None, n: int, batch_size: int):
-    """The first ``n`` records the model knows under ``protocol``, scoring only as many as needed."""
-    if protocol in (None, "none"):
-        return records[:n]
-    from retention.data.selection import select_known_facts
-
-    known, start = [], 0
-    while len(known) < n and start < len(records):
-        chunk = records[start : start + max(2 * (n - len(known)), 16)]
-        known += select_known_facts(model, tokenizer, chunk, protocol, batch_size)
-        start += len(chunk)
-    if len(known) < n:
-        print(f"only {len(known)} of {len(records)} facts are known under {protocol} (asked for {n})")
-    return known[:n]
-
-
 def _accuracy(results) -> dict:
     """``{group: {protocol: Rate}}`` over scored probes."""
     out: dict = {}
@@ -167,7 +151,9 @@ def run(args: EditArgs) -> dict:
         raise UsageError(f"--hparams/--set: {err}") from None
     records = load_records(args.data, on_error=args.on_error)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    records = _select(model, tokenizer, records, args.select_known, args.n, args.batch_size_scoring)
+    from retention.data.selection import select_known
+
+    records = select_known(model, tokenizer, records, args.select_known, args.n, args.batch_size_scoring)
     if not records:
         raise ValueError(f"no facts to edit from {args.data}")
     probes = [p for r in records for p in r.edit_probes()]

@@ -62,20 +62,6 @@ def parser():
     return command_parser(LocateArgs, __doc__)
 
 
-def _known_facts(model, tokenizer, records, n: int, protocol: str):
-    """The first ``n`` records known under ``protocol``, scoring only as many records as needed."""
-    from retention.data.selection import select_known_facts
-
-    if protocol == "none":
-        return records[:n]
-    known = []
-    for start in range(0, len(records), 4 * n):
-        known += select_known_facts(model, tokenizer, records[start : start + 4 * n], protocol=protocol)
-        if len(known) >= n:
-            break
-    return known[:n]
-
-
 def execute(args: LocateArgs) -> int:
     from retention.data.readers import read_records
     from retention.editing.causal_trace import TraceConfig, plot_trace, save_located, trace_facts
@@ -94,7 +80,9 @@ def execute(args: LocateArgs) -> int:
     t0 = time.perf_counter()
     records, _ = read_records(args.data, on_error=args.on_error)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    facts = _known_facts(model, tokenizer, records, args.n, args.known)
+    from retention.data.selection import select_known
+
+    facts = select_known(model, tokenizer, records, args.known, args.n)
     if len(facts) < args.n:
         print(f"only {len(facts)} of {len(records)} facts of {args.data} are known under {args.known}; tracing those")
     if not facts:

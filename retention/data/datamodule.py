@@ -107,8 +107,10 @@ def val_sampler(dataset: Dataset, num_replicas: int = 1, rank: int = 0) -> Sampl
 class TaskDataModule(LightningDataModule):
     """Train/val loaders of a downstream task (see :class:`~retention.data.tasks.TaskConfig`).
 
-    ``exclude_terms`` (subjects and objects of the edit and control sets) may be set after construction, before
-    ``setup``: examples that mention any of them are dropped (``task.n_dropped``). The samplers are chosen here
+    ``exclude_terms`` (subjects and objects of the edit and control sets) may be set at any time before the
+    loaders are built: examples that mention any of them are dropped (``task.n_dropped``). ``setup`` builds the
+    task (so a bad task source fails before any model is loaded); the loaders rebuild it when the terms changed
+    since (ApplyEdits sets them once it has selected its facts, after ``setup``). The samplers are chosen here
     (sharded when the trainer is distributed), so the data is right whether or not the Trainer runs with
     ``use_distributed_sampler``.
     """
@@ -170,6 +172,7 @@ class TaskDataModule(LightningDataModule):
     def _built(self) -> Task:
         if self.task is None:
             raise RuntimeError("TaskDataModule.setup() has not run")
+        self.setup()  # rebuilds only when exclude_terms changed since the last build
         return self.task
 
     def _loader(self, dataset: Dataset, sampler: Sampler, batch_size: int, cls: type = DataLoader,

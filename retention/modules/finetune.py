@@ -3,10 +3,11 @@
 Gradient clipping, precision, max steps/epochs and the validation cadence are Trainer flags
 (``--trainer.gradient_clip_val 1.0``, ``--trainer.max_steps 50``, ``--trainer.val_check_interval 25``).
 
-The module follows the fine-tuning/pipeline contract: ``configure_model`` loads the base model (unless one was
-given), calls ``on_base_model_ready(trainer, pl_module)`` on every callback that defines it, in callback order
-(editing callbacks set ``edited_layers``, freezing callbacks set ``frozen_layers``), adds adapters on the layers
-that are not frozen, and turns off gradients of the frozen layers, all before the strategy wraps the model.
+The module follows the pipeline contract (:mod:`retention.callbacks.pipeline`): ``configure_model`` checks the
+order of the pipeline callbacks, loads the base model (unless one was given), calls their
+``on_base_model_ready(trainer, pl_module)`` in callback order (ApplyEdits edits and writes the edited layers to
+``self.pipeline``, FreezeLayers adds the frozen layers), adds adapters on the layers that are not frozen, and
+turns off gradients of the frozen layers, all before the strategy wraps the model.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from retention.arch import ArchAdapter, unwrap_model
+from retention.callbacks.pipeline import PipelineState, check_order
 from retention.distributed import all_reduce_sum
 from retention.models import DEFAULT_MODEL, load_model
 from retention.scoring import gathered_root, is_sharded
@@ -197,8 +199,8 @@ class FineTuneModule(LightningModule):
         })
         self.model: nn.Module | None = None
         self.tokenizer = None
-        self.edited_layers: list[int] = []
-        self.frozen_layers: set[int] = set()
+        self.pipeline = PipelineState()
+        """What the pipeline callbacks hand each other (edit and control sets, edited and frozen layers, ...)."""
         self.validations: list[dict[str, float]] = []
         """One entry per validation pass: ``step`` and the logged ``val/*`` values (what the CLI reports)."""
         self.train_tokens = 0
@@ -224,6 +226,7 @@ class FineTuneModule(LightningModule):
         if self._ready:
             return
         trainer = self._trainer
+        pipeline = check_order(trainer.callbacks) if trainer is not None else []
         if self.model is None:
             # Straight onto this rank's device, so the edits (run below, before the strategy wraps the model) use
             # the accelerator; float32 weights, which the precision plugin casts or autocasts as configured.
@@ -233,12 +236,10 @@ class FineTuneModule(LightningModule):
         # and scoring code keeps its bookkeeping on the host and moves model inputs to the model's device itself,
         # as in `retention edit`, so the callbacks run with the host as the default device.
         with torch.device("cpu"):
-            for callback in trainer.callbacks if trainer is not None else []:
-                hook = getattr(callback, "on_base_model_ready", None)
-                if callable(hook):
-                    hook(trainer, self)
+            for callback in pipeline:
+                callback.on_base_model_ready(trainer, self)
         arch = ArchAdapter.for_model(self.model)
-        frozen = _layer_indices(arch, self.frozen_layers)
+        frozen = _layer_indices(arch, self.pipeline.frozen_layers)
         if self.adapter.method != "full":
             self.model = self._add_adapters(self.model, arch, frozen)
         for i in frozen:
@@ -449,7 +450,7 @@ class FineTuneModule(LightningModule):
         model, _ = load_model(self.model_name, dtype=torch.float32)
         if self.adapter.method != "full":
             arch = ArchAdapter.for_model(model)
-            model = self._add_adapters(model, arch, _layer_indices(arch, self.frozen_layers))
+            model = self._add_adapters(model, arch, _layer_indices(arch, self.pipeline.frozen_layers))
         model.load_state_dict(state)
         return model
 
