@@ -117,3 +117,29 @@ def test_mlp_out_delta_is_in_the_weights_layout(tiny_llama, kind):
     name, delta = adapter.mlp_out_delta(1, update)
     assert model.get_parameter(name) is weight and delta.shape == weight.shape and delta.dtype == torch.float32
     assert torch.equal(adapter.weight_to_out_in(delta), update.float())
+
+
+def test_a_caller_that_hashed_the_weights_already_passes_its_fingerprint(tiny_llama, corpus, fingerprints):
+    """ApplyEdits and `retention edit` fingerprint the unedited model for their own caches and hand the hash to
+    the editor's set-up: a whole run hashes the weights once."""
+    tokenizer = tiny_llama[1]
+    model = edit_model("llama", len(tokenizer))
+    save_located(model, [0, 1])
+    fingerprint = models.model_fingerprint(model)
+    fingerprints.clear()
+    editor = EDITORS["memit"](corpus)
+    editor.prepare(model, tokenizer, fingerprint)
+    editor.edit(model, tokenizer, [FACT])
+    assert not fingerprints and editor.context.fingerprint == fingerprint
+
+
+def test_retention_edit_hashes_the_weights_once(tmp_path, tiny_llama, corpus, fingerprints, monkeypatch):
+    from retention.commands.edit import EditArgs
+    from retention.commands.edit import run as run_edit_command
+
+    monkeypatch.setenv("RETENTION_CACHE", str(tmp_path / "cache"))
+    args = EditArgs(model="tiny-llama", editor="rome", hparams="tiny-llama", n=2, select_known="none",
+                    out=str(tmp_path / "run"), save_model=False,
+                    set={"mom2_corpus": str(corpus), "mom2_samples": 20, "v_steps": 2})
+    run_edit_command(args)
+    assert len(fingerprints) == 1

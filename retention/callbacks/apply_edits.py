@@ -310,6 +310,7 @@ class ApplyEdits(PipelineCallback):
             self.edited_layers, self.edit_diagnostics = payload["layers"], payload["diagnostics"]
             self.edited_parameters = sorted(weights)
         else:
+            editor.prepare(pl_module.model, pl_module.tokenizer, self.fingerprint)
             results = run_edits(editor, pl_module.model, pl_module.tokenizer, requests, mode, self.batch_size)
             self.edited_layers = sorted({i for r in results for i in r.layers})
             self.edit_diagnostics = [_diagnostics(d) for r in results for d in r.diagnostics]

@@ -163,6 +163,7 @@ def run(args: EditArgs) -> dict:
     fingerprint = model_fingerprint(unwrap_model(model)) if args.mode != "single" else None
     print(f"editing {len(requests)} facts with {args.editor} ({args.mode}) into {args.model}")
     t0 = time.perf_counter()
+    editor.prepare(model, tokenizer, fingerprint)
     results = run_edits(editor, model, tokenizer, requests, args.mode, args.batch_size)
     edit_seconds = time.perf_counter() - t0
     out = Path(args.out)

@@ -360,6 +360,11 @@ class Editor(ABC):
             raise TypeError(f"{type(self).__name__} needs {self.hparams_class.__name__}, got {type(hparams).__name__}")
         self.hparams = hparams
 
+    def prepare(self, model: nn.Module, tokenizer, fingerprint: str | None = None) -> Any:
+        """Set up for ``model`` before its first edit (nothing by default); ``fingerprint``: the caller's
+        :func:`~retention.models.model_fingerprint` of its weights, so they are not hashed twice."""
+        return None
+
     @abstractmethod
     def edit(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> EditResult:
         """The deltas that write all ``requests`` into ``model`` (together, as one update)."""

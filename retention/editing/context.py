@@ -25,7 +25,7 @@ class EditorContext:
     the set-up of a locate-then-edit editor (filled by its ``prepare``): the edited layers, the context templates
     and the key covariances per layer."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any):
+    def __init__(self, model: nn.Module, tokenizer: Any, fingerprint: str | None = None):
         self.model = unwrap_model(model)
         self.adapter = ArchAdapter.for_model(self.model)
         self.tokenizer = tokenizer
@@ -35,7 +35,8 @@ class EditorContext:
         """The context templates (plain ``"{}"`` first)."""
         self.covs: dict[int, torch.Tensor] = {}
         """Layer -> C = E[k kᵀ] of its MLP-out keys (empty: C = I, ``mom2_adjustment: false``)."""
-        self._fingerprint: str | None = None
+        self._fingerprint = fingerprint
+        """The caller's fingerprint of these very weights, when it has one already."""
 
     @classmethod
     def of(cls, model: nn.Module | EditorContext, tokenizer: Any) -> EditorContext:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from retention.arch import unwrap_model
 from retention.diskcache import DiskCache
@@ -489,16 +490,18 @@ class LocateThenEditEditor(Editor):
         """The context templates in use (plain ``"{}"`` first); empty before the first :meth:`prepare`."""
         return self.context.templates if self.context is not None else []
 
-    def prepare(self, model: nn.Module, tokenizer) -> EditorContext:
+    @override
+    def prepare(self, model: nn.Module, tokenizer, fingerprint: str | None = None) -> EditorContext:
         """The editor context of ``model``: the one set up before when it is the same model, else a new one
         holding the layers, the context templates and (``mom2_adjustment``) the key covariances, read from the
-        caches keyed by the weights' fingerprint, which is computed once."""
+        caches keyed by the weights' fingerprint, which is computed once (or is ``fingerprint``, the caller's
+        :func:`~retention.models.model_fingerprint` of the unedited model)."""
         base = unwrap_model(model)
         ctx = self.context
         fresh = ctx is None or ctx.model is not base
         if fresh:
             hp = self.hparams
-            ctx = EditorContext(base, tokenizer)
+            ctx = EditorContext(base, tokenizer, fingerprint)
             ctx.layers = sorted(set(resolve_layers(self.layer_setting(), base, ctx.fingerprint)))
             ctx.templates = context_templates(ctx, tokenizer, hp.context_templates, hp.context_seed, ctx.fingerprint)
             if hp.mom2_adjustment:
