@@ -355,3 +355,20 @@ def test_fit_refuses_a_run_name_that_is_a_path(tiny_study, tmp_path, name):
     with pytest.raises(ValueError, match="run.name .* must be a plain folder name"):
         fit_main(["--config", str(tmp_path / "base.yaml"), "--run.name", name])
     assert not (tmp_path / "outside").exists()
+
+
+@pytest.mark.parametrize("study", ["paper_smollm2_cpu", "cheng_2511_05852"])
+def test_print_config_round_trips_from_another_folder(study, tmp_path, capsys, monkeypatch):
+    path = Path(__file__).resolve().parents[1] / "configs" / "studies" / f"{study}.yaml"
+    original = StudySpec.from_file(path)
+    assert cli_main(["study", "-c", str(path), "--print_config"]) == 0
+    printed = tmp_path / "elsewhere" / "study.yaml"
+    printed.parent.mkdir()
+    printed.write_text(capsys.readouterr().out, encoding="utf-8")
+    monkeypatch.chdir(printed.parent)
+    again = StudySpec.from_file(printed)
+    assert [(r.name, r.overrides) for r in again.expand(8)] == [(r.name, r.overrides) for r in original.expand(8)]
+    if isinstance(original.base, list):
+        assert again.base == [p.resolve() for p in original.base]
+    else:  # an inline fit config
+        assert again.base == original.base

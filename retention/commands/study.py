@@ -4,6 +4,7 @@ resumable command, then write its report.
     retention study -c configs/studies/paper_smollm2_cpu.yaml
     retention study -c configs/studies/paper_gpt2xl.yaml --dry_run true
     retention study -c my_study.yaml --jobs 4            # 4 runs at a time (one per GPU where GPUs exist)
+    retention study -c my_study.yaml --print_config > resolved.yaml   # the study as resolved; -c takes it back
 
 Re-running the same command after an interruption (even ``kill -9``) keeps the finished runs and redoes the one
 that was cut off. See docs/studies.md.
@@ -38,16 +39,21 @@ class StudyArgs:
     """Discard and rerun finished runs whose config changed since they ran (default: stop and list them)."""
     report: bool = True
     """Write the report into <study folder>/report when the runs are done."""
+    print_config: bool = False
+    """Print the study file as resolved (fit config paths absolute) and stop; ``-c`` takes the output back."""
 
 
 ARGS = StudyArgs
 
 
 def parser():
-    # -c/--config is the study file itself (its options are the study's), so there is no --print_config here.
-    p = command_parser(StudyArgs, __doc__.split("\n\n")[0], config=False, skip={"config"})
+    # -c/--config is the study file itself, so --print_config prints the study (StudySpec.as_study_file), not these options.
+    p = command_parser(StudyArgs, __doc__.split("\n\n")[0], config=False, skip={"config", "print_config"})
     p.add_argument("-c", "--config", required=True,
                    help="The study file (YAML): base fit config, grid, arms, seeds, protocol (see docs/studies.md).")
+    # jsonargparse hands a bare --print_config over as "--print_config=" (its own option takes flags).
+    p.add_argument("--print_config", nargs="?", const=True, default=False, type=lambda value: True,
+                   help="Print the study file as resolved (fit config paths absolute) and stop; -c takes it back.")
     return p
 
 
@@ -62,6 +68,11 @@ def execute(args: StudyArgs) -> int:
     t0 = time.perf_counter()
     try:
         spec = StudySpec.from_file(args.config)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(spec.as_study_file(), sort_keys=False), end="")
+            return 0
         study = Study(spec, args.out_dir)
         if args.dry_run:
             planned = study.plan()

@@ -159,6 +159,16 @@ class StudySpec:
                    list(data.get("seed_keys", SEED_KEYS)), protocol, str(data.get("out_dir", "runs/studies")),
                    source)
 
+    def as_study_file(self) -> dict[str, Any]:
+        """The study as a study file gives it, with the fit config paths absolute: ``from_dict`` of it expands to
+        the same runs from any folder (``retention study --print_config``)."""
+        grid = {axis: [o[axis] if list(o) == [axis] and not isinstance(o[axis], dict) else o for _, o in items]
+                for axis, items in self.grid.items()}
+        base = [str(p.resolve()) for p in self.base] if isinstance(self.base, list) else self.base
+        return {"name": self.name, "base": base, "set": self.set, "grid": grid, "arms": self.arms,
+                "baseline": self.baseline, "seeds": self.seeds, "seed_keys": self.seed_keys,
+                "protocol": self.protocol, "out_dir": self.out_dir}
+
     def folder(self, out_dir: str | None = None) -> Path:
         return Path(out_dir or self.out_dir) / self.name
 
