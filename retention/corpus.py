@@ -2,7 +2,7 @@
 
 A spec is one of
 
-- ``builtin``: the project's built-in prose corpus (:func:`retention.data.tasks.prose.builtin_prose`), no download;
+- ``builtin``: the project's built-in prose corpus (:func:`retention.prose.builtin_prose`), no download;
 - ``wikitext2``: the WikiText-2 test split of the shared data folder (``<data>/wikitext/wiki.test.raw``), where
   ``<data>`` is ``$RETENTION_DATA`` when set, else ``../shared/data`` beside a source checkout of this project;
 - ``hf:<id>[:config]``: a Hugging Face dataset's ``train`` split, ``text`` field (needs ``retention[hf]`` and a
@@ -21,11 +21,16 @@ import hashlib
 import importlib.util
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from retention.prose import builtin_prose
 
 BUILTIN = "builtin"
 WIKITEXT2 = "wikitext2"
 HF_PREFIX = "hf:"
+HF_EXTRA = "pip install 'retention[hf]'"
 NAMED = (BUILTIN, WIKITEXT2)
 DATA_ENV = "RETENTION_DATA"
 """Environment variable naming the shared data folder (the one holding ``wikitext/``, ``counterfact/``, ...)."""
@@ -96,12 +101,30 @@ def _file_text(path: Path) -> tuple[str, str]:
     return data.decode("utf-8", errors="replace"), f"file:{path.name}:{hashlib.blake2b(data, digest_size=8).hexdigest()}"
 
 
+def import_datasets(what: str):
+    """The ``datasets`` module, or an ImportError saying that ``what`` needs it and how to install it."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            f"{what} needs the 'datasets' package: {HF_EXTRA} (or give a JSON/JSONL file, or use 'builtin')"
+        ) from None
+    return datasets
+
+
+def read_hub_records(source: str, config: str | None, split: str) -> Iterator[tuple[str, Any]]:
+    """``(location, record)`` pairs of a Hugging Face dataset ``hf:<id>`` (needs ``datasets`` and a network)."""
+    datasets = import_datasets(f"task data {source}")
+    name = source[len(HF_PREFIX) :]
+    ds = datasets.load_dataset(name, config, split=split)
+    for i, record in enumerate(ds):
+        yield f"{split}[{i}]", record
+
+
 def _hub_text(spec: str, min_chars: int | None, what: str) -> str:
     if importlib.util.find_spec("datasets") is None:
         raise ImportError(f"{what} {spec!r} needs the 'datasets' package: pip install 'retention[hf]' "
                           f"(or use '{BUILTIN}', '{WIKITEXT2}' or a text file)")
-    from retention.data.tasks.sources import read_hub_records
-
     source, _, config = spec[len(HF_PREFIX):].partition(":")
     parts, size = [], 0
     for _, record in read_hub_records(f"{HF_PREFIX}{source}", config or None, "train"):
@@ -119,8 +142,6 @@ def corpus_text(spec: str, min_chars: int | None = None, what: str = "corpus") -
     cache keys: ``builtin:<content hash>``, ``file:<file name>:<content hash>`` (also for ``wikitext2``) or the
     hub spec itself. ``what`` names the setting the spec came from in error messages."""
     if spec == BUILTIN:
-        from retention.data.tasks.prose import builtin_prose
-
         text = builtin_prose()
         return text, f"{BUILTIN}:{hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}"
     if spec == WIKITEXT2:

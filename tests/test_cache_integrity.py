@@ -63,7 +63,7 @@ def test_corrupt_projector_values_are_recomputed(cache, tiny_llama, tmp_path, ca
 
 
 def test_truncated_prose_is_rebuilt(tmp_path, caplog):
-    from retention.data.tasks.prose import builtin_prose
+    from retention.prose import builtin_prose
 
     folder = tmp_path / "prose"
     corpus = builtin_prose(min_bytes=20_000, cache=folder)

@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from retention.cli import UsageError
-from retention.commands.edit import EditArgs, main, read_edit_folder, run
+from retention.commands.edit import EditArgs, main, run
+from retention.data.edit_folder import read_edit_folder
 from retention.data.readers import RecordError
 from retention.editing.base import EditResult
 from retention.records import KnowledgeRecord, NeighborhoodPrompt

@@ -33,7 +33,7 @@ from retention.data.tasks import (
     split_validation,
 )
 from retention.data.tasks.examples import encode_supervised, format_prompt, pack_text
-from retention.data.tasks.prose import builtin_prose, paragraphs
+from retention.prose import builtin_prose, paragraphs
 from retention.records import KnowledgeRecord, RecordError
 
 WIKITEXT = DATA / "wikitext" / "wiki.test.raw"

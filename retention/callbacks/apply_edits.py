@@ -50,7 +50,7 @@ from typing_extensions import override
 
 from retention.arch import ArchAdapter, unwrap_model
 from retention.callbacks.pipeline import PipelineCallback, check_order
-from retention.commands.edit import read_edit_folder
+from retention.data.edit_folder import read_edit_folder
 from retention.data.readers import read_records
 from retention.data.selection import KnowledgeSets, select_known, split_edit_control
 from retention.diskcache import DiskCache, digest

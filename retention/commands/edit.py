@@ -30,6 +30,8 @@ from typing import Any, Literal
 from jsonargparse.typing import PositiveInt
 
 from retention.cli import Device, OnError, UsageError, check_device, command_parser
+from retention.data.edit_folder import EDITED_WEIGHTS, FACTS, SCORES
+from retention.editing.easyedit import PREFIX as EASYEDIT_PREFIX
 from retention.io import atomic_path, atomic_write_json, atomic_write_text, safe_name
 from retention.metrics import rate
 from retention.models import DEFAULT_MODEL, load_model, model_fingerprint
@@ -38,9 +40,6 @@ from retention.scoring import score_probes, top1_blind
 
 PROTOCOLS = ("top1", "prob")
 _GROUPS = ("edit", "edit_paraphrase", "edit_neighborhood")
-FACTS = "facts.jsonl"
-EDITED_WEIGHTS = "edited_weights.safetensors"
-SCORES = "scores.json"
 
 
 @dataclass
@@ -97,7 +96,8 @@ def check(args: EditArgs) -> None:
         editor_class(args.editor)
     except ValueError as err:
         raise UsageError(f"--editor: {err}") from None
-    if args.hparams is not None and Path(args.hparams).suffix in (".yaml", ".yml") and not Path(args.hparams).is_file():
+    hparams_file = Path(args.hparams.removeprefix(EASYEDIT_PREFIX)) if args.hparams is not None else None
+    if hparams_file is not None and hparams_file.suffix in (".yaml", ".yml") and not hparams_file.is_file():
         raise UsageError(f"--hparams {args.hparams}: no such file")
     check_device(args.device)
 
@@ -232,35 +232,3 @@ def main(argv: list[str]) -> int:
     from retention.cli import main as cli_main
 
     return cli_main(["edit", *argv])
-
-
-def read_edit_folder(folder: str | Path) -> dict:
-    """What ``retention fit`` needs from an output folder of ``retention edit`` (batch or sequential mode): the
-    editor, mode, hyperparameters, edited layers, per-request diagnostics, the base model's fingerprint, the
-    facts as edited (``records``) and the path of the edited weights; raises naming a missing file."""
-    import json
-
-    from retention.data.readers import load_records
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder")
-    if (folder / "edits").is_dir() and not (folder / "edit").is_dir():
-        raise ValueError(f"{folder} holds a single-mode edit (one result per fact, never applied together)")
-    if (folder / SCORES).is_file():
-        dtype = json.loads((folder / SCORES).read_text(encoding="utf-8")).get("dtype", "float32")
-        if dtype != "float32":
-            raise ValueError(f"{folder} was edited in {dtype}; `retention fit` loads float32: make its "
-                             "edits.precomputed with `retention edit --dtype float32`")
-    for name in (SCORES, "edit/edit.json", FACTS, EDITED_WEIGHTS):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} has no {name}: not the output of `retention edit` in batch or "
-                                    "sequential mode (or written before it saved facts and edited weights)")
-    scores = json.loads((folder / SCORES).read_text(encoding="utf-8"))
-    edit = json.loads((folder / "edit" / "edit.json").read_text(encoding="utf-8"))
-    records = load_records(folder / FACTS)
-    if [str(r.case_id) for r in records] != [str(c) for c in edit["case_ids"]]:
-        raise ValueError(f"{folder}: {FACTS} and edit/edit.json name different facts")
-    return {"editor": scores["editor"], "mode": scores["mode"], "hparams": scores["hparams"],
-            "base_fingerprint": scores["base_fingerprint"], "layers": edit["layers"],
-            "diagnostics": edit["diagnostics"], "records": records, "weights": folder / EDITED_WEIGHTS}

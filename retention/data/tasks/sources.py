@@ -13,13 +13,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from retention.corpus import HF_PREFIX, import_datasets, read_hub_records
 from retention.data.readers import ReadReport, check_length, json_error, load_json, parse_jsonl, read_text
 from retention.records import RecordError
 
 T = TypeVar("T")
 
-HF_PREFIX = "hf:"
-HF_EXTRA = "pip install 'retention[hf]'"
 """How to install the ``datasets`` library, named in every error of a source that needs it."""
 TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 """Local file types read through ``datasets`` -> its loader."""
@@ -62,26 +61,6 @@ def read_json_records(path: Path, report: ReadReport | None = None) -> Iterator[
         raise RecordError(where, "-", "<file>", f"expected a JSON list of records, got {type(data).__name__}")
     for i, record in enumerate(data):
         yield str(i), record
-
-
-def import_datasets(what: str):
-    """The ``datasets`` module, or an ImportError saying that ``what`` needs it and how to install it."""
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(
-            f"{what} needs the 'datasets' package: {HF_EXTRA} (or give a JSON/JSONL file, or use 'builtin')"
-        ) from None
-    return datasets
-
-
-def read_hub_records(source: str, config: str | None, split: str) -> Iterator[tuple[str, Any]]:
-    """``(location, record)`` pairs of a Hugging Face dataset ``hf:<id>`` (needs ``datasets`` and a network)."""
-    datasets = import_datasets(f"task data {source}")
-    name = source[len(HF_PREFIX) :]
-    ds = datasets.load_dataset(name, config, split=split)
-    for i, record in enumerate(ds):
-        yield f"{split}[{i}]", record
 
 
 def read_table_records(path: str | Path) -> Iterator[tuple[str, Any]]:

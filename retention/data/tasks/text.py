@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from retention.data.readers import read_text
 from retention.data.tasks.examples import TextExample
-from retention.data.tasks.prose import builtin_prose
 from retention.data.tasks.sources import convert_records, is_hub_source, local_file, read_records, text_field
+from retention.prose import builtin_prose
 
 if TYPE_CHECKING:
     from retention.data.readers import ReadReport
