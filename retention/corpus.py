@@ -31,6 +31,8 @@ BUILTIN = "builtin"
 WIKITEXT2 = "wikitext2"
 HF_PREFIX = "hf:"
 HF_EXTRA = "pip install 'retention[hf]'"
+TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+"""Table files read through ``datasets`` (``retention[hf]``)."""
 NAMED = (BUILTIN, WIKITEXT2)
 DATA_ENV = "RETENTION_DATA"
 """Environment variable naming the shared data folder (the one holding ``wikitext/``, ``counterfact/``, ...)."""
@@ -97,8 +99,15 @@ def corpus_path(spec: str, what: str = "corpus") -> Path:
 
 
 def _file_text(path: Path) -> tuple[str, str]:
+    """A text file's text, or the ``text`` column of a Parquet/CSV/Arrow table joined by blank lines."""
     data = path.read_bytes()
-    return data.decode("utf-8", errors="replace"), f"file:{path.name}:{hashlib.blake2b(data, digest_size=8).hexdigest()}"
+    identity = f"file:{path.name}:{hashlib.blake2b(data, digest_size=8).hexdigest()}"
+    if path.suffix not in TABLE_SUFFIXES:
+        return data.decode("utf-8", errors="replace"), identity
+    rows = [record for _, record in read_table_records(path)]
+    if rows and "text" not in rows[0]:
+        raise ValueError(f"corpus {path}: a table corpus needs a 'text' column (columns: {', '.join(rows[0])})")
+    return "\n\n".join(r["text"] for r in rows if isinstance(r.get("text"), str) and r["text"].strip()), identity
 
 
 def import_datasets(what: str):
@@ -119,6 +128,27 @@ def read_hub_records(source: str, config: str | None, split: str) -> Iterator[tu
     ds = datasets.load_dataset(name, config, split=split)
     for i, record in enumerate(ds):
         yield f"{split}[{i}]", record
+
+
+def read_table_records(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """``(location, record)`` pairs (``row <i>``, a dict per row) of a local Parquet, CSV or Arrow file, read
+    through ``datasets`` in memory (its cache files go to a temporary folder that is removed)."""
+    import tempfile
+
+    path = Path(path)
+    if path.suffix not in TABLE_SUFFIXES:
+        raise ValueError(f"{path}: not a table file (expected {', '.join(TABLE_SUFFIXES)})")
+    datasets = import_datasets(f"data file {path}")
+    with tempfile.TemporaryDirectory(prefix="retention-datasets-") as tmp:
+        if path.suffix == ".arrow":
+            ds = datasets.Dataset.from_file(str(path), in_memory=True)
+        elif path.suffix == ".parquet":
+            ds = datasets.Dataset.from_parquet(str(path), cache_dir=tmp, keep_in_memory=True)
+        else:
+            ds = datasets.Dataset.from_csv(str(path), cache_dir=tmp, keep_in_memory=True)
+        rows = list(ds)
+    for i, record in enumerate(rows):
+        yield f"row {i}", record
 
 
 def _hub_text(spec: str, min_chars: int | None, what: str) -> str:

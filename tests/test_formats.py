@@ -379,3 +379,19 @@ def test_knowedit_parquet_file_reads_as_knowedit_records(tmp_path):
     (rec,), report = read_records(tmp_path / "zsre.parquet")
     assert report.format == "knowedit" and rec.portability[0].target == "Brassicales"
     assert rec.paraphrases == ["What family is Velorina part of?"] and rec.neighborhood[0].target == "genus"
+
+
+def test_a_table_file_is_a_corpus_through_its_text_column(tmp_path):
+    pytest.importorskip("datasets", reason="table corpora need the optional 'datasets' package (retention[hf])")
+    import datasets
+
+    from retention.corpus import corpus_text
+
+    path = tmp_path / "corpus.parquet"
+    datasets.Dataset.from_list(ROWS).to_parquet(str(path))
+    text, identity = corpus_text(str(path))
+    assert text == "First passage about rivers.\n\nSecond passage about hills."
+    assert identity.startswith("file:corpus.parquet:")
+    datasets.Dataset.from_list([{"body": "x"}]).to_csv(str(tmp_path / "bad.csv"))
+    with pytest.raises(ValueError, match="needs a 'text' column"):
+        corpus_text(str(tmp_path / "bad.csv"))

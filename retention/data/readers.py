@@ -59,6 +59,7 @@ from pathlib import Path
 from string import Formatter
 from typing import Any
 
+from retention.corpus import TABLE_SUFFIXES, read_table_records
 from retention.records import KnowledgeRecord, NeighborhoodPrompt, PortabilityPrompt, RecordError
 
 log = logging.getLogger(__name__)
@@ -651,14 +652,9 @@ def _json_value(line: str) -> Any:
         return _NOT_JSON
 
 
-_TABLE_SUFFIXES = (".parquet", ".csv", ".arrow")
-
-
 def _table_items(path: str) -> list[tuple[int | str, Any]]:
     """(index, row) of a Parquet/CSV/Arrow file (through ``datasets``; KnowEdit's hub files are Parquet). A null
     column value is an absent field: a table has every column in every row."""
-    from retention.data.tasks.sources import read_table_records
-
     return [(i, {k: v for k, v in row.items() if v is not None}) for i, (_, row) in enumerate(read_table_records(path))]
 
 
@@ -684,7 +680,7 @@ def read_records(
     if max_prompt_chars < 1:
         raise ValueError(f"max_prompt_chars={max_prompt_chars}: must be >= 1")
     t0 = time.perf_counter()
-    if Path(str(path_or_name)).suffix in _TABLE_SUFFIXES and Path(path_or_name).expanduser().is_file():
+    if Path(str(path_or_name)).suffix in TABLE_SUFFIXES and Path(path_or_name).expanduser().is_file():
         path = str(Path(path_or_name).expanduser())
         report = ReadReport(path, on_error=on_error)
         items = _table_items(path)

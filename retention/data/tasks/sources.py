@@ -13,14 +13,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from retention.corpus import HF_PREFIX, import_datasets, read_hub_records
+from retention.corpus import HF_PREFIX, TABLE_SUFFIXES, read_hub_records, read_table_records
 from retention.data.readers import ReadReport, check_length, json_error, load_json, parse_jsonl, read_text
 from retention.records import RecordError
 
 T = TypeVar("T")
 
 """How to install the ``datasets`` library, named in every error of a source that needs it."""
-TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 """Local file types read through ``datasets`` -> its loader."""
 
 
@@ -61,27 +60,6 @@ def read_json_records(path: Path, report: ReadReport | None = None) -> Iterator[
         raise RecordError(where, "-", "<file>", f"expected a JSON list of records, got {type(data).__name__}")
     for i, record in enumerate(data):
         yield str(i), record
-
-
-def read_table_records(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """``(location, record)`` pairs (``row <i>``, a dict per row) of a local Parquet, CSV or Arrow file, read
-    through ``datasets`` in memory (its cache files go to a temporary folder that is removed)."""
-    import tempfile
-
-    path = Path(path)
-    if path.suffix not in TABLE_SUFFIXES:
-        raise ValueError(f"{path}: not a table file (expected {', '.join(TABLE_SUFFIXES)})")
-    datasets = import_datasets(f"data file {path}")
-    with tempfile.TemporaryDirectory(prefix="retention-datasets-") as tmp:
-        if path.suffix == ".arrow":
-            ds = datasets.Dataset.from_file(str(path), in_memory=True)
-        elif path.suffix == ".parquet":
-            ds = datasets.Dataset.from_parquet(str(path), cache_dir=tmp, keep_in_memory=True)
-        else:
-            ds = datasets.Dataset.from_csv(str(path), cache_dir=tmp, keep_in_memory=True)
-        rows = list(ds)
-    for i, record in enumerate(rows):
-        yield f"row {i}", record
 
 
 def read_records(
