@@ -25,6 +25,10 @@ from retention.records import KnowledgeRecord, Probe
 from retention.tokens import prompt_ids, right_pad, target_ids
 
 PROTOCOLS = ("top1", "prob", "token_acc", "gen")
+RANK_CAP = 100
+"""``ProbeResult.target_rank`` is recorded up to this value (it means "this far down or further"): deep in the
+vocabulary logits lie so close together that the exact rank changes with the float noise of another batch shape
+(one rank vs two DDP ranks), and the analysis only asks how few places the target fell."""
 
 
 @dataclass
@@ -36,6 +40,10 @@ class ProbeResult:
     """Mean per-token log-prob of the target."""
     alt_logprob: float = math.nan
     top1_token: str = ""
+    target_rank: int | None = None
+    """Rank of the target's first token after the prompt: how many tokens have a strictly higher logit (0: the
+    argmax), capped at :data:`RANK_CAP`. Recorded for the analysis of protocol disagreements (docs/analysis.md);
+    decides no protocol."""
     generation: str | None = None
 
     @property
@@ -47,7 +55,8 @@ class ProbeResult:
         return {
             "case_id": p.case_id, "kind": p.kind, "prompt": p.prompt, "target": p.target,
             "alternative": p.alternative, "passed": self.passed, "target_logprob": self.target_logprob,
-            "alt_logprob": self.alt_logprob, "top1_token": self.top1_token, "generation": self.generation,
+            "alt_logprob": self.alt_logprob, "top1_token": self.top1_token, "target_rank": self.target_rank,
+            "generation": self.generation,
         }
 
 
@@ -79,8 +88,9 @@ class ScoreRow:
     """Number of continuation tokens."""
 
 
-def score_rows(model: nn.Module, rows: list[ScoreRow], pad_id: int):
-    """One forward over right-padded rows; per row the log-probs, argmax ids of its continuation tokens."""
+def score_rows(model: nn.Module, rows: list[ScoreRow], pad_id: int, ranks: bool = False):
+    """One forward over right-padded rows; per row the log-probs, argmax ids and ids of its continuation tokens
+    (with ``ranks``, also each token's rank: how many tokens have a strictly higher logit)."""
     device = next(model.parameters()).device
     input_ids, mask = right_pad([r.ids for r in rows], pad_id)
     hidden = _hidden_states(model, input_ids.to(device), mask.to(device))
@@ -91,9 +101,11 @@ def score_rows(model: nn.Module, rows: list[ScoreRow], pad_id: int):
     logprobs = torch.log_softmax(logits, dim=-1)
     tok_lp = logprobs.gather(1, tgt[:, None])[:, 0].cpu()
     argmax = logits.argmax(-1).cpu()
+    rank = (logits > logits.gather(1, tgt[:, None])).sum(1).cpu() if ranks else None
     out, k = [], 0
     for r in rows:
-        out.append((tok_lp[k : k + r.length], argmax[k : k + r.length], tgt[k : k + r.length].cpu()))
+        item = (tok_lp[k : k + r.length], argmax[k : k + r.length], tgt[k : k + r.length].cpu())
+        out.append((*item, rank[k : k + r.length]) if ranks else item)
         k += r.length
     return out
 
@@ -197,11 +209,13 @@ def score_probes(
             if aids is not None:
                 rows.append(ScoreRow(pids + aids, len(pids), len(aids)))
                 owners.append((i, "alt"))
-        for (i, which), (lp, argmax, tgt) in zip(owners, score_rows(model, rows, tokenizer.pad_token_id)):
+        for (i, which), (lp, argmax, tgt, rank) in zip(owners, score_rows(model, rows, tokenizer.pad_token_id,
+                                                                           ranks=True)):
             res = results[i]
             if which == "target":
                 res.target_logprob = lp.mean().item()
                 res.top1_token = tokenizer.decode(argmax[:1])
+                res.target_rank = min(int(rank[0]), RANK_CAP)
                 if "top1" in protocols:
                     res.passed["top1"] = bool(argmax[0] == tgt[0])
                 if "token_acc" in protocols:
@@ -240,10 +254,11 @@ def score_probes_unbatched(
             ids = torch.tensor([pids + tids], device=device)
             logits = model(input_ids=ids).logits[0, len(pids) - 1 : -1].float()
             lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(tids, device=device)[:, None])[:, 0]
-            return lp.mean().item(), logits.argmax(-1).cpu(), torch.tensor(tids)
+            rank = min(int((logits[0] > logits[0, tids[0]]).sum()), RANK_CAP)
+            return lp.mean().item(), logits.argmax(-1).cpu(), torch.tensor(tids), rank
 
         tids = target_ids(tokenizer, p.target)
-        res.target_logprob, argmax, tgt = mean_lp(tids)
+        res.target_logprob, argmax, tgt, res.target_rank = mean_lp(tids)
         res.top1_token = tokenizer.decode(argmax[:1])
         if "top1" in protocols:
             res.passed["top1"] = bool(argmax[0] == tgt[0])

@@ -26,6 +26,12 @@ class ReportArgs:
     """Output folder; default <the folder>/report for one folder, else runs/report."""
     plots: bool = True
     """Write the PNGs (retention curves with interval bands, final retention per arm)."""
+    analysis: bool = False
+    """Also write <out>/analysis/: per-fact survival (Kaplan-Meier), its predictors (logistic regression),
+    edited vs intrinsic matched on t=0 confidence, top1-vs-prob disagreements (docs/analysis.md)."""
+    analysis_corpus: str | None = "wikitext2"
+    """With --analysis: the reference corpus of the subject and object frequencies (builtin, wikitext2,
+    hf:<id> or a text file; null for none; left out with a note when it cannot be read)."""
 
 
 ARGS = ReportArgs
@@ -53,6 +59,11 @@ def execute(args: ReportArgs) -> int:
         return 2
     print(paths["markdown"].read_text(encoding="utf-8"))
     print("written: " + ", ".join(str(p) for p in paths.values()))
+    if args.analysis:
+        from retention.study.analysis import write_analysis
+
+        written = write_analysis(folders, out / "analysis", corpus=args.analysis_corpus, plots=args.plots)
+        print(f"analysis ({out / 'analysis'}): " + ", ".join(p.name for p in written.values()))
     return 0
 
 

@@ -1,0 +1,983 @@
+"""Why edits survive (issue 16): per-fact survival, its predictors, a matched comparison of edited and intrinsic
+facts, and where the ``top1`` protocol disagrees with ``prob``; read from the per-probe records of run folders.
+
+A *fact* is one case id of one run: an edited fact (probe group ``edit``, its rewrite prompt, target = the new
+object) or an intrinsic one (group ``control``, target = the true object). Under a protocol a fact that passed
+at t=0 is *lost* at the first measured step where it no longer passes, and *censored* at the run's last
+measured step if it never failed (a fact that fails, then passes again, stays lost: the first loss counts).
+The loss happened somewhere between the previous measurement and that step; the step is what is recorded.
+
+- Survival: Kaplan–Meier (1958) of the loss steps, pooled over the runs and seeds of a condition, with
+  Greenwood's (1926) variance and the log-log interval (Kalbfleisch & Prentice 1980: ``S ** exp(+-z * se)``
+  with ``se = sqrt(sum d / (n (n - d))) / |log S|``; R's ``conf.type = "log-log"``), and the log-rank test
+  (Mantel 1966) of edited against intrinsic facts. Facts are treated as independent, which facts of one run
+  are not quite (they share the fine-tuning), so the intervals are narrower than a seed-level interval.
+- Predictors: logistic regression of "survived" (never lost up to the last measured step, the Kaplan–Meier
+  event) on per-fact features, by Newton–Raphson (IRLS) on standardised features, with Wald intervals; no
+  SciPy or statsmodels. Features constant in the data or collinear with earlier ones are dropped and named;
+  complete or quasi-complete separation is detected and reported instead of a number.
+- Matched comparison: edited vs intrinsic retention (passing at the final step, of those passing at t=0, as in
+  the report) within quantile bins of the t=0 target log-prob or margin, Wilson intervals per set and bin,
+  Newcombe's interval for the difference (:mod:`retention.study.stats`).
+- Protocol sensitivity: probes that lost ``top1`` but kept ``prob``; the new top-1 token classified (a function
+  word from :data:`FUNCTION_WORDS`, punctuation or space, the start of the alternative, other) and the
+  target's rank before and after (``target_rank`` of the probe records, when the run recorded it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import NormalDist, median
+from typing import Any
+
+import numpy as np
+import yaml
+
+from retention.io import atomic_write_text
+from retention.reporting import save_figure
+from retention.study.report import RunResult, _csv, load_results
+from retention.study.stats import LEVEL, newcombe, wilson
+
+log = logging.getLogger(__name__)
+
+SETS = {"edited": "edit", "intrinsic": "control"}
+"""Fact set -> the probe group of its one probe per fact (the edited rewrite prompt, the control fact)."""
+FUNCTION_WORDS = frozenset("""
+a an the this that these those some any no every each all both either neither
+of in on at to for from by with about as into onto upon over under after before between through during
+and or but nor so yet if than then because while although though whether
+is are was were be been being am has have had do does did will would shall should can could may might must
+it its it's he him his she her hers they them their theirs we us our you your i me my mine who whom whose
+which what where when why how there here not also very just only more most such same other one
+""".split())
+"""Function words (closed-class English words) for classifying a new top-1 token."""
+EDITED_PREDICTORS = ("margin_t0", "relative_update", "update_norm", "layer", "subject_tokens", "k",
+                     "log_subject_freq", "log_target_freq", "log_alternative_freq", "n_edit", "steps", "log10_lr")
+INTRINSIC_PREDICTORS = ("margin_t0", "subject_tokens", "log_subject_freq", "log_target_freq",
+                        "log_alternative_freq", "steps", "log10_lr")
+BOTH_PREDICTORS = ("edited", "margin_t0", "subject_tokens", "log_subject_freq", "log_target_freq", "steps",
+                   "log10_lr")
+MATCH_BY = ("target_logprob_t0", "margin_t0")
+
+
+# -- facts ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fact:
+    """One fact of one run: its outcomes at every measured step and its features."""
+
+    study: str
+    cell: str
+    arm: str
+    seed: int
+    run: str
+    case_id: str
+    set: str
+    """``edited`` or ``intrinsic``."""
+    steps: tuple[int, ...]
+    passed: dict[str, tuple[bool | None, ...]]
+    """Protocol -> outcome at each of ``steps`` (None: not measured then)."""
+    t0: dict
+    """The probe record at t=0."""
+    final: dict
+    """The probe record at the last measured step."""
+    features: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def condition(self) -> tuple[str, str, str]:
+        return self.study, self.cell, self.arm
+
+    def outcome(self, protocol: str) -> tuple[int, bool] | None:
+        """(step, lost) under ``protocol``; None when the fact did not pass at t=0 (it is not at risk)."""
+        return first_loss(self.steps, self.passed.get(protocol, ()))
+
+    def kept_final(self, protocol: str) -> bool | None:
+        """Passing at the last step, given passing at t=0 (the report's retention); None when not at risk."""
+        passes = self.passed.get(protocol, ())
+        if not passes or passes[0] is not True:
+            return None
+        return passes[-1] is True
+
+
+def first_loss(steps: Sequence[int], passes: Sequence[bool | None]) -> tuple[int, bool] | None:
+    """``(step, True)``: the first measured step after t=0 where the probe no longer passes; ``(last step,
+    False)``: still passing at every measured step (censored there); None: it did not pass at t=0."""
+    if not passes or passes[0] is not True:
+        return None
+    for step, ok in zip(steps[1:], passes[1:]):
+        if ok is False:
+            return step, True
+    return steps[-1], False
+
+
+def read_probes(folder: str | Path) -> dict[int, list[dict]]:
+    """A run folder's ``probes/step_<N>.jsonl``: step -> probe records."""
+    out = {}
+    for path in sorted(Path(folder, "probes").glob("step_*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        out[int(path.stem.split("_")[1])] = rows
+    return out
+
+
+def run_facts(probes: dict[int, list[dict]], **labels: Any) -> list[Fact]:
+    """The edited and intrinsic facts of one run's probe records (``labels``: study, cell, arm, seed, run)."""
+    steps = tuple(sorted(probes))
+    if not steps or steps[0] != 0:
+        return []
+    by_case: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+    for step in steps:
+        for row in probes[step]:
+            for name, group in SETS.items():
+                if row.get("group") == group:
+                    by_case[(name, str(row["case_id"]))].setdefault(step, row)
+    facts = []
+    for (name, case_id), rows in by_case.items():
+        if 0 not in rows:
+            continue
+        protocols = list(rows[0]["passed"])
+        passed = {p: tuple(rows[s]["passed"].get(p) if s in rows else None for s in steps) for p in protocols}
+        facts.append(Fact(case_id=case_id, set=name, steps=steps, passed=passed, t0=rows[0],
+                          final=rows.get(steps[-1], rows[0]), **labels))
+    return facts
+
+
+# -- Kaplan-Meier and log-rank -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KMStep:
+    """The Kaplan–Meier estimate just after ``step``."""
+
+    step: int
+    at_risk: int
+    events: int
+    censored: int
+    survival: float
+    se: float
+    """Greenwood's standard error of the survival."""
+    low: float
+    high: float
+    """The log-log interval (``low == high == survival`` where it is 1 or 0)."""
+
+
+def kaplan_meier(times: Sequence[int], lost: Sequence[bool], level: float = LEVEL) -> list[KMStep]:
+    """Kaplan–Meier survival at t=0 and at every step where a fact was lost or censored (events before
+    censorings at a shared step), with Greenwood's variance and the log-log interval."""
+    if len(times) != len(lost):
+        raise ValueError(f"kaplan_meier: {len(times)} times and {len(lost)} event flags")
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    n = len(times)
+    out = [KMStep(0, n, 0, 0, 1.0, 0.0, 1.0, 1.0)]
+    s, greenwood = 1.0, 0.0
+    for t in sorted(set(times)):
+        d = sum(1 for ti, e in zip(times, lost) if ti == t and e)
+        c = sum(1 for ti, e in zip(times, lost) if ti == t and not e)
+        at_risk = sum(1 for ti in times if ti >= t)
+        if d:
+            s *= 1 - d / at_risk
+            greenwood = greenwood + d / (at_risk * (at_risk - d)) if at_risk > d else math.inf
+        if 0 < s < 1:
+            se_ll = math.sqrt(greenwood) / abs(math.log(s))
+            low, high = s ** math.exp(z * se_ll), s ** math.exp(-z * se_ll)
+        else:
+            low = high = s
+        se = s * math.sqrt(greenwood) if math.isfinite(greenwood) else 0.0
+        if t == 0 and out[0].step == 0:
+            out[0] = KMStep(0, at_risk, d, c, s, se, low, high)
+        else:
+            out.append(KMStep(t, at_risk, d, c, s, se, low, high))
+    return out
+
+
+def logrank(times_a: Sequence[int], lost_a: Sequence[bool], times_b: Sequence[int],
+            lost_b: Sequence[bool]) -> tuple[float, float]:
+    """The log-rank test of two samples (Mantel 1966): (chi-square with 1 degree of freedom, p-value); NaN
+    when no fact was lost."""
+    times = sorted({t for t, e in [*zip(times_a, lost_a), *zip(times_b, lost_b)] if e})
+    o_minus_e = var = 0.0
+    for t in times:
+        n1 = sum(1 for x in times_a if x >= t)
+        n2 = sum(1 for x in times_b if x >= t)
+        d1 = sum(1 for x, e in zip(times_a, lost_a) if x == t and e)
+        d = d1 + sum(1 for x, e in zip(times_b, lost_b) if x == t and e)
+        n = n1 + n2
+        o_minus_e += d1 - d * n1 / n
+        if n > 1:
+            var += n1 * n2 * d * (n - d) / (n * n * (n - 1))
+    if var <= 0:
+        return math.nan, math.nan
+    chi2 = o_minus_e**2 / var
+    return chi2, 2 * (1 - NormalDist().cdf(math.sqrt(chi2)))
+
+
+# -- logistic regression ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Coefficient:
+    """A fitted log-odds coefficient per unit of its feature, and per standard deviation (``sd``)."""
+
+    name: str
+    estimate: float
+    se: float
+    low: float
+    high: float
+    sd: float
+    """The feature's standard deviation in the data (NaN for the intercept)."""
+
+    @property
+    def per_sd(self) -> tuple[float, float, float]:
+        """(estimate, low, high) per standard deviation of the feature."""
+        k = 1.0 if math.isnan(self.sd) else self.sd
+        return self.estimate * k, self.low * k, self.high * k
+
+    @property
+    def excludes_zero(self) -> bool:
+        return not math.isnan(self.low) and (self.low > 0 or self.high < 0)
+
+
+@dataclass
+class LogitFit:
+    coefficients: list[Coefficient]
+    n: int
+    events: int
+    """Observations with y = 1."""
+    converged: bool
+    separated: bool
+    """Complete or quasi-complete separation: the maximum-likelihood estimate does not exist."""
+    log_likelihood: float
+    dropped: dict[str, str] = field(default_factory=dict)
+    """Feature -> why it was left out (constant, collinear)."""
+
+
+def logistic_regression(x: np.ndarray, y: np.ndarray, names: Sequence[str], standardize: bool = True,
+                        level: float = LEVEL, max_iter: int = 100, tol: float = 1e-10) -> LogitFit:
+    """Maximum-likelihood logistic regression of ``y`` (0/1) on the columns of ``x`` with an intercept, by
+    Newton–Raphson (iteratively reweighted least squares, step-halving when the likelihood would fall), with
+    Wald intervals from the inverse Fisher information. With ``standardize`` the fit runs on z-scored columns
+    (better conditioned) and slopes are reported per unit and, through ``sd``, per standard deviation; the
+    intercept is then the log-odds at the features' means. Rows with a NaN are left out."""
+    x = np.asarray(x, dtype=float).reshape(len(y), -1)
+    y = np.asarray(y, dtype=float)
+    keep = ~np.isnan(x).any(axis=1) & ~np.isnan(y)
+    x, y = x[keep], y[keep]
+    n = len(y)
+    dropped: dict[str, str] = {}
+    cols: list[int] = []
+    sds = x.std(axis=0, ddof=1) if n > 1 else np.zeros(x.shape[1])
+    means = x.mean(axis=0) if n else np.zeros(x.shape[1])
+    for j, name in enumerate(names):
+        if not n or sds[j] == 0 or not np.isfinite(sds[j]):
+            dropped[name] = "constant"
+            continue
+        z = (x[:, cols + [j]] - means[cols + [j]]) / sds[cols + [j]]
+        if np.linalg.matrix_rank(np.column_stack([np.ones(n), z]), tol=1e-8 * math.sqrt(n)) < len(cols) + 2:
+            dropped[name] = "collinear with " + ", ".join(names[c] for c in cols)
+            continue
+        cols.append(j)
+    scale = sds[cols] if standardize else np.ones(len(cols))
+    shift = means[cols] if standardize else np.zeros(len(cols))
+    design = np.column_stack([np.ones(n), (x[:, cols] - shift) / scale]) if n else np.zeros((0, len(cols) + 1))
+    events = int(y.sum())
+    labels = ["(intercept)" + (" at the means" if standardize else "")] + [names[j] for j in cols]
+    if n == 0 or events in (0, n):
+        nan = [Coefficient(lbl, math.nan, math.nan, math.nan, math.nan, math.nan) for lbl in labels]
+        return LogitFit(nan, n, events, False, True, math.nan, dropped)
+
+    def loglik(b: np.ndarray) -> float:
+        eta = design @ b
+        return float(np.sum(y * eta - np.logaddexp(0, eta)))
+
+    beta = np.zeros(design.shape[1])
+    ll, converged = loglik(beta), False
+    for _ in range(max_iter):
+        p = 1 / (1 + np.exp(-(design @ beta)))
+        info = design.T @ (design * (p * (1 - p))[:, None])
+        try:
+            step = np.linalg.solve(info, design.T @ (y - p))
+        except np.linalg.LinAlgError:
+            break
+        for _ in range(30):  # step-halving
+            new = beta + step
+            new_ll = loglik(new)
+            if new_ll >= ll - 1e-12:
+                break
+            step = step / 2
+        beta, ll = new, new_ll
+        if np.max(np.abs(step)) < tol:
+            converged = True
+            break
+    p = 1 / (1 + np.exp(-(design @ beta)))
+    separated = not converged or bool(np.max(np.abs(beta[1:]), initial=0) > 15) or bool(
+        np.max(np.abs(beta), initial=0) > 30)
+    try:
+        cov = np.linalg.inv(design.T @ (design * (p * (1 - p))[:, None]))
+        se = np.sqrt(np.maximum(np.diag(cov), 0))
+    except np.linalg.LinAlgError:
+        se = np.full(len(beta), math.nan)
+    if separated:
+        se = np.full(len(beta), math.nan)
+    zq = NormalDist().inv_cdf(0.5 + level / 2)
+    coefficients = []
+    for i, label in enumerate(labels):
+        unit = 1.0 if i == 0 else float(scale[i - 1])
+        b, s = beta[i] / unit, se[i] / unit
+        sd = math.nan if i == 0 else float(sds[cols[i - 1]])
+        coefficients.append(Coefficient(label, float(b), float(s), float(b - zq * s), float(b + zq * s), sd))
+    return LogitFit(coefficients, n, events, converged, separated, ll, dropped)
+
+
+# -- features ---------------------------------------------------------------------------------------------------
+
+
+def count_terms(text: str, terms: Sequence[str]) -> dict[str, int]:
+    """Case-insensitive whole-word occurrences of each term in ``text`` (a term may span words: "New York")."""
+    lower = text.lower()
+    out = {}
+    for term in dict.fromkeys(t.strip() for t in terms if t and t.strip()):
+        out[term] = len(re.findall(r"(?<!\w)" + re.escape(term.lower()) + r"(?!\w)", lower))
+    return out
+
+
+def _run_config(folder: Path) -> dict:
+    """The run's resolved config: ``config.yaml`` (LightningCLI's), else the study's record of it."""
+    path = folder / "config.yaml"
+    if path.is_file():
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    done = folder / "study_run.json"
+    if done.is_file():
+        tree: dict = {}
+        for key, value in json.loads(done.read_text(encoding="utf-8")).get("config", {}).items():
+            node = tree
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        return tree
+    return {}
+
+
+def _get(tree: dict, dotted: str, default: Any = None) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return default
+        tree = tree[part]
+    return tree
+
+
+class _Context:
+    """Knowledge records, tokenizers and corpus counts shared by the runs (each loaded once)."""
+
+    def __init__(self, corpus: str | None):
+        self.records: dict[tuple[str, str], dict[str, Any]] = {}
+        self.tokenizers: dict[str, Any] = {}
+        self.notes: list[str] = []
+        self.corpus_text: str | None = None
+        self.corpus_id = None
+        self.counts: dict[str, int] = {}
+        if corpus:
+            from retention.corpus import corpus_text
+
+            try:
+                self.corpus_text, self.corpus_id = corpus_text(corpus, min_chars=5_000_000, what="analysis corpus")
+            except (FileNotFoundError, ImportError, OSError) as err:
+                self.notes.append(f"corpus frequencies left out: {err}")
+
+    def knowledge(self, source: str | None, on_error: str = "raise") -> dict[str, Any]:
+        if not source:
+            return {}
+        key = (str(source), on_error)
+        if key not in self.records:
+            from retention.data.readers import load_records
+
+            try:
+                self.records[key] = {str(r.case_id): r for r in load_records(source, on_error=on_error)}
+            except (OSError, ValueError) as err:
+                self.notes.append(f"knowledge {source!r} could not be read ({err}): no subject, relation or "
+                                  "corpus features for its facts")
+                self.records[key] = {}
+        return self.records[key]
+
+    def tokenizer(self, model: str | None):
+        if not model:
+            return None
+        if model not in self.tokenizers:
+            from retention.models import load_tokenizer
+
+            try:
+                self.tokenizers[model] = load_tokenizer(model)
+            except Exception as err:  # noqa: BLE001 (any failure only leaves the token counts out)
+                self.notes.append(f"tokenizer of {model!r} could not be loaded ({type(err).__name__}: {err}): "
+                                  "no subject token counts")
+                self.tokenizers[model] = None
+        return self.tokenizers[model]
+
+    def frequency(self, term: str | None) -> float:
+        if self.corpus_text is None or not term:
+            return math.nan
+        term = term.strip()
+        if term not in self.counts:
+            self.counts.update(count_terms(self.corpus_text, [term]))
+        return float(self.counts.get(term, 0))
+
+
+def _subject_tokens(tokenizer, record) -> float:
+    if tokenizer is None or record is None:
+        return math.nan
+    text = record.subject if record.prompt.lstrip().startswith("{}") else " " + record.subject
+    return float(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+
+
+def _effective_k(record, k: int, source: str, seed: int) -> float:
+    """Augmentation phrasings the run gave this fact: recomputed for the deterministic sources (``record``,
+    ``relations``: a record can get fewer than ``k``), ``k`` itself for ``model``."""
+    if k <= 0:
+        return 0.0
+    if record is None or source not in ("record", "relations"):
+        return float(k)
+    from retention.callbacks.augmentation import phrasings
+
+    try:
+        return float(len(phrasings(record, k, source, seed)))
+    except (KeyError, ValueError):
+        return float(k)
+
+
+def add_features(facts: Sequence[Fact], result: RunResult, ctx: _Context) -> None:
+    """Per-fact features of one run's facts (see docs/analysis.md for each)."""
+    config = _run_config(result.folder)
+    run = result.summary.get("run", {})
+    diagnostics = {str(d.get("case_id")): d for d in run.get("edit_diagnostics") or [] if isinstance(d, dict)}
+    records = dict(ctx.knowledge(_get(config, "edits.knowledge", run.get("knowledge")),
+                                 _get(config, "edits.on_error", "raise")))
+    controls = _get(config, "edits.controls")
+    if controls:
+        records.update(ctx.knowledge(controls, _get(config, "edits.on_error", "raise")))
+    tokenizer = ctx.tokenizer(_get(config, "model.model_name", run.get("model")))
+    layers = [int(x) for x in run.get("edited_layers") or []]
+    k = int(_get(config, "paraphrases.k", 0) or 0)
+    source = str(_get(config, "paraphrases.source", "record"))
+    k_seed = int(_get(config, "paraphrases.seed", 0) or 0)
+    lr = _get(config, "model.optimizer.lr")
+    for fact in facts:
+        record = records.get(fact.case_id)
+        t0 = fact.t0
+        margin = t0.get("target_logprob", math.nan) - t0.get("alt_logprob", math.nan)
+        diag = diagnostics.get(fact.case_id, {}) if fact.set == "edited" else {}
+        target_freq = ctx.frequency(t0.get("target"))
+        alternative_freq = ctx.frequency(t0.get("alternative"))
+        subject_freq = ctx.frequency(record.subject if record else None)
+        f = {
+            "edited": 1.0 if fact.set == "edited" else 0.0,
+            "margin_t0": margin,
+            "target_logprob_t0": float(t0.get("target_logprob", math.nan)),
+            "target_rank_t0": float(t0["target_rank"]) if t0.get("target_rank") is not None else math.nan,
+            "relation": record.relation_id if record else "",
+            "subject": record.subject if record else "",
+            "subject_tokens": _subject_tokens(tokenizer, record),
+            "subject_freq": subject_freq,
+            "target_freq": target_freq,
+            "alternative_freq": alternative_freq,
+            "log_subject_freq": math.log1p(subject_freq),
+            "log_target_freq": math.log1p(target_freq),
+            "log_alternative_freq": math.log1p(alternative_freq),
+            "steps": float(fact.steps[-1]),
+            "log10_lr": math.log10(float(lr)) if lr else math.nan,
+            "n_edit": float(run.get("n_edit", math.nan)),
+        }
+        if fact.set == "edited":
+            f.update({
+                "update_norm": float(diag.get("delta_norm", math.nan)),
+                "relative_update": float(diag.get("relative_update", math.nan)),
+                "layer": float(diag["layer"]) if "layer" in diag else (float(np.mean(layers)) if layers else math.nan),
+                "n_layers": float(len(layers)) if layers else math.nan,
+                "k": _effective_k(record, k, source, k_seed),
+                "k_nominal": float(k),
+            })
+        fact.features = f
+
+
+def load_facts(folders: Sequence[str | Path], corpus: str | None = "wikitext2") -> tuple[list[Fact], list[str]]:
+    """Every edited and intrinsic fact of the finished runs in ``folders`` (study or run folders), with
+    features; and notes on what could not be computed."""
+    results, _, missing = load_results(folders)
+    runs = [(r, read_probes(r.folder)) for r in results]
+    facts, notes = facts_of(runs, corpus)
+    if missing:
+        notes.append(f"{len(missing)} unfinished runs left out")
+    return facts, notes
+
+
+def facts_of(runs: Sequence[tuple[RunResult, dict[int, list[dict]]]],
+             corpus: str | None = "wikitext2") -> tuple[list[Fact], list[str]]:
+    """The facts of runs with their probe records (:func:`read_probes`), with features; and notes."""
+    ctx = _Context(corpus)
+    facts: list[Fact] = []
+    for r, probes in runs:
+        if not probes:
+            ctx.notes.append(f"{r.folder}: no probes/step_*.jsonl; left out")
+            continue
+        c = r.condition
+        mine = run_facts(probes, study=c.study, cell=c.cell, arm=c.arm, seed=r.seed, run=r.folder.name)
+        add_features(mine, r, ctx)
+        facts.extend(mine)
+    if ctx.corpus_id:
+        ctx.notes.append(f"corpus frequencies from {ctx.corpus_id}")
+    return facts, ctx.notes
+
+
+def protocols_of(facts: Sequence[Fact]) -> list[str]:
+    return list(dict.fromkeys(p for f in facts for p in f.passed))
+
+
+def _by_condition(facts: Sequence[Fact]) -> dict[tuple[str, str, str], list[Fact]]:
+    out: dict[tuple[str, str, str], list[Fact]] = defaultdict(list)
+    for f in facts:
+        out[f.condition].append(f)
+    return dict(out)
+
+
+# -- tables -----------------------------------------------------------------------------------------------------
+
+
+def survival_rows(facts: Sequence[Fact], level: float = LEVEL) -> list[dict]:
+    """Kaplan–Meier curves per condition, protocol and set (survival.csv)."""
+    rows = []
+    for (study, cell, arm), group in _by_condition(facts).items():
+        for protocol in protocols_of(group):
+            for name in SETS:
+                outcomes = [o for f in group if f.set == name and (o := f.outcome(protocol)) is not None]
+                if not outcomes:
+                    continue
+                runs = len({f.run for f in group if f.set == name})
+                for k in kaplan_meier([t for t, _ in outcomes], [e for _, e in outcomes], level):
+                    rows.append({"study": study, "cell": cell, "arm": arm, "protocol": protocol, "set": name,
+                                 "step": k.step, "at_risk": k.at_risk, "lost": k.events, "censored": k.censored,
+                                 "survival": k.survival, "se": k.se, "ci_low": k.low, "ci_high": k.high,
+                                 "n_facts": len(outcomes), "n_runs": runs})
+    return rows
+
+
+def logrank_rows(facts: Sequence[Fact], level: float = LEVEL) -> list[dict]:
+    """Per condition and protocol: each set's facts at risk, losses and Kaplan–Meier survival at its last step
+    (log-log interval), and the log-rank test of edited against intrinsic."""
+    rows = []
+    for (study, cell, arm), group in _by_condition(facts).items():
+        for protocol in protocols_of(group):
+            row: dict[str, Any] = {"study": study, "cell": cell, "arm": arm, "protocol": protocol}
+            sides = {}
+            for name in SETS:
+                outcomes = [o for f in group if f.set == name and (o := f.outcome(protocol)) is not None]
+                sides[name] = ([t for t, _ in outcomes], [e for _, e in outcomes])
+                km = kaplan_meier(*sides[name], level)[-1] if outcomes else None
+                row.update({f"{name}_facts": len(outcomes), f"{name}_lost": sum(sides[name][1]),
+                            f"{name}_survival": km.survival if km else math.nan,
+                            f"{name}_low": km.low if km else math.nan, f"{name}_high": km.high if km else math.nan})
+            if not any(row[f"{name}_facts"] for name in SETS):
+                continue
+            chi2, p = logrank(*sides["edited"], *sides["intrinsic"])
+            rows.append({**row, "logrank_chi2": chi2, "logrank_p": p})
+    return rows
+
+
+def predictor_rows(facts: Sequence[Fact], level: float = LEVEL) -> tuple[list[dict], list[dict]]:
+    """Logistic regressions of survival per study, arm and protocol, pooled over grid cells and seeds (the
+    grid's doses, such as K or n_edit, are features; arms of one seed share their facts, so they are not
+    pooled): edited facts, intrinsic facts, and both with an ``edited`` indicator. Returns (coefficient rows,
+    model rows)."""
+    coef_rows, model_rows = [], []
+    models = (("edited", "edited", EDITED_PREDICTORS), ("intrinsic", "intrinsic", INTRINSIC_PREDICTORS),
+              ("edited vs intrinsic", None, BOTH_PREDICTORS))
+    by_arm: dict[tuple[str, str], list[Fact]] = defaultdict(list)
+    for f in facts:
+        by_arm[(f.study, f.arm)].append(f)
+    for (study, arm), group in by_arm.items():
+        for protocol, (label, only, names) in ((p, m) for p in protocols_of(group) for m in models):
+            chosen = [(f, o) for f in group if (only is None or f.set == only) and (o := f.outcome(protocol))]
+            if not chosen:
+                continue
+            x = np.array([[float(f.features.get(n, math.nan)) for n in names] for f, _ in chosen])
+            y = np.array([0.0 if lost else 1.0 for _, (_, lost) in chosen])
+            fit = logistic_regression(x, y, names, level=level)
+            slopes = max(1, len(fit.coefficients) - 1)
+            model_rows.append({"study": study, "arm": arm, "protocol": protocol, "model": label, "n": fit.n,
+                               "survived": fit.events,
+                               "events_per_feature": min(fit.events, fit.n - fit.events) / slopes,
+                               "converged": fit.converged, "separated": fit.separated,
+                               "log_likelihood": fit.log_likelihood,
+                               "dropped": "; ".join(f"{k} ({v})" for k, v in fit.dropped.items())})
+            for c in fit.coefficients:
+                b, lo, hi = c.per_sd
+                coef_rows.append({"study": study, "arm": arm, "protocol": protocol, "model": label,
+                                  "feature": c.name, "estimate": c.estimate,
+                                  "se": c.se, "ci_low": c.low, "ci_high": c.high, "sd": c.sd,
+                                  "per_sd": b, "per_sd_low": lo, "per_sd_high": hi,
+                                  "odds_ratio_per_sd": math.exp(b) if not math.isnan(b) else math.nan,
+                                  "excludes_zero": c.excludes_zero, "n": fit.n, "separated": fit.separated})
+    return coef_rows, model_rows
+
+
+def relation_rows(facts: Sequence[Fact]) -> list[dict]:
+    """Survival (never lost) per study, arm, protocol, set and relation, with Wilson intervals."""
+    counts: dict[tuple[str, str, str, str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for f in facts:
+        for protocol in f.passed:
+            o = f.outcome(protocol)
+            if o is None:
+                continue
+            c = counts[(f.study, f.arm, protocol, f.set, str(f.features.get("relation") or "?"))]
+            c[0] += not o[1]
+            c[1] += 1
+    rows = []
+    for (study, arm, protocol, name, relation), (k, n) in sorted(counts.items()):
+        w = wilson(k, n)
+        rows.append({"study": study, "arm": arm, "protocol": protocol, "set": name, "relation": relation,
+                     "survived": k, "facts": n, "rate": w.estimate, "wilson_low": w.low, "wilson_high": w.high})
+    return rows
+
+
+def quantile_edges(values: Sequence[float], bins: int) -> list[float]:
+    """Edges of up to ``bins`` quantile bins (repeated quantiles merged)."""
+    xs = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+    if not len(xs):
+        return []
+    edges = list(dict.fromkeys(float(q) for q in np.quantile(xs, np.linspace(0, 1, bins + 1))))
+    return edges if len(edges) > 1 else [edges[0], edges[0]]
+
+
+def matched_rows(facts: Sequence[Fact], bins: int = 4, level: float = LEVEL) -> list[dict]:
+    """Edited vs intrinsic retention within quantile bins of the t=0 target log-prob and of the t=0 margin
+    (bins over both sets' facts passing at t=0, per condition and protocol), plus all facts unbinned."""
+    rows = []
+    for (study, cell, arm), group in _by_condition(facts).items():
+        for protocol in protocols_of(group):
+            at_risk = [(f, kept) for f in group if (kept := f.kept_final(protocol)) is not None]
+            if not at_risk:
+                continue
+            for by in MATCH_BY:
+                values = [float(f.features.get(by, math.nan)) for f, _ in at_risk]
+                edges = quantile_edges(values, bins)
+                members: dict[str, list[tuple[Fact, bool]]] = defaultdict(list)
+                for (f, kept), v in zip(at_risk, values):
+                    if edges and not math.isnan(v):  # bin i: edges[i] <= v < edges[i + 1]; the last one closed
+                        i = min(int(np.searchsorted(edges, v, side="right")) - 1, len(edges) - 2)
+                        members[str(i + 1)].append((f, kept))
+                spans = {str(i + 1): (edges[i], edges[i + 1]) for i in range(len(edges) - 1)}
+                spans["all"] = (-math.inf, math.inf)
+                members["all"] = at_risk
+                for label, (lo, hi) in spans.items():
+                    inside = members.get(label, [])
+                    k = {name: sum(kept for f, kept in inside if f.set == name) for name in SETS}
+                    n = {name: sum(1 for f, _ in inside if f.set == name) for name in SETS}
+                    e, r = wilson(k["edited"], n["edited"], level), wilson(k["intrinsic"], n["intrinsic"], level)
+                    d = newcombe(k["edited"], n["edited"], k["intrinsic"], n["intrinsic"], level)
+                    rows.append({"study": study, "cell": cell, "arm": arm, "protocol": protocol, "by": by,
+                                 "bin": label, "low": lo, "high": hi,
+                                 "edited_kept": k["edited"], "edited_n": n["edited"],
+                                 "edited_rate": e.estimate, "edited_low": e.low, "edited_high": e.high,
+                                 "intrinsic_kept": k["intrinsic"], "intrinsic_n": n["intrinsic"],
+                                 "intrinsic_rate": r.estimate, "intrinsic_low": r.low, "intrinsic_high": r.high,
+                                 "difference": d.estimate, "diff_low": d.low, "diff_high": d.high,
+                                 "excludes_zero": d.excludes_zero})
+    return rows
+
+
+def token_category(token: str, alternative: str | None = None) -> str:
+    """``function word``, ``punctuation/space``, ``alternative`` (the probe's alternative starts with it) or
+    ``other``."""
+    word = token.strip().lower()
+    if word in FUNCTION_WORDS:
+        return "function word"
+    if not word or not any(ch.isalnum() for ch in word):
+        return "punctuation/space"
+    if alternative and alternative.strip().lower().startswith(word):
+        return "alternative"
+    return "other"
+
+
+def sensitivity_rows(runs: Sequence[tuple[RunResult, dict[int, list[dict]]]]) -> list[dict]:
+    """Probes (every group) passing ``top1`` and ``prob`` at t=0 that lost ``top1`` but kept ``prob`` at the
+    last step: the new top-1 token, its category, and the target's rank at t=0 and at the end."""
+    rows = []
+    for result, probes in runs:
+        steps = sorted(probes)
+        if len(steps) < 2 or steps[0] != 0:
+            continue
+        first = {(r["group"], r["case_id"], r["kind"], r["prompt"], r["target"]): r for r in probes[0]}
+        for r in probes[steps[-1]]:
+            r0 = first.get((r["group"], r["case_id"], r["kind"], r["prompt"], r["target"]))
+            if r0 is None or not (r0["passed"].get("top1") and r0["passed"].get("prob")):
+                continue
+            if r["passed"].get("top1") is not False or r["passed"].get("prob") is not True:
+                continue
+            c = result.condition
+            rows.append({"study": c.study, "cell": c.cell, "arm": c.arm, "seed": result.seed,
+                         "run": result.folder.name, "group": r["group"], "case_id": r["case_id"],
+                         "prompt": r["prompt"], "target": r["target"], "alternative": r.get("alternative"),
+                         "top1_t0": r0.get("top1_token", ""), "top1_final": r.get("top1_token", ""),
+                         "category": token_category(r.get("top1_token", ""), r.get("alternative")),
+                         "rank_t0": r0.get("target_rank"), "rank_final": r.get("target_rank"),
+                         "margin_t0": r0["target_logprob"] - r0["alt_logprob"],
+                         "margin_final": r["target_logprob"] - r["alt_logprob"], "step": steps[-1]})
+    return rows
+
+
+def sensitivity_summary(rows: Sequence[dict], at_risk: dict[tuple, int]) -> list[dict]:
+    """Per condition and group: how many probes passing both at t=0 lost top1 but kept prob, the share whose new
+    top-1 is a function word (Wilson), and the median target rank before and after."""
+    by: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        by[(r["study"], r["cell"], r["arm"], r["group"])].append(r)
+    out = []
+    for key in sorted(set(by) | set(at_risk)):
+        rs = by.get(key, [])
+        cats = Counter(r["category"] for r in rs)
+        fw = wilson(cats["function word"], len(rs))
+        ranks0 = [r["rank_t0"] for r in rs if r["rank_t0"] is not None]
+        ranks1 = [r["rank_final"] for r in rs if r["rank_final"] is not None]
+        out.append({"study": key[0], "cell": key[1], "arm": key[2], "group": key[3],
+                    "passing_both_t0": at_risk.get(key, 0), "lost_top1_kept_prob": len(rs),
+                    **{c.replace(" ", "_").replace("/", "_"): cats[c] for c in
+                       ("function word", "punctuation/space", "alternative", "other")},
+                    "function_word_share": fw.estimate, "fw_low": fw.low, "fw_high": fw.high,
+                    "median_rank_t0": median(ranks0) if ranks0 else math.nan,
+                    "median_rank_final": median(ranks1) if ranks1 else math.nan})
+    return out
+
+
+# -- files ------------------------------------------------------------------------------------------------------
+
+
+def _f(x: float, digits: int = 2, sign: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def _ci(est: float, low: float, high: float, digits: int = 2, sign: bool = False) -> str:
+    if math.isnan(est):
+        return "n/a"
+    if math.isnan(low):
+        return _f(est, digits, sign)
+    return f"{_f(est, digits, sign)} [{_f(low, digits, sign)}, {_f(high, digits, sign)}]"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
+            *("| " + " | ".join(map(str, r)) + " |" for r in rows)]
+
+
+def _label(study: str, cell: str, arm: str) -> str:
+    return f"{study}: {arm}" if cell == "all" else f"{study}: {cell}, {arm}"
+
+
+def survival_markdown(logrank_table: Sequence[dict], notes: Sequence[str], images: Sequence[str]) -> str:
+    lines = ["# Survival of edited and intrinsic facts", "",
+             "Kaplan–Meier survival at each condition's last measured step: of the facts passing at t=0, the "
+             "estimated share never lost [95 % log-log interval, Greenwood variance]; facts of all runs and seeds "
+             "of a condition pooled. Log-rank test of edited against intrinsic. survival.csv has every step.", ""]
+    lines += _table(["condition", "protocol", "edited: facts (lost)", "edited S", "intrinsic: facts (lost)",
+                     "intrinsic S", "log-rank p"],
+                    [[_label(r["study"], r["cell"], r["arm"]), r["protocol"],
+                      f"{r['edited_facts']} ({r['edited_lost']})",
+                      _ci(r["edited_survival"], r["edited_low"], r["edited_high"]),
+                      f"{r['intrinsic_facts']} ({r['intrinsic_lost']})",
+                      _ci(r["intrinsic_survival"], r["intrinsic_low"], r["intrinsic_high"]),
+                      _f(r["logrank_p"], 3)] for r in logrank_table])
+    if images:
+        lines += ["", *images]
+    if notes:
+        lines += ["", "Notes: " + "; ".join(notes) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def predictors_markdown(coef: Sequence[dict], models: Sequence[dict], relations: Sequence[dict]) -> str:
+    lines = ["# What predicts survival", "",
+             "Logistic regression of *survived* (passing at t=0 and at every later measured step) on per-fact "
+             "features, per study and arm, pooled over grid cells and seeds; Newton–Raphson on standardised features, 95 % Wald "
+             "intervals. Slopes are log-odds per standard deviation of the feature (its SD in the data in the "
+             "`sd` column of predictors.csv, which also has the slope per unit). Features constant in the data "
+             "or collinear with earlier ones are left out; separation (a feature splitting survivors from lost "
+             "facts perfectly) leaves no estimate. Fewer than about 10 of the rarer outcome per feature "
+             "(Peduzzi et al. 1996) makes the slopes unreliable. **Bold**: the interval excludes zero."]
+    for m in models:
+        lines += ["", f"## {m['study']}: {m['arm']}, {m['model']}, `{m['protocol']}`", "",
+                  f"{m['n']} facts, {m['survived']} survived; "
+                  + ("**separation or no variation in the outcome: no estimates**" if m["separated"] else
+                     f"log-likelihood {m['log_likelihood']:.2f}")
+                  + (f"; fewer than 10 of the rarer outcome per feature ({m['events_per_feature']:.1f}): "
+                     "expect biased, unstable slopes" if m["events_per_feature"] < 10 else "")
+                  + (f"; left out: {m['dropped']}" if m["dropped"] else ""), ""]
+        if m["separated"]:
+            continue
+        rows = []
+        for c in coef:
+            if [c[k] for k in ("study", "arm", "protocol", "model")] != \
+                    [m[k] for k in ("study", "arm", "protocol", "model")]:
+                continue
+            text = _ci(c["per_sd"], c["per_sd_low"], c["per_sd_high"], sign=True)
+            rows.append([c["feature"], f"**{text}**" if c["excludes_zero"] else text,
+                         _f(c["odds_ratio_per_sd"]) if not c["feature"].startswith("(") else ""])
+        lines += _table(["feature", "log-odds per SD [95 % CI]", "odds ratio per SD"], rows)
+    if relations:
+        lines += ["", "## Survival by relation", "", "Share never lost [95 % Wilson] (survived/facts).", ""]
+        lines += _table(["study: arm", "protocol", "set", "relation", "survived"],
+                        [[f"{r['study']}: {r['arm']}", r["protocol"], r["set"], r["relation"],
+                          f"{_ci(r['rate'], r['wilson_low'], r['wilson_high'])} ({r['survived']}/{r['facts']})"]
+                         for r in relations])
+    return "\n".join(lines) + "\n"
+
+
+def matched_markdown(rows: Sequence[dict]) -> str:
+    lines = ["# Edited vs intrinsic, matched on t=0 confidence", "",
+             "Retention (passing at the last step, of those passing at t=0) of edited and intrinsic facts within "
+             "quantile bins of the t=0 target log-prob (`target_logprob_t0`) and of the t=0 margin (`margin_t0`: "
+             "target minus alternative log-prob), bins over both sets' facts of the condition; 95 % Wilson "
+             "intervals per set, Newcombe's for the difference (**bold**: excludes zero). Bin `all` is unmatched."]
+    for (study, cell, arm, protocol, by), rs in _group(rows, ("study", "cell", "arm", "protocol", "by")).items():
+        lines += ["", f"## {_label(study, cell, arm)}, `{protocol}`, by `{by}`", ""]
+        body = []
+        for r in rs:
+            d = _ci(r["difference"], r["diff_low"], r["diff_high"], sign=True)
+            span = "all" if r["bin"] == "all" else f"{r['low']:.2f} to {r['high']:.2f}"
+            body.append([r["bin"], span,
+                         f"{_ci(r['edited_rate'], r['edited_low'], r['edited_high'])} "
+                         f"({r['edited_kept']}/{r['edited_n']})",
+                         f"{_ci(r['intrinsic_rate'], r['intrinsic_low'], r['intrinsic_high'])} "
+                         f"({r['intrinsic_kept']}/{r['intrinsic_n']})",
+                         f"**{d}**" if r["excludes_zero"] else d])
+        lines += _table(["bin", by, "edited", "intrinsic", "E − I"], body)
+    return "\n".join(lines) + "\n"
+
+
+def sensitivity_markdown(summary: Sequence[dict], has_ranks: bool) -> str:
+    lines = ["# Lost under `top1`, kept under `prob`", "",
+             "Probes passing both `top1` and `prob` at t=0 whose top-1 token at the last step is no longer the "
+             "target's first token while the target still beats the alternative. The new top-1 token's category "
+             "(function word: a closed-class English word; alternative: the probe's alternative starts with it); "
+             "share of function words [95 % Wilson]; the target's median rank (0: top-1; recorded up to 100, which "
+             "means 100 or further) at t=0 and at the end."
+             + ("" if has_ranks else " These runs did not record `target_rank` (runs before it was added)."),
+             "", "protocol_sensitivity.csv lists every such probe with its tokens.", ""]
+    lines += _table(["condition", "group", "lost top1, kept prob / passing both", "function word", "punct./space",
+                     "alternative", "other", "function-word share", "median rank t0 → end"],
+                    [[_label(r["study"], r["cell"], r["arm"]), r["group"],
+                      f"{r['lost_top1_kept_prob']}/{r['passing_both_t0']}", r["function_word"],
+                      r["punctuation_space"], r["alternative"], r["other"],
+                      _ci(r["function_word_share"], r["fw_low"], r["fw_high"]),
+                      f"{_f(r['median_rank_t0'], 0)} → {_f(r['median_rank_final'], 0)}"] for r in summary])
+    if not summary:
+        lines.append("\n(no probe passed both `top1` and `prob` at t=0)")
+    return "\n".join(lines) + "\n"
+
+
+def _group(rows: Sequence[dict], keys: Sequence[str]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        out[tuple(r[k] for k in keys)].append(r)
+    return dict(out)
+
+
+def plot_survival(rows: Sequence[dict], path: Path, title: str) -> Path:
+    """Rows: arms; columns: protocols; Kaplan–Meier step curves of edited (red) and intrinsic (blue) facts with
+    their log-log interval bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    protocols = list(dict.fromkeys(r["protocol"] for r in rows))
+    fig, axes = plt.subplots(len(arms), len(protocols), figsize=(3.6 * len(protocols), 2.6 * len(arms)),
+                             squeeze=False, sharex=True, sharey=True)
+    curves = _group(rows, ("arm", "protocol", "set"))
+    for row, arm in zip(axes, arms):
+        for ax, protocol in zip(row, protocols):
+            for name, color in (("edited", "C3"), ("intrinsic", "C0")):
+                pts = curves.get((arm, protocol, name), [])
+                if not pts:
+                    continue
+                xs = [p["step"] for p in pts]
+                n = pts[0]["n_facts"]
+                ax.step(xs, [p["survival"] for p in pts], where="post", color=color, label=f"{name} (n={n})")
+                ax.fill_between(xs, [p["ci_low"] for p in pts], [p["ci_high"] for p in pts], step="post",
+                                color=color, alpha=0.18, linewidth=0)
+            ax.set_ylim(-0.03, 1.03)
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{arm} · {protocol}", fontsize=9)
+            ax.legend(fontsize=6, loc="lower left")
+        row[0].set_ylabel("share never lost")
+    for ax in axes[-1]:
+        ax.set_xlabel("fine-tuning step")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def write_analysis(folders: Sequence[str | Path], out: str | Path, corpus: str | None = "wikitext2",
+                   plots: bool = True, bins: int = 4, level: float = LEVEL) -> dict[str, Path]:
+    """Write the analysis files of ``folders`` (study or run folders) into ``out``; returns their paths by kind.
+
+    ``corpus``: the reference corpus of the frequency features (``builtin``, ``wikitext2``, ``hf:<id>`` or a
+    text file; None for none); when it cannot be read the frequencies are left out and the notes say so."""
+    out = Path(out)
+    results, _, missing = load_results(folders)
+    probes = [(r, read_probes(r.folder)) for r in results]
+    facts, notes = facts_of(probes, corpus)
+    if missing:
+        notes.append(f"{len(missing)} unfinished runs left out")
+    paths: dict[str, Path] = {}
+    surv = survival_rows(facts, level)
+    images = []
+    if plots and surv:
+        cells = _group(surv, ("study", "cell"))
+        one_study = len({s for s, _ in cells}) == 1
+        for (study, cell), rows in cells.items():
+            slug = re.sub(r"[^\w.=-]+", "_", cell if one_study else f"{study}_{cell}")
+            paths[f"survival {study} {cell}"] = plot_survival(rows, out / f"survival_{slug}.png", f"{study}: {cell}")
+            images.append(f"![survival, {study}: {cell}](survival_{slug}.png)")
+    coef, models = predictor_rows(facts, level)
+    relations = relation_rows(facts)
+    matched = matched_rows(facts, bins, level)
+    sens = sensitivity_rows(probes)
+    at_risk: Counter = Counter()
+    for r, by_step in probes:
+        if by_step and 0 in by_step and len(by_step) > 1:
+            c = r.condition
+            for row in by_step[0]:
+                if row["passed"].get("top1") and row["passed"].get("prob"):
+                    at_risk[(c.study, c.cell, c.arm, row["group"])] += 1
+    sens_summary = sensitivity_summary(sens, dict(at_risk))
+    has_ranks = any(row.get("target_rank") is not None for _, by_step in probes for rows in by_step.values()
+                    for row in rows[:1])
+    fact_rows = [{"study": f.study, "cell": f.cell, "arm": f.arm, "seed": f.seed, "run": f.run,
+                  "case_id": f.case_id, "set": f.set, "protocol": p,
+                  "passed_t0": f.passed[p][0], "lost_step": o[0] if (o := f.outcome(p)) and o[1] else None,
+                  "survived": (not o[1]) if o else None, "kept_final": f.kept_final(p), "last_step": f.steps[-1],
+                  **f.features} for f in facts for p in f.passed]
+    logrank_table = logrank_rows(facts, level)
+    files = {
+        "survival": ("survival.csv", _csv(surv)),
+        "survival_md": ("survival.md", survival_markdown(logrank_table, notes, images)),
+        "logrank": ("logrank.csv", _csv(logrank_table)),
+        "facts": ("facts.csv", _csv(fact_rows)),
+        "predictors": ("predictors.csv", _csv(coef)),
+        "models": ("models.csv", _csv(models)),
+        "relations": ("relations.csv", _csv(relations)),
+        "predictors_md": ("predictors.md", predictors_markdown(coef, models, relations)),
+        "matched": ("matched.csv", _csv(matched)),
+        "matched_md": ("matched.md", matched_markdown(matched)),
+        "sensitivity": ("protocol_sensitivity.csv", _csv(sens)),
+        "sensitivity_summary": ("protocol_sensitivity_summary.csv", _csv(sens_summary)),
+        "sensitivity_md": ("protocol_sensitivity.md", sensitivity_markdown(sens_summary, has_ranks)),
+    }
+    paths.update({kind: atomic_write_text(out / name, text) for kind, (name, text) in files.items()})
+    return paths
