@@ -39,7 +39,7 @@ from retention.records import GROUP_LABELS, probe_group
 from retention.scoring import score_probes, top1_blind
 
 PROTOCOLS = ("top1", "prob")
-_GROUPS = ("edit", "edit_paraphrase", "edit_neighborhood")
+_GROUPS = ("edit", "edit_paraphrase", "edit_neighborhood", "edit_portability")
 
 
 @dataclass
@@ -127,7 +127,7 @@ def format_edit_table(before: dict, after: dict) -> str:
     """Edit success per probe group and protocol, unedited -> edited."""
     lines = [f"{'probes':<18}{'n':>6}" + "".join(f"{p + ' unedited':>16}{p + ' edited':>14}" for p in PROTOCOLS)]
     lines.append("-" * len(lines[0]))
-    for g in _GROUPS:
+    for g in (g for g in _GROUPS if any(after[g][p]["denominator"] for p in PROTOCOLS)):
         cells = "".join(f"{before[g][p]['value']:>16.1%}{after[g][p]['value']:>14.1%}" for p in PROTOCOLS)
         lines.append(f"{GROUP_LABELS[g]:<18}{after[g][PROTOCOLS[0]]['denominator']:>6}{cells}")
     return "\n".join(lines)
