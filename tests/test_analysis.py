@@ -297,3 +297,13 @@ def test_probes_that_lost_top1_but_kept_prob_are_classified():
     (summary,) = sensitivity_summary(rows, {("s", "all", "arm", "control"): 4})
     assert (summary["lost_top1_kept_prob"], summary["function_word"], summary["alternative"]) == (2, 1, 1)
     assert (summary["passing_both_t0"], summary["median_rank_final"], summary["function_word_share"]) == (4, 1.5, 0.5)
+
+
+def test_a_feature_most_runs_did_not_record_is_left_out_not_the_rows():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 2))
+    y = (x[:, 0] + rng.normal(size=60) > 0).astype(float)
+    x[:45, 1] = np.nan  # recorded for a quarter of the facts only
+    fit = logistic_regression(x, y, ["a", "b"])
+    assert fit.n == 60 and [c.name for c in fit.coefficients][1:] == ["a"]
+    assert fit.dropped == {"b": "not recorded for 75% of the facts"}

@@ -264,13 +264,18 @@ def logistic_regression(x: np.ndarray, y: np.ndarray, names: Sequence[str], stan
     Newton–Raphson (iteratively reweighted least squares, step-halving when the likelihood would fall), with
     Wald intervals from the inverse Fisher information. With ``standardize`` the fit runs on z-scored columns
     (better conditioned) and slopes are reported per unit and, through ``sd``, per standard deviation; the
-    intercept is then the log-odds at the features' means. Rows with a NaN are left out."""
+    intercept is then the log-odds at the features' means. A feature missing (NaN) for more than half the rows
+    is left out (runs that did not record it); then rows with a NaN are left out."""
     x = np.asarray(x, dtype=float).reshape(len(y), -1)
     y = np.asarray(y, dtype=float)
+    missing = np.isnan(x).mean(axis=0) if len(y) else np.zeros(x.shape[1])
+    dropped: dict[str, str] = {name: f"not recorded for {missing[j]:.0%} of the facts"
+                               for j, name in enumerate(names) if missing[j] > 0.5}
+    use = [j for j, name in enumerate(names) if name not in dropped]
+    x, names = x[:, use], [names[j] for j in use]
     keep = ~np.isnan(x).any(axis=1) & ~np.isnan(y)
     x, y = x[keep], y[keep]
     n = len(y)
-    dropped: dict[str, str] = {}
     cols: list[int] = []
     sds = x.std(axis=0, ddof=1) if n > 1 else np.zeros(x.shape[1])
     means = x.mean(axis=0) if n else np.zeros(x.shape[1])
@@ -620,7 +625,7 @@ def predictor_rows(facts: Sequence[Fact], level: float = LEVEL) -> tuple[list[di
                                   "feature": c.name, "estimate": c.estimate,
                                   "se": c.se, "ci_low": c.low, "ci_high": c.high, "sd": c.sd,
                                   "per_sd": b, "per_sd_low": lo, "per_sd_high": hi,
-                                  "odds_ratio_per_sd": math.exp(b) if not math.isnan(b) else math.nan,
+                                  "odds_ratio_per_sd": math.exp(min(b, 700.0)) if not math.isnan(b) else math.nan,
                                   "excludes_zero": c.excludes_zero, "n": fit.n, "separated": fit.separated})
     return coef_rows, model_rows
 
