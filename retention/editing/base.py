@@ -290,19 +290,29 @@ class EditorHParams:
         return cls(**{k: _coerce(k, hints[k], v, source) for k, v in data.items()})
 
     @classmethod
-    def from_yaml(cls: type[H], path: str | Path) -> H:
+    def read_yaml(cls, path: str | Path, what: str = "hyperparameter file") -> dict[str, Any]:
+        """The mapping a YAML file holds (``what`` names the file in errors)."""
         import yaml
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"hyperparameter file {path} does not exist")
+            raise FileNotFoundError(f"{what} {path} does not exist")
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of hyperparameters, got {type(data).__name__}")
+        return data
+
+    @classmethod
+    def anchor_paths(cls, data: dict[str, Any], path: str | Path) -> dict[str, Any]:
+        """``data`` with its :attr:`path_fields` taken relative to the folder of the file ``path`` they came from."""
         for name in cls.path_fields:
             if isinstance(data.get(name), str):
-                data[name] = anchor(data[name], path.resolve().parent)
-        return cls.from_dict(data, source=str(path))
+                data[name] = anchor(data[name], Path(path).resolve().parent)
+        return data
+
+    @classmethod
+    def from_yaml(cls: type[H], path: str | Path) -> H:
+        return cls.from_dict(cls.anchor_paths(cls.read_yaml(path), path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

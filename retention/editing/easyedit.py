@@ -143,20 +143,10 @@ def load_easyedit(cls: type, editor: str, path: str | Path):
     are logged as one list."""
     from dataclasses import fields
 
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"EasyEdit hyperparameter file {path} does not exist")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of hyperparameters, got {type(data).__name__}")
+    data = cls.read_yaml(path, "EasyEdit hyperparameter file")
     ours, ignored = map_easyedit(data, editor, {f.name for f in fields(cls)}, source=str(path))
-    for name in getattr(cls, "path_fields", ()):  # relative to the file, as in our own hparams files
-        if isinstance(ours.get(name), str):
-            from retention.corpus import anchor
-
-            ours[name] = anchor(ours[name], path.resolve().parent)
+    cls.anchor_paths(ours, path)  # relative to the file, as in our own hparams files
     if ignored:
         log.warning("%s: EasyEdit fields not used: %s", path,
                     "; ".join(f"{name} ({why})" for name, why in ignored.items()))
