@@ -237,7 +237,8 @@ def test_report_analysis_writes_the_files(tiny_study, tmp_path, capsys):
     a = out / "analysis"
     for name in ("survival.csv", "survival.md", "survival_all.png", "logrank.csv", "facts.csv", "predictors.csv",
                  "predictors.md", "models.csv", "relations.csv", "matched.csv", "matched.md",
-                 "protocol_sensitivity.csv", "protocol_sensitivity.md", "protocol_sensitivity_summary.csv"):
+                 "protocol_sensitivity.csv", "protocol_sensitivity.md", "protocol_sensitivity_summary.csv",
+                 "single_features.csv", "dose.csv", "dose.md", "curves.csv", "curves_tiny.png", "decomposition.csv"):
         assert (a / name).is_file(), name
     survival = list(csv.DictReader((a / "survival.csv").open()))
     prob = [r for r in survival if r["protocol"] == "prob" and r["set"] == "edited"]
@@ -256,6 +257,11 @@ def test_report_analysis_writes_the_files(tiny_study, tmp_path, capsys):
            int(alls[0]["edited_n"]) + int(alls[0]["intrinsic_n"])
     assert "# Lost under `top1`, kept under `prob`" in (a / "protocol_sensitivity.md").read_text()
     assert "# What predicts survival" in (a / "predictors.md").read_text()
+    assert "# Format shift or real loss" in (a / "protocol_sensitivity.md").read_text()
+    curves = [r for r in csv.DictReader((a / "curves.csv").open()) if r["protocol"] == "prob" and r["set"] == "edited"]
+    # An instruct task's examples vary in length: steps, no token count.
+    assert [int(r["step"]) for r in curves] == [0, 2, 3] and all(r["tokens"] == "nan" for r in curves)
+    assert int(curves[0]["at_risk"]) == int(prob[0]["at_risk"])
 
 
 def test_write_analysis_without_a_corpus_leaves_frequencies_out(tiny_study, tmp_path):
@@ -307,3 +313,117 @@ def test_a_feature_most_runs_did_not_record_is_left_out_not_the_rows():
     fit = logistic_regression(x, y, ["a", "b"])
     assert fit.n == 60 and [c.name for c in fit.coefficients][1:] == ["a"]
     assert fit.dropped == {"b": "not recorded for 75% of the facts"}
+
+
+# -- dose-response, curves, one feature at a time, loss classes ------------------------------------------------------
+
+
+def _fact(cell: str, run: str, name: str, passes: dict, t0: dict | None = None, final: dict | None = None,
+          **features):
+    from retention.study.analysis import Fact
+
+    steps = (0, 10, 20)
+    return Fact(study="s", cell=cell, arm="baseline", seed=0, run=run, case_id=f"{run}-{name}-{len(features)}",
+                set=name, steps=steps, passed=passes, t0=t0 or {}, final=final or {}, features=features)
+
+
+def test_auc_by_hand():
+    from retention.study.analysis import auc
+
+    assert auc([1, 2, 3, 4], [False, False, True, True])[0] == 1.0
+    assert auc([1, 2, 3, 4], [True, True, False, False])[0] == 0.0
+    # positives {2, 3} vs negatives {1, 3}: pairs (2>1) 1, (2<3) 0, (3>1) 1, (3=3) 0.5 -> 2.5 / 4
+    a, low, high = auc([2, 3, 1, 3], [True, True, False, False])
+    assert a == 0.625 and 0 <= low < a < high <= 1
+    assert math.isnan(auc([1, 2], [True, True])[0])
+
+
+def test_dose_rows_pool_facts_per_dose_value_and_fit_a_trend():
+    from retention.study.analysis import dose_rows
+
+    facts = []
+    # K = 0: 1 of 4 edited facts kept; K = 2: 2 of 4; K = 8: 4 of 4 (a fact failing top1 at t=0 is not at risk).
+    for k, kept in ((0, 1), (2, 2), (8, 4)):
+        for i in range(4):
+            ok = i < kept
+            facts.append(_fact(f"paraphrases.k={k}__paraphrases.source=record", f"r{k}", "edited",
+                               {"top1": (True, True, ok)}, i=i))
+        facts.append(_fact(f"paraphrases.k={k}__paraphrases.source=record", f"r{k}", "edited",
+                           {"top1": (False, True, True)}, i=9))
+        facts.append(_fact(f"paraphrases.k={k}__paraphrases.source=record", f"r{k}", "intrinsic",
+                           {"top1": (True, False, False)}))
+    rows = dose_rows(facts)
+    points = {(r["set"], r["value"]): r for r in rows if r["value"] != "trend"}
+    assert {r["dose"] for r in rows} == {"paraphrases.k"}  # the source is not numeric
+    assert {r["series"] for r in rows} == {"paraphrases.source=record"}
+    assert [(points[("edited", x)]["kept"], points[("edited", x)]["n"]) for x in (0.0, 2.0, 8.0)] == \
+           [(1, 4), (2, 4), (4, 4)]
+    assert (points[("intrinsic", 8.0)]["kept"], points[("intrinsic", 8.0)]["n"]) == (0, 1)
+    assert points[("edited", 2.0)]["rate"] == 0.5 and points[("edited", 2.0)]["low"] < 0.5 < points[("edited", 2.0)]["high"]
+    trend = next(r for r in rows if r["value"] == "trend" and r["set"] == "edited")
+    assert trend["n"] == 12 and trend["kept"] == 7 and trend["rate"] > 0
+    # Two values are not a dose: no rows.
+    assert dose_rows([f for f in facts if "k=8" not in f.cell]) == []
+
+
+def test_tokens_per_step_of_packed_text_only():
+    from retention.study.analysis import _tokens_per_step
+
+    text = {"data": {"batch_size": 4, "task": {"family": "text", "block_size": 64}},
+            "trainer": {"devices": 2, "num_nodes": 1, "accumulate_grad_batches": 3}}
+    assert _tokens_per_step(text) == 4 * 64 * 2 * 3
+    assert _tokens_per_step(text, world_size=8) == 4 * 64 * 8 * 3  # the run's recorded world size wins
+    text["trainer"]["devices"] = "auto"  # not resolved in the config and no world size recorded: one rank
+    assert _tokens_per_step(text) == 4 * 64 * 3
+    assert math.isnan(_tokens_per_step({"data": {"task": {"family": "instruct"}}}))
+
+
+def test_curve_rows_count_the_facts_passing_at_each_step():
+    from retention.study.analysis import curve_rows
+
+    facts = [_fact("all", "r", "edited", {"prob": (True, True, False)}, tokens_per_step=256.0),
+             _fact("all", "r", "edited", {"prob": (True, None, True)}, tokens_per_step=256.0),
+             _fact("all", "r", "edited", {"prob": (False, True, True)}, tokens_per_step=256.0)]
+    rows = curve_rows(facts)
+    assert [(r["step"], r["tokens"], r["passing"], r["at_risk"]) for r in rows] == [
+        (0, 0.0, 2, 2), (10, 2560.0, 1, 1), (20, 5120.0, 1, 2)]
+
+
+def test_single_feature_rows_rank_a_perfect_and_a_useless_predictor():
+    from retention.study.analysis import single_feature_rows
+
+    facts = []
+    for i in range(12):
+        survived = i % 3 != 0
+        facts.append(_fact("all", "r", "edited", {"top1": (True, True, survived)},
+                           margin_t0=float(i) + (0.0 if survived else -0.5), k=float(i % 2)))
+    rows = {r["feature"]: r for r in single_feature_rows(facts)}
+    assert set(rows) == {"margin_t0", "k"}
+    assert rows["k"]["n"] == 12 and rows["k"]["survived"] == 8
+    # k alternates independently of survival (2 of 6 lost on each side): AUC 0.5, a flat slope.
+    assert rows["k"]["auc"] == 0.5 and rows["k"]["per_sd_low"] < 0 < rows["k"]["per_sd_high"]
+    assert rows["margin_t0"]["auc"] > 0.5
+
+
+def test_loss_classes_and_decomposition():
+    from retention.study.analysis import decomposition_rows, loss_class
+
+    def rec(top1, tlp, alp, token, rank):
+        return {"passed": {"top1": top1, "prob": tlp > alp}, "target_logprob": tlp, "alt_logprob": alp,
+                "top1_token": token, "target_rank": rank, "alternative": "London"}
+
+    t0 = rec(True, -0.5, -5.0, " Paris", 0)
+    cases = {"kept": rec(True, -0.6, -5.0, " Paris", 0), "format shift": rec(False, -2.0, -5.0, " the", 1),
+             "displaced": rec(False, -2.0, -5.0, " France", 2), "buried": rec(False, -6.0, -9.0, ",", 40),
+             "overturned": rec(False, -6.0, -3.0, " Lond", 1)}
+    for expected, final in cases.items():
+        assert loss_class(t0, final) == expected
+    facts = [_fact("all", "r", "intrinsic", {"top1": (True, True, final["passed"]["top1"]),
+                                             "prob": (True, True, final["passed"]["prob"])}, t0=t0, final=final)
+             for final in cases.values()]
+    (row,) = decomposition_rows(facts)
+    assert row["top1_t0"] == 5 and [row[c] for c in ("kept", "format_shift", "displaced", "buried", "overturned")] \
+        == [1, 1, 1, 1, 1]
+    assert (row["top1_kept"], row["top1_n"], row["prob_kept"], row["prob_n"]) == (1, 5, 4, 5)
+    assert (row["top5_kept"], row["top5_n"], row["top10_kept"], row["top10_n"]) == (4, 5, 4, 5)
+    assert row["median_rank_final"] == 1 and row["median_delta_logprob"] == pytest.approx(-1.5)

@@ -456,6 +456,20 @@ def _effective_k(record, k: int, source: str, seed: int) -> float:
         return float(k)
 
 
+def _tokens_per_step(config: dict, world_size: int | None = None) -> float:
+    """Tokens one optimiser step sees on a packed text task (batch x block x ranks x accumulation; the ranks
+    from the run's recorded world size, else the config's devices x nodes when they are numbers, else one);
+    NaN for the other families, whose examples vary in length."""
+    if _get(config, "data.task.family") != "text":
+        return math.nan
+    if not world_size:
+        devices = _get(config, "trainer.devices", 1)
+        world_size = (devices if isinstance(devices, int) and devices > 0 else 1) * int(
+            _get(config, "trainer.num_nodes", 1) or 1)
+    return float(int(_get(config, "data.batch_size", 1)) * int(_get(config, "data.task.block_size", 1))
+                 * world_size * int(_get(config, "trainer.accumulate_grad_batches", 1) or 1))
+
+
 def add_features(facts: Sequence[Fact], result: RunResult, ctx: _Context) -> None:
     """Per-fact features of one run's facts (see docs/analysis.md for each)."""
     config = _run_config(result.folder)
@@ -497,6 +511,7 @@ def add_features(facts: Sequence[Fact], result: RunResult, ctx: _Context) -> Non
             "steps": float(fact.steps[-1]),
             "log10_lr": math.log10(float(lr)) if lr else math.nan,
             "n_edit": float(run.get("n_edit", math.nan)),
+            "tokens_per_step": _tokens_per_step(config, result.summary.get("environment", {}).get("world_size")),
         }
         if fact.set == "edited":
             f.update({
@@ -758,6 +773,190 @@ def sensitivity_summary(rows: Sequence[dict], at_risk: dict[tuple, int]) -> list
     return out
 
 
+def auc(scores: Sequence[float], outcomes: Sequence[bool], level: float = LEVEL) -> tuple[float, float, float]:
+    """Area under the ROC curve of ``scores`` for ``outcomes`` (the Mann–Whitney probability that a random
+    positive scores above a random negative, ties counting half) with Hanley & McNeil's (1982) interval; NaN
+    when either class is empty."""
+    pos = [s for s, o in zip(scores, outcomes) if o]
+    neg = [s for s, o in zip(scores, outcomes) if not o]
+    if not pos or not neg:
+        return math.nan, math.nan, math.nan
+    a = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg))
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (len(pos) - 1) * (q1 - a * a) + (len(neg) - 1) * (q2 - a * a)) / (len(pos) * len(neg))
+    half = NormalDist().inv_cdf(0.5 + level / 2) * math.sqrt(max(var, 0.0))
+    return a, max(0.0, a - half), min(1.0, a + half)
+
+
+def single_feature_rows(facts: Sequence[Fact], level: float = LEVEL) -> list[dict]:
+    """One feature at a time: per study, arm, protocol and set, the logistic slope of survival on each
+    predictor alone (per SD, Wald interval), its AIC, and the AUC [Hanley–McNeil] of the feature as a score for
+    survival; the comparison 'does the t=0 margin predict survival better than K' reads off these rows."""
+    rows = []
+    by_arm: dict[tuple[str, str], list[Fact]] = defaultdict(list)
+    for f in facts:
+        by_arm[(f.study, f.arm)].append(f)
+    for (study, arm), group in by_arm.items():
+        for protocol in protocols_of(group):
+            for name, names in (("edited", EDITED_PREDICTORS), ("intrinsic", INTRINSIC_PREDICTORS)):
+                chosen = [(f, o) for f in group if f.set == name and (o := f.outcome(protocol))]
+                for feature in names:
+                    pairs = [(float(f.features.get(feature, math.nan)), not o[1]) for f, o in chosen]
+                    pairs = [(v, y) for v, y in pairs if not math.isnan(v)]
+                    if len({v for v, _ in pairs}) < 2:
+                        continue
+                    fit = logistic_regression(np.array([[v] for v, _ in pairs]),
+                                              np.array([float(y) for _, y in pairs]), [feature], level=level)
+                    slope = [c for c in fit.coefficients if c.name == feature]
+                    b, lo, hi = slope[0].per_sd if slope else (math.nan,) * 3
+                    a, a_lo, a_hi = auc([v for v, _ in pairs], [y for _, y in pairs], level)
+                    rows.append({"study": study, "arm": arm, "protocol": protocol, "set": name, "feature": feature,
+                                 "n": fit.n, "survived": fit.events, "per_sd": b, "per_sd_low": lo,
+                                 "per_sd_high": hi, "separated": fit.separated,
+                                 "aic": 4 - 2 * fit.log_likelihood if not fit.separated else math.nan,
+                                 "auc": a, "auc_low": a_lo, "auc_high": a_hi})
+    return rows
+
+
+def _cell_parts(cell: str) -> dict[str, str]:
+    """A grid cell's label (``key=value__key=value``) as a mapping."""
+    return dict(part.split("=", 1) for part in cell.split("__") if "=" in part)
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def dose_rows(facts: Sequence[Fact], min_levels: int = 3, level: float = LEVEL) -> list[dict]:
+    """Retention against each numeric grid axis of a study with at least ``min_levels`` values (K, n_edit,
+    ...): per value, series (the cell's other grid values), arm, protocol and set, the facts passing at t=0
+    and at the last step (Wilson interval), pooled over seeds; ``trend`` rows give the logistic slope of
+    'kept' on the dose within each series (per unit of the dose, Wald interval)."""
+    rows = []
+    by_study: dict[str, list[Fact]] = defaultdict(list)
+    for f in facts:
+        by_study[f.study].append(f)
+    for study, group in by_study.items():
+        parts = {c: _cell_parts(c) for c in {f.cell for f in group}}
+        for key in sorted({k for p in parts.values() for k in p}):
+            values = {p[key] for p in parts.values() if key in p}
+            if len(values) < min_levels or any(_number(v) is None for v in values):
+                continue
+            kept: dict[tuple, list[tuple[float, bool]]] = defaultdict(list)
+            runs: dict[tuple, set] = defaultdict(set)
+            for f in group:
+                cell = parts[f.cell]
+                if key not in cell:
+                    continue
+                series = "__".join(f"{k}={v}" for k, v in cell.items() if k != key) or "all"
+                for protocol in f.passed:
+                    if (k := f.kept_final(protocol)) is not None:
+                        kept[(series, f.arm, protocol, f.set)].append((float(_number(cell[key])), k))
+                        runs[(series, f.arm, protocol, f.set, float(_number(cell[key])))].add(f.run)
+            for (series, arm, protocol, name), points in sorted(kept.items()):
+                base = {"study": study, "dose": key, "series": series, "arm": arm, "protocol": protocol, "set": name}
+                for x in sorted({x for x, _ in points}):
+                    k = sum(y for v, y in points if v == x)
+                    n = sum(1 for v, _ in points if v == x)
+                    w = wilson(k, n, level)
+                    rows.append({**base, "value": x, "kept": k, "n": n, "runs": len(runs[(series, arm, protocol,
+                                 name, x)]), "rate": w.estimate, "low": w.low, "high": w.high})
+                fit = logistic_regression(np.array([[x] for x, _ in points]),
+                                          np.array([float(y) for _, y in points]), [key], level=level)
+                slope = [c for c in fit.coefficients if c.name == key]
+                rows.append({**base, "value": "trend", "kept": fit.events, "n": fit.n, "runs": math.nan,
+                             "rate": slope[0].estimate if slope and not fit.separated else math.nan,
+                             "low": slope[0].low if slope else math.nan, "high": slope[0].high if slope else math.nan})
+    return rows
+
+
+def curve_rows(facts: Sequence[Fact], level: float = LEVEL) -> list[dict]:
+    """Retention at every measured step (of the facts passing at t=0, those passing at that step; Wilson) per
+    condition, protocol and set, with the tokens seen by then (``tokens_per_step`` x step, when known)."""
+    rows = []
+    for (study, cell, arm), group in _by_condition(facts).items():
+        for protocol in protocols_of(group):
+            for name in SETS:
+                mine = [f for f in group if f.set == name and f.passed.get(protocol, (None,))[0] is True]
+                per_step: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+                for f in mine:
+                    for step, ok in zip(f.steps, f.passed[protocol]):
+                        if ok is not None:
+                            per_step[step][0] += ok is True
+                            per_step[step][1] += 1
+                tps = next((f.features.get("tokens_per_step", math.nan) for f in mine), math.nan)
+                for step, (k, n) in sorted(per_step.items()):
+                    w = wilson(k, n, level)
+                    rows.append({"study": study, "cell": cell, "arm": arm, "protocol": protocol, "set": name,
+                                 "step": step, "tokens": step * tps, "passing": k, "at_risk": n,
+                                 "rate": w.estimate, "low": w.low, "high": w.high})
+    return rows
+
+
+RANK_PROTOCOLS = (5, 10)
+"""``rank < k`` protocols computed from the recorded target rank (top-k accuracy of the target's first token)."""
+
+
+def loss_class(t0: dict, final: dict) -> str:
+    """Why a fact passing ``top1`` at t=0 is or is not passing at the end, from its probe records: ``kept``;
+    ``format shift`` (the new top-1 is a function word or punctuation, the target still beats the alternative
+    and is within the top 10); ``displaced`` (the same, but the new top-1 is another content word);
+    ``buried`` (the target still beats the alternative but fell out of the top 10); ``overturned`` (the
+    alternative now beats the target: for an edit, the original object is back)."""
+    if final["passed"].get("top1"):
+        return "kept"
+    if final["target_logprob"] <= final["alt_logprob"]:
+        return "overturned"
+    rank = final.get("target_rank")
+    if rank is not None and rank >= 10:
+        return "buried"
+    category = token_category(final.get("top1_token", ""), final.get("alternative"))
+    return "format shift" if category in ("function word", "punctuation/space") else "displaced"
+
+
+LOSS_CLASSES = ("kept", "format shift", "displaced", "buried", "overturned")
+
+
+def decomposition_rows(facts: Sequence[Fact], level: float = LEVEL) -> list[dict]:
+    """Per condition and set: the facts passing ``top1`` at t=0 split by :func:`loss_class` at the last step,
+    retention under every recorded protocol and under ``rank < k`` (:data:`RANK_PROTOCOLS`), each with its
+    count, denominator and Wilson interval, and the median change in the target's log-prob."""
+    rows = []
+    for (study, cell, arm), group in _by_condition(facts).items():
+        for name in SETS:
+            mine = [f for f in group if f.set == name]
+            if not mine:
+                continue
+            row: dict[str, Any] = {"study": study, "cell": cell, "arm": arm, "set": name, "facts": len(mine),
+                                   "step": max(f.steps[-1] for f in mine)}
+            at_risk = [f for f in mine if f.passed.get("top1", (None,))[0] is True]
+            classes = Counter(loss_class(f.t0, f.final) for f in at_risk)
+            row["top1_t0"] = len(at_risk)
+            row.update({c.replace(" ", "_"): classes[c] for c in LOSS_CLASSES})
+            for protocol in protocols_of(mine):
+                kept = [k for f in mine if (k := f.kept_final(protocol)) is not None]
+                w = wilson(sum(kept), len(kept), level)
+                row.update({f"{protocol}_kept": sum(kept), f"{protocol}_n": len(kept), f"{protocol}_rate": w.estimate,
+                            f"{protocol}_low": w.low, f"{protocol}_high": w.high})
+            ranked = [f for f in mine if f.t0.get("target_rank") is not None and f.final.get("target_rank") is not None]
+            for k in RANK_PROTOCOLS if ranked else ():
+                start = [f for f in ranked if f.t0["target_rank"] < k]
+                kept_k = sum(f.final["target_rank"] < k for f in start)
+                w = wilson(kept_k, len(start), level)
+                row.update({f"top{k}_kept": kept_k, f"top{k}_n": len(start), f"top{k}_rate": w.estimate,
+                            f"top{k}_low": w.low, f"top{k}_high": w.high})
+            deltas = [f.final["target_logprob"] - f.t0["target_logprob"] for f in mine]
+            row["median_delta_logprob"] = median(deltas)
+            ranks = [(f.t0["target_rank"], f.final["target_rank"]) for f in ranked]
+            row["median_rank_t0"] = median(r for r, _ in ranks) if ranks else math.nan
+            row["median_rank_final"] = median(r for _, r in ranks) if ranks else math.nan
+            rows.append(row)
+    return rows
+
+
 # -- files ------------------------------------------------------------------------------------------------------
 
 
@@ -884,6 +1083,86 @@ def sensitivity_markdown(summary: Sequence[dict], has_ranks: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rate(row: dict, prefix: str = "") -> str:
+    k, n = row[f"{prefix}kept"], row[f"{prefix}n"]
+    return f"{_ci(row[f'{prefix}rate'], row[f'{prefix}low'], row[f'{prefix}high'])} ({k}/{n})" if n else "n/a (0/0)"
+
+
+def dose_markdown(rows: Sequence[dict], curves: Sequence[dict], images: Sequence[str]) -> str:
+    lines = ["# Dose–response", "",
+             "Retention (of the facts passing at t=0, those passing at the last measured step) against each numeric "
+             "grid axis with three or more values, per series (the cell's other grid values), pooled over seeds; "
+             "95 % Wilson intervals over facts (facts of one run share its fine-tuning, so these are narrower than "
+             "a seed-level interval). *trend*: the logistic slope of 'kept' on the dose, per unit of the dose, "
+             "within the series [95 % Wald]. dose.csv has every row."]
+    points = [r for r in rows if r["value"] != "trend"]
+    trends = {(r["study"], r["dose"], r["series"], r["arm"], r["protocol"], r["set"]): r
+              for r in rows if r["value"] == "trend"}
+    for (study, dose, protocol), rs in _group(points, ("study", "dose", "protocol")).items():
+        lines += ["", f"## {study}: retention against `{dose}`, `{protocol}`", ""]
+        body = []
+        for (series, arm), cell in _group(rs, ("series", "arm")).items():
+            by_set = {name: {r["value"]: r for r in cell if r["set"] == name} for name in SETS}
+            for x in sorted({r["value"] for r in cell}):
+                body.append([f"{x:g}", series, arm] + [_rate(by_set[name][x]) if x in by_set[name] else "n/a"
+                                                         for name in SETS])
+            t = [trends.get((study, dose, series, arm, protocol, name)) for name in SETS]
+            body.append(["trend", series, arm] + [_ci(r["rate"], r["low"], r["high"], 3, sign=True) if r else "n/a"
+                                                  for r in t])
+        lines += _table([dose, "series", "arm", "edited", "intrinsic"], body)
+    if curves:
+        lines += ["", "## Retention along fine-tuning", "",
+                  "Of the facts passing at t=0, the share passing at each measured step [95 % Wilson], against the "
+                  "tokens seen (when the task is packed text) or the step; curves.csv has every point. Last step:", ""]
+        last = {}
+        for r in curves:
+            key = (r["study"], r["cell"], r["arm"], r["protocol"], r["set"])
+            if key not in last or r["step"] > last[key]["step"]:
+                last[key] = r
+        body = [[_label(st, c, a), p, nm, str(r["step"]), "n/a" if math.isnan(r["tokens"]) else f"{r['tokens']:,.0f}",
+                 f"{_ci(r['rate'], r['low'], r['high'])} ({r['passing']}/{r['at_risk']})"]
+                for (st, c, a, p, nm), r in last.items()]
+        lines += _table(["condition", "protocol", "set", "step", "tokens", "retention"], body)
+    if images:
+        lines += ["", *images]
+    return "\n".join(lines) + "\n"
+
+
+def single_feature_markdown(rows: Sequence[dict]) -> str:
+    lines = ["", "## One feature at a time", "",
+             "Each predictor alone: its log-odds slope per SD [95 % Wald], AIC (lower fits better; the same facts "
+             "only when n is the same) and AUC of the feature as a score for survival [95 % Hanley–McNeil; 0.5: no "
+             "information, below 0.5: higher values survive less]. single_features.csv has every row.", ""]
+    body = [[f"{r['study']}: {r['arm']}", r["protocol"], r["set"], r["feature"], f"{r['survived']}/{r['n']}",
+             "separated" if r["separated"] else _ci(r["per_sd"], r["per_sd_low"], r["per_sd_high"], sign=True),
+             _f(r["aic"], 1), _ci(r["auc"], r["auc_low"], r["auc_high"])] for r in rows]
+    return "\n".join(lines + _table(["study: arm", "protocol", "set", "feature", "survived/n", "slope per SD",
+                                     "AIC", "AUC"], body)) + "\n"
+
+
+def decomposition_markdown(rows: Sequence[dict]) -> str:
+    lines = ["", "# Format shift or real loss", "",
+             "Facts passing `top1` at t=0, by what their probe shows at the last step: *kept*; *format shift* (the "
+             "new top-1 token is a function word or punctuation, the target still beats the alternative and is in "
+             "the top 10); *displaced* (the same with another content word on top); *buried* (the target still "
+             "beats the alternative but is no longer in the top 10); *overturned* (the alternative now beats the "
+             "target). Then retention under each protocol and under `rank < k` (the target's first token in the "
+             "top k), each of the facts passing that protocol at t=0 [95 % Wilson], and the median change of the "
+             "target's log-prob over all facts. decomposition.csv has every column.", ""]
+    protocols = [p for p in ("top1", "gen", "prob") if any(f"{p}_n" in r for r in rows)]
+    ranks = [f"top{k}" for k in RANK_PROTOCOLS if any(f"top{k}_n" in r for r in rows)]
+    body = []
+    for r in rows:
+        body.append([_label(r["study"], r["cell"], r["arm"]), r["set"], str(r["top1_t0"]),
+                     *(str(r[c.replace(" ", "_")]) for c in LOSS_CLASSES),
+                     *(_rate(r, f"{p}_") if f"{p}_n" in r else "n/a" for p in protocols + ranks),
+                     _f(r["median_delta_logprob"]),
+                     f"{_f(r['median_rank_t0'], 0)} → {_f(r['median_rank_final'], 0)}"])
+    lines += _table(["condition", "set", "top1 at t0", *LOSS_CLASSES, *protocols, *(f"rank<{k}" for k in
+                     RANK_PROTOCOLS[:len(ranks)]), "median Δ log-prob", "median rank t0 → end"], body)
+    return "\n".join(lines) + "\n"
+
+
 def _group(rows: Sequence[dict], keys: Sequence[str]) -> dict[tuple, list[dict]]:
     out: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
@@ -927,6 +1206,80 @@ def plot_survival(rows: Sequence[dict], path: Path, title: str) -> Path:
     return save_figure(fig, path)
 
 
+def _panels(n: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.2), squeeze=False, sharey=True)
+    return fig, axes[0]
+
+
+def plot_dose(rows: Sequence[dict], path: Path, title: str) -> Path:
+    """Columns: protocols; retention against the dose per series and arm, edited (solid) and intrinsic
+    (dashed), with Wilson error bars."""
+    protocols = list(dict.fromkeys(r["protocol"] for r in rows))
+    fig, axes = _panels(len(protocols))
+    series = list(dict.fromkeys((r["series"], r["arm"]) for r in rows))
+    values = [r["value"] for r in rows]
+    log_x = min(values) > 0 and max(values) / min(values) >= 20
+    for ax, protocol in zip(axes, protocols):
+        for i, (name_s, arm) in enumerate(series):
+            for name, style in (("edited", "-o"), ("intrinsic", "--s")):
+                pts = sorted((r for r in rows if r["protocol"] == protocol and r["set"] == name
+                              and (r["series"], r["arm"]) == (name_s, arm)), key=lambda r: r["value"])
+                if not pts:
+                    continue
+                xs = [r["value"] for r in pts]
+                ys = [r["rate"] for r in pts]
+                err = [[y - r["low"] for y, r in zip(ys, pts)], [r["high"] - y for y, r in zip(ys, pts)]]
+                label = f"{name}: {name_s}" + ("" if arm == "baseline" else f", {arm}")
+                ax.errorbar(xs, ys, yerr=err, fmt=style, color=f"C{i}", capsize=3, markersize=4,
+                            alpha=1.0 if name == "edited" else 0.7, label=label)
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        ax.set_title(protocol, fontsize=9)
+        ax.set_xlabel(rows[0]["dose"])
+        ax.legend(fontsize=6, loc="lower left")
+    axes[0].set_ylabel("retained at the end (of passing at t=0)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_curves(rows: Sequence[dict], path: Path, title: str) -> Path:
+    """Columns: protocols; retention at every measured step against the tokens seen (or the step), one colour
+    per condition, edited solid and intrinsic dashed, with Wilson bands."""
+    protocols = list(dict.fromkeys(r["protocol"] for r in rows))
+    fig, axes = _panels(len(protocols))
+    conditions = list(dict.fromkeys((r["cell"], r["arm"]) for r in rows))
+    tokens = all(not math.isnan(r["tokens"]) for r in rows)
+    for ax, protocol in zip(axes, protocols):
+        for i, (cell, arm) in enumerate(conditions):
+            for name, style in (("edited", "-"), ("intrinsic", "--")):
+                pts = [r for r in rows if r["protocol"] == protocol and r["set"] == name
+                       and (r["cell"], r["arm"]) == (cell, arm)]
+                if not pts:
+                    continue
+                xs = [r["tokens"] if tokens else r["step"] for r in pts]
+                label = f"{name}: {cell}" + ("" if arm == "baseline" else f", {arm}") + f" (n={pts[0]['at_risk']})"
+                ax.plot(xs, [r["rate"] for r in pts], style, color=f"C{i}", label=label)
+                ax.fill_between(xs, [r["low"] for r in pts], [r["high"] for r in pts], color=f"C{i}", alpha=0.12,
+                                linewidth=0)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        ax.set_title(protocol, fontsize=9)
+        ax.set_xlabel("tokens seen" if tokens else "fine-tuning step")
+        ax.legend(fontsize=5, loc="lower left")
+    axes[0].set_ylabel("passing (of passing at t=0)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def write_analysis(folders: Sequence[str | Path], out: str | Path, corpus: str | None = "wikitext2",
                    plots: bool = True, bins: int = 4, level: float = LEVEL) -> dict[str, Path]:
     """Write the analysis files of ``folders`` (study or run folders) into ``out``; returns their paths by kind.
@@ -949,7 +1302,21 @@ def write_analysis(folders: Sequence[str | Path], out: str | Path, corpus: str |
             slug = re.sub(r"[^\w.=-]+", "_", cell if one_study else f"{study}_{cell}")
             paths[f"survival {study} {cell}"] = plot_survival(rows, out / f"survival_{slug}.png", f"{study}: {cell}")
             images.append(f"![survival, {study}: {cell}](survival_{slug}.png)")
+    doses = dose_rows(facts, level=level)
+    curves = curve_rows(facts, level)
+    dose_images = []
+    if plots:
+        for (study, dose), rows in _group([r for r in doses if r["value"] != "trend"], ("study", "dose")).items():
+            slug = re.sub(r"[^\w.=-]+", "_", f"{study}_{dose}")
+            paths[f"dose {study} {dose}"] = plot_dose(rows, out / f"dose_{slug}.png", f"{study}: retention against {dose}")
+            dose_images.append(f"![{study}: retention against {dose}](dose_{slug}.png)")
+        for (study,), rows in _group(curves, ("study",)).items():
+            slug = re.sub(r"[^\w.=-]+", "_", study)
+            paths[f"curves {study}"] = plot_curves(rows, out / f"curves_{slug}.png", f"{study}: retention along fine-tuning")
+            dose_images.append(f"![{study}: retention along fine-tuning](curves_{slug}.png)")
     coef, models = predictor_rows(facts, level)
+    singles = single_feature_rows(facts, level)
+    decomposition = decomposition_rows(facts, level)
     relations = relation_rows(facts)
     matched = matched_rows(facts, bins, level)
     sens = sensitivity_rows(probes)
@@ -977,12 +1344,19 @@ def write_analysis(folders: Sequence[str | Path], out: str | Path, corpus: str |
         "predictors": ("predictors.csv", _csv(coef)),
         "models": ("models.csv", _csv(models)),
         "relations": ("relations.csv", _csv(relations)),
-        "predictors_md": ("predictors.md", predictors_markdown(coef, models, relations)),
+        "single_features": ("single_features.csv", _csv(singles)),
+        "predictors_md": ("predictors.md", predictors_markdown(coef, models, relations)
+                          + single_feature_markdown(singles)),
+        "dose": ("dose.csv", _csv(doses)),
+        "curves": ("curves.csv", _csv(curves)),
+        "dose_md": ("dose.md", dose_markdown(doses, curves, dose_images)),
+        "decomposition": ("decomposition.csv", _csv(decomposition)),
         "matched": ("matched.csv", _csv(matched)),
         "matched_md": ("matched.md", matched_markdown(matched)),
         "sensitivity": ("protocol_sensitivity.csv", _csv(sens)),
         "sensitivity_summary": ("protocol_sensitivity_summary.csv", _csv(sens_summary)),
-        "sensitivity_md": ("protocol_sensitivity.md", sensitivity_markdown(sens_summary, has_ranks)),
+        "sensitivity_md": ("protocol_sensitivity.md", sensitivity_markdown(sens_summary, has_ranks)
+                           + decomposition_markdown(decomposition)),
     }
     paths.update({kind: atomic_write_text(out / name, text) for kind, (name, text) in files.items()})
     return paths
