@@ -1212,8 +1212,17 @@ def _panels(n: int):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 3.5, 3.4), squeeze=False, sharey=True)
     return fig, axes[0]
+
+
+def _finish(fig, axes, title: str, path: Path) -> Path:
+    """One legend right of the panels (it would hide the curves inside them), the title, and the PNG."""
+    axes[-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(title, fontsize=10)
+    width = 4.2 * len(axes) + 3.5
+    fig.subplots_adjust(left=0.7 / width, right=(4.2 * len(axes) - 0.1) / width, bottom=0.16, top=0.84, wspace=0.08)
+    return save_figure(fig, path)
 
 
 def plot_dose(rows: Sequence[dict], path: Path, title: str) -> Path:
@@ -1243,11 +1252,8 @@ def plot_dose(rows: Sequence[dict], path: Path, title: str) -> Path:
         ax.grid(alpha=0.3)
         ax.set_title(protocol, fontsize=9)
         ax.set_xlabel(rows[0]["dose"])
-        ax.legend(fontsize=6, loc="lower left")
     axes[0].set_ylabel("retained at the end (of passing at t=0)")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    return _finish(fig, axes, title, path)
 
 
 def plot_curves(rows: Sequence[dict], path: Path, title: str) -> Path:
@@ -1273,11 +1279,8 @@ def plot_curves(rows: Sequence[dict], path: Path, title: str) -> Path:
         ax.grid(alpha=0.3)
         ax.set_title(protocol, fontsize=9)
         ax.set_xlabel("tokens seen" if tokens else "fine-tuning step")
-        ax.legend(fontsize=5, loc="lower left")
     axes[0].set_ylabel("passing (of passing at t=0)")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    return _finish(fig, axes, title, path)
 
 
 def write_analysis(folders: Sequence[str | Path], out: str | Path, corpus: str | None = "wikitext2",
