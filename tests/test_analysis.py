@@ -340,17 +340,18 @@ def test_auc_by_hand():
 
 def test_dose_rows_pool_facts_per_dose_value_and_fit_a_trend():
     from retention.study.analysis import dose_rows
+    from retention.study.spec import cell_label
 
     facts = []
     # K = 0: 1 of 4 edited facts kept; K = 2: 2 of 4; K = 8: 4 of 4 (a fact failing top1 at t=0 is not at risk).
     for k, kept in ((0, 1), (2, 2), (8, 4)):
         for i in range(4):
             ok = i < kept
-            facts.append(_fact(f"paraphrases.k={k}__paraphrases.source=record", f"r{k}", "edited",
+            facts.append(_fact(cell_label([("paraphrases.k", str(k)), ("paraphrases.source", "record")]), f"r{k}", "edited",
                                {"top1": (True, True, ok)}, i=i))
-        facts.append(_fact(f"paraphrases.k={k}__paraphrases.source=record", f"r{k}", "edited",
+        facts.append(_fact(cell_label([("paraphrases.k", str(k)), ("paraphrases.source", "record")]), f"r{k}", "edited",
                            {"top1": (False, True, True)}, i=9))
-        facts.append(_fact(f"paraphrases.k={k}__paraphrases.source=record", f"r{k}", "intrinsic",
+        facts.append(_fact(cell_label([("paraphrases.k", str(k)), ("paraphrases.source", "record")]), f"r{k}", "intrinsic",
                            {"top1": (True, False, False)}))
     rows = dose_rows(facts)
     points = {(r["set"], r["value"]): r for r in rows if r["value"] != "trend"}
@@ -363,7 +364,7 @@ def test_dose_rows_pool_facts_per_dose_value_and_fit_a_trend():
     trend = next(r for r in rows if r["value"] == "trend" and r["set"] == "edited")
     assert trend["n"] == 12 and trend["kept"] == 7 and trend["rate"] > 0
     # Two values are not a dose: no rows.
-    assert dose_rows([f for f in facts if "k=8" not in f.cell]) == []
+    assert dose_rows([f for f in facts if f.run != "r8"]) == []
 
 
 def test_tokens_per_step_of_packed_text_only():

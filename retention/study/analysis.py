@@ -43,6 +43,7 @@ import yaml
 from retention.io import atomic_write_text
 from retention.reporting import save_figure
 from retention.study.report import RunResult, _csv, load_results
+from retention.study.spec import cell_label
 from retention.study.stats import LEVEL, newcombe, wilson
 
 log = logging.getLogger(__name__)
@@ -819,8 +820,8 @@ def single_feature_rows(facts: Sequence[Fact], level: float = LEVEL) -> list[dic
 
 
 def _cell_parts(cell: str) -> dict[str, str]:
-    """A grid cell's label (``key=value__key=value``) as a mapping."""
-    return dict(part.split("=", 1) for part in cell.split("__") if "=" in part)
+    """A grid cell's label (:func:`retention.study.spec.cell_label`: ``axis=value, axis=value``) as a mapping."""
+    return dict(part.split("=", 1) for part in cell.split(", ") if "=" in part)
 
 
 def _number(text: str) -> float | None:
@@ -851,7 +852,7 @@ def dose_rows(facts: Sequence[Fact], min_levels: int = 3, level: float = LEVEL) 
                 cell = parts[f.cell]
                 if key not in cell:
                     continue
-                series = "__".join(f"{k}={v}" for k, v in cell.items() if k != key) or "all"
+                series = cell_label([(k, v) for k, v in cell.items() if k != key])
                 for protocol in f.passed:
                     if (k := f.kept_final(protocol)) is not None:
                         kept[(series, f.arm, protocol, f.set)].append((float(_number(cell[key])), k))
