@@ -555,8 +555,17 @@ def facts_of(runs: Sequence[tuple[RunResult, dict[int, list[dict]]]],
     return facts, ctx.notes
 
 
+PROTOCOL_ORDER = ("top1", "gen", "prob", "token_acc")
+
+
+def _ordered(protocols) -> list[str]:
+    """Protocols once each, in the usual order (strictest first), unknown ones last."""
+    found = list(dict.fromkeys(protocols))
+    return sorted(found, key=lambda p: PROTOCOL_ORDER.index(p) if p in PROTOCOL_ORDER else len(PROTOCOL_ORDER))
+
+
 def protocols_of(facts: Sequence[Fact]) -> list[str]:
-    return list(dict.fromkeys(p for f in facts for p in f.passed))
+    return _ordered(p for f in facts for p in f.passed)
 
 
 def _by_condition(facts: Sequence[Fact]) -> dict[tuple[str, str, str], list[Fact]]:
@@ -1180,7 +1189,7 @@ def plot_survival(rows: Sequence[dict], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     arms = list(dict.fromkeys(r["arm"] for r in rows))
-    protocols = list(dict.fromkeys(r["protocol"] for r in rows))
+    protocols = _ordered(r["protocol"] for r in rows)
     fig, axes = plt.subplots(len(arms), len(protocols), figsize=(3.6 * len(protocols), 2.6 * len(arms)),
                              squeeze=False, sharex=True, sharey=True)
     curves = _group(rows, ("arm", "protocol", "set"))
@@ -1229,7 +1238,7 @@ def _finish(fig, axes, title: str, path: Path) -> Path:
 def plot_dose(rows: Sequence[dict], path: Path, title: str) -> Path:
     """Columns: protocols; retention against the dose per series and arm, edited (solid) and intrinsic
     (dashed), with Wilson error bars."""
-    protocols = list(dict.fromkeys(r["protocol"] for r in rows))
+    protocols = _ordered(r["protocol"] for r in rows)
     fig, axes = _panels(len(protocols))
     series = list(dict.fromkeys((r["series"], r["arm"]) for r in rows))
     values = [r["value"] for r in rows]
@@ -1241,7 +1250,8 @@ def plot_dose(rows: Sequence[dict], path: Path, title: str) -> Path:
                               and (r["series"], r["arm"]) == (name_s, arm)), key=lambda r: r["value"])
                 if not pts:
                     continue
-                xs = [r["value"] for r in pts]
+                shift = 0.0 if log_x else (i - (len(series) - 1) / 2) * 0.012 * (max(values) - min(values))
+                xs = [r["value"] + shift for r in pts]  # side by side, so the error bars do not hide each other
                 ys = [r["rate"] for r in pts]
                 err = [[y - r["low"] for y, r in zip(ys, pts)], [r["high"] - y for y, r in zip(ys, pts)]]
                 label = f"{name}: {name_s}" + ("" if arm == "baseline" else f", {arm}")
@@ -1260,7 +1270,7 @@ def plot_dose(rows: Sequence[dict], path: Path, title: str) -> Path:
 def plot_curves(rows: Sequence[dict], path: Path, title: str) -> Path:
     """Columns: protocols; retention at every measured step against the tokens seen (or the step), one colour
     per condition, edited solid and intrinsic dashed, with Wilson bands."""
-    protocols = list(dict.fromkeys(r["protocol"] for r in rows))
+    protocols = _ordered(r["protocol"] for r in rows)
     fig, axes = _panels(len(protocols))
     conditions = list(dict.fromkeys((r["cell"], r["arm"]) for r in rows))
     tokens = all(not math.isnan(r["tokens"]) for r in rows)
