@@ -575,6 +575,14 @@ def _by_condition(facts: Sequence[Fact]) -> dict[tuple[str, str, str], list[Fact
     return dict(out)
 
 
+def _by_arm(facts: Sequence[Fact]) -> dict[tuple[str, str], list[Fact]]:
+    """Facts per study and arm (grid cells and seeds pooled)."""
+    out: dict[tuple[str, str], list[Fact]] = defaultdict(list)
+    for f in facts:
+        out[(f.study, f.arm)].append(f)
+    return dict(out)
+
+
 # -- tables -----------------------------------------------------------------------------------------------------
 
 
@@ -626,10 +634,7 @@ def predictor_rows(facts: Sequence[Fact], level: float = LEVEL) -> tuple[list[di
     coef_rows, model_rows = [], []
     models = (("edited", "edited", EDITED_PREDICTORS), ("intrinsic", "intrinsic", INTRINSIC_PREDICTORS),
               ("edited vs intrinsic", None, BOTH_PREDICTORS))
-    by_arm: dict[tuple[str, str], list[Fact]] = defaultdict(list)
-    for f in facts:
-        by_arm[(f.study, f.arm)].append(f)
-    for (study, arm), group in by_arm.items():
+    for (study, arm), group in _by_arm(facts).items():
         for protocol, (label, only, names) in ((p, m) for p in protocols_of(group) for m in models):
             chosen = [(f, o) for f in group if (only is None or f.set == only) and (o := f.outcome(protocol))]
             if not chosen:
@@ -803,10 +808,7 @@ def single_feature_rows(facts: Sequence[Fact], level: float = LEVEL) -> list[dic
     predictor alone (per SD, Wald interval), its AIC, and the AUC [Hanley–McNeil] of the feature as a score for
     survival; the comparison 'does the t=0 margin predict survival better than K' reads off these rows."""
     rows = []
-    by_arm: dict[tuple[str, str], list[Fact]] = defaultdict(list)
-    for f in facts:
-        by_arm[(f.study, f.arm)].append(f)
-    for (study, arm), group in by_arm.items():
+    for (study, arm), group in _by_arm(facts).items():
         for protocol in protocols_of(group):
             for name, names in (("edited", EDITED_PREDICTORS), ("intrinsic", INTRINSIC_PREDICTORS)):
                 chosen = [(f, o) for f in group if f.set == name and (o := f.outcome(protocol))]
