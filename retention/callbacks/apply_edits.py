@@ -205,7 +205,7 @@ class ApplyEdits(PipelineCallback):
         self.on_error = on_error
         self.cache = cache
         self.fingerprint: str | None = None
-        """The base model's weight fingerprint (cache keys), computed once per run when ``cache`` is on."""
+        """The base model's weight fingerprint (cache keys and provenance), computed once per run."""
         self.reused: dict[str, bool] = {}
         """Which steps came from the cache: ``selection``, ``edit``."""
         self.sets = KnowledgeSets()
@@ -243,7 +243,7 @@ class ApplyEdits(PipelineCallback):
             "augmented_phrasings": sum(len(r.augmentations) for r in self.edited_records),
             "edit_case_ids": [r.case_id for r in self.sets.edit],
             "control_case_ids": [r.case_id for r in self.sets.control],
-            "edit_diagnostics": self.edit_diagnostics, "reused": self.reused,
+            "edit_diagnostics": self.edit_diagnostics, "reused": self.reused, "base_fingerprint": self.fingerprint,
         }
 
     def select(self, pl_module: LightningModule) -> KnowledgeSets:
@@ -445,7 +445,7 @@ class ApplyEdits(PipelineCallback):
         if not self.active:
             return
         pipeline = check_order(trainer.callbacks)
-        if self.cache and self.fingerprint is None:
+        if self.fingerprint is None:
             self.fingerprint = model_fingerprint(unwrap_model(pl_module.model))
         self.sets = self.select(pl_module)
         self._exclude_from_task(trainer)

@@ -5,12 +5,13 @@ The folder (``out_dir``, default the trainer's ``default_root_dir``) gets, all w
 - ``probes/step_<N>.jsonl``: per-probe results of every measurement (t=0 is step 0), written as they come;
 - ``summary.json``: edited and intrinsic retention side by side under every protocol with denominators,
   accuracy at t=0 (edit success), the curves, downstream metrics (flagged ``collapsed`` when the validation loss
-  says fine-tuning destroyed the model) and timings;
+  says fine-tuning destroyed the model), timings, and what produced it (``provenance``:
+  :mod:`retention.provenance`);
 - ``retention_curves.png``: retention against fine-tuning steps, one panel per protocol;
 - ``config.yaml`` is LightningCLI's resolved configuration (its SaveConfigCallback writes it to the log dir).
 
-With a W&B logger attached, the final table (:func:`table_rows`, key ``retention/table``) and the curve PNG
-(``retention/curves``) are logged to the W&B run too.
+With a W&B logger attached, the final table (:func:`table_rows`, key ``retention/table``), the curve PNG
+(``retention/curves``) and the provenance block (config key ``provenance``) go to the W&B run too.
 
 A resumed run (``--ckpt_path``) rewrites the same files: the monitor's curves come back from the checkpoint.
 """
@@ -29,6 +30,7 @@ from retention.arch import unwrap_model
 from retention.callbacks.pipeline import PipelineCallback
 from retention.callbacks.probing import Measurement
 from retention.io import atomic_write_json, atomic_write_jsonl
+from retention.provenance import provenance
 from retention.records import GROUPS, probe_group
 from retention.reporting import collapse, format_table, plot_curves, summarize
 
@@ -50,6 +52,21 @@ def environment(trainer: Trainer) -> dict:
         "python": platform.python_version(), "device": str(trainer.strategy.root_device),
         "world_size": trainer.world_size, "precision": str(trainer.precision), "threads": torch.get_num_threads(),
     }
+
+
+def run_provenance(trainer: Trainer, pl_module: LightningModule) -> dict:
+    """The provenance block of a run (:mod:`retention.provenance`): the task's source (the built-in one of a
+    family other than text is package data, covered by the code), the key-statistics corpus of the editor's
+    resolved hyperparameters, the knowledge file, the base model."""
+    edit = pl_module.pipeline.edit
+    task = getattr(trainer.datamodule, "task_config", None)
+    hparams = edit.get("hparams") if isinstance(edit.get("hparams"), dict) else {}
+    knowledge = edit.get("knowledge")
+    corpora = {"task": task.source if task is not None and (task.family == "text" or task.source != "builtin")
+               else None,
+               "mom2": hparams.get("mom2_corpus") if hparams.get("mom2_adjustment", True) else None,
+               "knowledge": knowledge if isinstance(knowledge, str) and knowledge != "builtin" else None}
+    return provenance(corpora, getattr(pl_module, "model_name", None), edit.get("base_fingerprint"))
 
 
 def table_rows(summary: dict) -> list[list]:
@@ -164,6 +181,7 @@ class RunReport(PipelineCallback):
         self.summary = summarize(run, state.protocols, [m.to_dict() for m in state.measurements],
                                  self._downstream(pl_module), timings)
         self.summary["environment"] = environment(trainer)
+        self.summary["provenance"] = run_provenance(trainer, pl_module)
         folder = self.folder(trainer)
         atomic_write_json(folder / "summary.json", self.summary)
         if self.plot:
@@ -180,6 +198,7 @@ class RunReport(PipelineCallback):
         png = self.folder(trainer) / "retention_curves.png"
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
+                logger.experiment.config.update({"provenance": self.summary["provenance"]}, allow_val_change=True)
                 logger.log_table(key="retention/table", columns=TABLE_COLUMNS, data=table_rows(self.summary),
                                  step=trainer.global_step)
                 if self.plot and png.is_file():

@@ -35,6 +35,7 @@ from retention.editing.easyedit import PREFIX as EASYEDIT_PREFIX
 from retention.io import atomic_path, atomic_write_json, atomic_write_text, safe_name
 from retention.metrics import rate
 from retention.models import DEFAULT_MODEL, load_model, model_fingerprint
+from retention.provenance import provenance
 from retention.records import GROUP_LABELS, probe_group
 from retention.scoring import score_probes, top1_blind
 
@@ -160,7 +161,8 @@ def run(args: EditArgs) -> dict:
     score = dict(protocols=PROTOCOLS, batch_size=args.batch_size_scoring)
     before = score_probes(model, tokenizer, probes, **score)
     requests = [EditRequest.from_record(r) for r in records]
-    fingerprint = model_fingerprint(unwrap_model(model)) if args.mode != "single" else None
+    base_fingerprint = model_fingerprint(unwrap_model(model))
+    fingerprint = base_fingerprint if args.mode != "single" else None
     print(f"editing {len(requests)} facts with {args.editor} ({args.mode}) into {args.model}")
     t0 = time.perf_counter()
     editor.prepare(model, tokenizer, fingerprint)
@@ -193,7 +195,7 @@ def run(args: EditArgs) -> dict:
         "model": args.model, "editor": args.editor, "mode": args.mode, "data": args.data, "n_edits": len(requests),
         "dtype": args.dtype, "device": str(next(model.parameters()).device),
         "hparams": editor.hparams.to_dict(), "edit_seconds": edit_seconds,
-        "seconds_per_edit": edit_seconds / len(requests), "base_fingerprint": fingerprint,
+        "seconds_per_edit": edit_seconds / len(requests), "base_fingerprint": base_fingerprint,
         "unedited": acc_before, "edited": acc_after,
         "probes": [{"unedited": b.to_dict(), "edited": a.to_dict()} for b, a in zip(before, after)],
     }
@@ -201,6 +203,10 @@ def run(args: EditArgs) -> dict:
         summary["efficacy_by_call"] = _efficacy_by_call(results, after)
     blind = top1_blind(tokenizer, records)
     summary["top1_blind_edits"] = len(blind)
+    hparams = summary["hparams"]
+    summary["provenance"] = provenance(
+        {"knowledge": args.data if args.data != "builtin" else None, "mom2": hparams.get("mom2_corpus") if hparams.get("mom2_adjustment", True) else None},
+        args.model, base_fingerprint)
     atomic_write_json(out / SCORES, summary)
     print(f"\n{args.editor} ({args.mode}), {len(requests)} edits of {args.model}: "
           f"{edit_seconds:.1f} s editing ({edit_seconds / len(requests):.2f} s per edit), "

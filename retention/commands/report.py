@@ -29,6 +29,10 @@ class ReportArgs:
     analysis: bool = False
     """Also write <out>/analysis/: per-fact survival (Kaplan-Meier), its predictors (logistic regression),
     edited vs intrinsic matched on t=0 confidence, top1-vs-prob disagreements (docs/analysis.md)."""
+    mixed_provenance: str = "refuse"
+    """Runs made by different code, lock, Python, corpora or base model (their summaries' provenance):
+    ``refuse`` to pool them (an error listing the groups), or ``label`` to report each group apart as
+    ``<study> [p<i>]``."""
     analysis_corpus: str | None = "wikitext2"
     """With --analysis: the reference corpus of the subject and object frequencies (builtin, wikitext2,
     hf:<id> or a text file; null for none; left out with a note when it cannot be read)."""
@@ -53,7 +57,7 @@ def execute(args: ReportArgs) -> int:
         return 2
     out = Path(args.out) if args.out else (Path(folders[0]) / "report" if len(folders) == 1 else Path("runs/report"))
     try:
-        paths = write_report(folders, out, plots=args.plots)
+        paths = write_report(folders, out, plots=args.plots, mixed_provenance=args.mixed_provenance)
     except ReportError as err:
         print(f"retention report: {err}", file=sys.stderr)
         return 2

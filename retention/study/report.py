@@ -15,6 +15,7 @@ interval bands) and ``final_retention.png`` (final retention per arm with interv
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retention.io import atomic_write_text
+from retention.provenance import describe, pooling_key
 from retention.records import GROUP_LABELS, GROUPS
 from retention.reporting import INCOMPLETE, save_figure
 from retention.study.runner import DONE
@@ -86,8 +88,46 @@ def _read_summary(folder: Path) -> dict:
         raise ReportError(f"{path}: not valid JSON ({err})") from None
 
 
-def load_results(folders: Sequence[str | Path]) -> tuple[list[RunResult], dict[str, str], list[str]]:
-    """Finished runs of the given study or run folders; the baseline arm of each study; what was left out."""
+MIXED_PROVENANCE = ("refuse", "label")
+
+
+def provenance_groups(results: Sequence[RunResult]) -> dict[tuple, list[RunResult]]:
+    """Runs grouped by what produced them (:func:`retention.provenance.pooling_key`), in first-seen order."""
+    groups: dict[tuple, list[RunResult]] = {}
+    for r in results:
+        groups.setdefault(pooling_key(r.summary.get("provenance")), []).append(r)
+    return groups
+
+
+def _check_provenance(results: list[RunResult], baselines: dict[str, str], mixed: str) -> list[RunResult]:
+    """The runs as they may be pooled: all of one provenance; else a ReportError (``refuse``) or, with
+    ``label``, each provenance group's studies renamed ``<study> [p<i>]`` so they are never pooled."""
+    if mixed not in MIXED_PROVENANCE:
+        raise ReportError(f"--mixed_provenance {mixed!r}: choose from {', '.join(MIXED_PROVENANCE)}")
+    groups = provenance_groups(results)
+    if len(groups) == 1:
+        return results
+    lines = [f"  p{i}: {len(runs)} run(s), e.g. {runs[0].folder}: {describe(runs[0].summary.get('provenance'))}"
+             for i, runs in enumerate(groups.values(), 1)]
+    if mixed == "refuse":
+        raise ReportError("the runs were produced by different code, environment, corpora or base model and are "
+                          "not pooled:\n" + "\n".join(lines) + "\nreport them separately, or pass "
+                          "--mixed_provenance label to keep each group apart in one report")
+    log.warning("runs of %d provenances, kept apart:\n%s", len(groups), "\n".join(lines))
+    labelled = []
+    for i, runs in enumerate(groups.values(), 1):
+        for r in runs:
+            study = f"{r.condition.study} [p{i}]"
+            if r.condition.study in baselines:
+                baselines[study] = baselines[r.condition.study]
+            labelled.append(dataclasses.replace(r, condition=dataclasses.replace(r.condition, study=study)))
+    return labelled
+
+
+def load_results(folders: Sequence[str | Path], mixed_provenance: str = "refuse",
+                 ) -> tuple[list[RunResult], dict[str, str], list[str]]:
+    """Finished runs of the given study or run folders; the baseline arm of each study; what was left out.
+    Runs of different provenance are refused or labelled apart (``mixed_provenance``, :func:`_check_provenance`)."""
     results, baselines, missing = [], {}, []
     for folder in map(Path, folders):
         if (folder / "study.json").is_file():
@@ -109,7 +149,16 @@ def load_results(folders: Sequence[str | Path]) -> tuple[list[RunResult], dict[s
             raise ReportError(f"{folder}: neither a study folder (study.json) nor a run folder (summary.json)")
     if not results:
         raise ReportError(f"no finished runs in {', '.join(map(str, folders))}")
-    return results, baselines, missing
+    return _check_provenance(results, baselines, mixed_provenance), baselines, missing
+
+
+def provenance_markdown(results: Sequence[RunResult]) -> list[str]:
+    """The report's provenance section: each group of runs and what produced it."""
+    lines = ["## Provenance", ""]
+    for runs in provenance_groups(results).values():
+        studies = sorted({r.condition.study for r in runs})
+        lines.append(f"- {len(runs)} run(s) of {', '.join(studies)}: {describe(runs[0].summary.get('provenance'))}")
+    return lines + [""]
 
 
 @dataclass
@@ -397,9 +446,10 @@ def plot_final(aggregates: Sequence[Aggregate], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def write_report(folders: Sequence[str | Path], out: str | Path, plots: bool = True) -> dict[str, Path]:
+def write_report(folders: Sequence[str | Path], out: str | Path, plots: bool = True,
+                 mixed_provenance: str = "refuse") -> dict[str, Path]:
     """Write the report files of ``folders`` into ``out``; returns their paths by kind."""
-    results, baselines, missing = load_results(folders)
+    results, baselines, missing = load_results(folders, mixed_provenance)
     aggregates = aggregate(results)
     out = Path(out)
     comparison_rows = comparisons(aggregates, baselines)
@@ -415,7 +465,8 @@ def write_report(folders: Sequence[str | Path], out: str | Path, plots: bool = T
             path = plot_curves(aggs, out / f"curves_{slug}.png", f"{study}: {cell}")
             paths[f"curves {study} {cell}"] = path
             images.append(f"![retention curves, {study}: {cell}]({path.name})")
-    text = markdown(aggregates, comparison_rows, baselines, missing, images)
+    text = markdown(aggregates, comparison_rows, baselines, missing, images) + "\n" + \
+        "\n".join(provenance_markdown(results))
     return {
         "markdown": atomic_write_text(out / "report.md", text),
         "csv": atomic_write_text(out / "report.csv", _csv(rate_rows(aggregates))),

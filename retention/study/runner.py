@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -31,6 +32,7 @@ import yaml
 from retention.callbacks.checkpoint import LAST
 from retention.diskcache import digest
 from retention.io import atomic_write_json, atomic_write_text
+from retention.provenance import code, lock_sha256
 from retention.study.spec import StudyError, StudyRun, StudySpec
 
 log = logging.getLogger(__name__)
@@ -134,6 +136,7 @@ class Study:
     def write_state(self, planned: list[PlannedRun], states: dict[str, dict]) -> None:
         atomic_write_json(self.folder / "study.json", {
             "spec": self.spec.to_dict(),
+            "provenance": {"code": code(), "lock_sha256": lock_sha256(), "python": platform.python_version()},
             "runs": [{"name": p.run.name, "cell": dict(p.run.cell), "arm": p.run.arm, "seed": p.run.seed,
                       "fact": p.run.fact, "overrides": p.run.overrides, "config_digest": p.digest,
                       **states.get(p.run.name, {"state": "pending"})} for p in planned],
