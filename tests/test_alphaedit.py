@@ -106,7 +106,8 @@ def test_sequential_editing_keeps_the_earlier_batches(tiny_llama, corpus):
     assert again.hparams["earlier_requests_kept"] == 2
 
 
-def test_hparams_errors_and_presets():
+def test_hparams_errors_and_presets(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the large presets' hub corpus: no network check in tests
     with pytest.raises(ValueError, match="nullspace_threshold"):
         AlphaEditHParams(nullspace_threshold=0.0)
     with pytest.raises(ValueError, match="relative"):

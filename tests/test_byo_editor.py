@@ -54,8 +54,11 @@ def test_an_editor_module_in_the_working_directory_is_found(tmp_path, monkeypatc
     assert editor_class("my_editors.Mine")[0].__name__ == "RankOneEditor"
 
 
-def test_an_inline_mapping_overrides_only_its_fields_of_the_preset():
+def test_an_inline_mapping_overrides_only_its_fields_of_the_preset(tmp_path, monkeypatch):
     """`edits.hparams: {layer: 4}` (as `retention edit --set '{layer: 4}'`) keeps the preset's other fields."""
+    (tmp_path / "wikitext").mkdir()  # the ROME preset's corpus, wikitext2, is checked wherever this runs
+    (tmp_path / "wikitext" / "wiki.test.raw").write_text("text", encoding="utf-8")
+    monkeypatch.setenv("RETENTION_DATA", str(tmp_path))
     preset = editor_hparams("rome", None, "smollm2-135m").to_dict()
     mapped = editor_hparams("rome", {"layer": 4}, "smollm2-135m").to_dict()
     assert mapped == {**preset, "layer": 4} and mapped["v_steps"] == preset["v_steps"] == 30

@@ -239,7 +239,11 @@ def test_apply_in_half_precision_reverts_bit_for_bit(tiny_llama, corpus):
     assert same_state(model, saved)
 
 
-def test_hparams_yaml_presets_and_errors(tmp_path):
+def test_hparams_yaml_presets_and_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the large presets' hub corpus: no network check in tests
+    (tmp_path / "data" / "wikitext").mkdir(parents=True)  # the SmolLM2 preset's wikitext2, wherever this runs
+    (tmp_path / "data" / "wikitext" / "wiki.test.raw").write_text("text", encoding="utf-8")
+    monkeypatch.setenv("RETENTION_DATA", str(tmp_path / "data"))
     path = tmp_path / "h.yaml"
     path.write_text("layer: 3\nv_lr: 5e-1\nkl_prompts: ['{} is a']\nbogus: 1\n")
     with pytest.raises(ValueError, match=f"{path}: unknown RomeHParams field.*bogus"):

@@ -24,6 +24,8 @@ BASE = ["--model.model_name", "tiny-llama", "--edits.n_edit", "2", "--edits.know
     (["--edits.known_protocol", "top2"], "unknown protocol"),
     (["--edits.max_candidates", "1"], "max_candidates=1 cannot give"),
     (["--edits.editor", "rome", "--edits.hparams", "{no_such_field: 1}"], "no_such_field"),
+    (["--edits.editor", "rome", "--edits.hparams", "{layer: 0, mom2_corpus: [/no/such/corpus.txt, '$NO_SUCH_VAR/x']}"],
+     "mom2_corpus: no corpus it names can be read here"),
 ])
 def test_bad_options_fail_before_any_model_is_loaded(tmp_path, monkeypatch, flags, message):
     import retention.models

@@ -89,7 +89,8 @@ def test_located_layers_and_sequential_mode(tiny_llama, corpus, monkeypatch, tmp
     assert all(top1(model, tokenizer, REQUESTS[2:4]))  # the last batch, computed on the model holding the first
 
 
-def test_hparams_errors_and_presets():
+def test_hparams_errors_and_presets(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the large presets' hub corpus: no network check in tests
     with pytest.raises(ValueError, match="layers='best'"):
         MemitHParams(layers="best")
     with pytest.raises(ValueError, match="layers"):

@@ -72,7 +72,6 @@ CHECKS = textwrap.dedent("""
     assert Path(retention.__file__).resolve().is_relative_to(venv.resolve()), retention.__file__
     assert {"smollm2-135m", "tiny-llama"} <= set(preset_names("rome")), preset_names("rome")
     assert set(preset_names("memit")) >= {"smollm2-135m", "gpt2-xl"}
-    assert build_editor("rome", model_name="smollm2-135m").hparams.mom2_corpus == "wikitext2"
     try:
         build_editor("rome", model_name="org/nope")
     except FileNotFoundError as err:
@@ -87,8 +86,15 @@ CHECKS = textwrap.dedent("""
         assert "set RETENTION_DATA" in str(err), err
     else:
         raise AssertionError("wikitext2 found without RETENTION_DATA")
+    try:  # the ROME preset's corpus is checked when its hyperparameters are made, before any model is loaded
+        build_editor("rome", model_name="smollm2-135m")
+    except ValueError as err:
+        assert "mom2_corpus" in str(err) and "export RETENTION_DATA=" in str(err), err
+    else:
+        raise AssertionError("the SmolLM2 ROME preset's wikitext2 resolved without RETENTION_DATA")
     os.environ["RETENTION_DATA"] = sys.argv[2]
     assert "the shared split" in corpus.corpus_text("wikitext2")[0]
+    assert build_editor("rome", model_name="smollm2-135m").hparams.mom2_corpus == "wikitext2"
     assert corpus.corpus_text("$RETENTION_DATA/wikitext/wiki.test.raw")[0] == corpus.corpus_text("wikitext2")[0]
     print("checks ok", retention.__file__)
 """)
@@ -116,8 +122,7 @@ def test_the_installed_wheel_edits_with_its_shipped_preset_outside_the_repositor
     assert "checks ok" in _run([venv / "bin" / "python", "checks.py", venv, data], cwd=outside, env=env)
 
     # The wheel's console script with the shipped tiny-llama ROME preset, its key statistics over `wikitext2`
-    # found through RETENTION_DATA. (The preset's own corpus, `builtin`, is read from the documentation installed
-    # in the environment's own site-packages, which here holds only the wheel: too little prose.)
+    # found through RETENTION_DATA (the preset's own `builtin` corpus would do too: it needs only the stdlib).
     out = outside / "edit"
     log = _run([venv / "bin" / "retention", "edit", "--model", "tiny-llama", "--editor", "rome", "--n", "2",
                 "--select_known", "none", "--set", "{mom2_corpus: wikitext2}", "--out", out], cwd=outside,

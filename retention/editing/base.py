@@ -15,7 +15,9 @@ import time
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -219,6 +221,19 @@ class EditResult:
 
 H = TypeVar("H", bound="EditorHParams")
 
+_DEFER_RESOLVE: ContextVar[bool] = ContextVar("retention_defer_resolve", default=False)
+
+
+@contextmanager
+def unresolved() -> Iterator[None]:
+    """Hyperparameters made inside skip :meth:`EditorHParams.resolve` (their values are still validated): a
+    preset read only to be overridden must not fail, or warn, for a corpus the override replaces."""
+    token = _DEFER_RESOLVE.set(True)
+    try:
+        yield
+    finally:
+        _DEFER_RESOLVE.reset(token)
+
 
 def _coerce(name: str, hint: Any, value: Any, source: str) -> Any:
     """``value`` as the field's type (YAML reads ``5e-4`` as a string); an error names the field and the file."""
@@ -271,6 +286,8 @@ class EditorHParams:
 
     def __post_init__(self):
         self.validate()
+        if not _DEFER_RESOLVE.get():
+            self.resolve()
 
     def validate(self) -> None:
         """Raise ValueError naming the field of a value out of range."""
@@ -278,6 +295,10 @@ class EditorHParams:
             raise ValueError(f"max_relative_update={self.max_relative_update}: must be > 0")
         if self.on_large_update not in LARGE_UPDATE_ACTIONS:
             raise ValueError(f"on_large_update={self.on_large_update!r}: choose from {', '.join(LARGE_UPDATE_ACTIONS)}")
+
+    def resolve(self) -> None:
+        """Settle what depends on this machine (e.g. which key-statistics corpus is readable), so that a run stops
+        before any model is loaded; an error names the field. Runs after :meth:`validate` (nothing here)."""
 
     @classmethod
     def from_dict(cls: type[H], data: dict[str, Any], source: str = "hyperparameters") -> H:
@@ -305,9 +326,13 @@ class EditorHParams:
     @classmethod
     def anchor_paths(cls, data: dict[str, Any], path: str | Path) -> dict[str, Any]:
         """``data`` with its :attr:`path_fields` taken relative to the folder of the file ``path`` they came from."""
+        base = Path(path).resolve().parent
         for name in cls.path_fields:
-            if isinstance(data.get(name), str):
-                data[name] = anchor(data[name], Path(path).resolve().parent)
+            value = data.get(name)
+            if isinstance(value, str):
+                data[name] = anchor(value, base)
+            elif isinstance(value, list):  # an ordered fallback list (mom2_corpus)
+                data[name] = [anchor(v, base) if isinstance(v, str) else v for v in value]
         return data
 
     @classmethod
@@ -332,7 +357,13 @@ def preset_names(editor: str) -> list[str]:
 
 
 def resolve_hparams(cls: type[H], editor: str, hparams: str | Path | dict | H | None, model_name: str | None) -> H:
-    """Hyperparameters from an object, a dict, a YAML path, a preset name, or the preset of ``model_name``."""
+    """Hyperparameters from an object, a dict, a YAML path, a preset name, or the preset of ``model_name``, not
+    yet resolved (:func:`unresolved`): the caller overrides fields, then builds the final object."""
+    with unresolved():
+        return _read_hparams(cls, editor, hparams, model_name)
+
+
+def _read_hparams(cls: type[H], editor: str, hparams: str | Path | dict | H | None, model_name: str | None) -> H:
     if isinstance(hparams, str) and hparams.startswith("easyedit:"):  # an EasyEdit hparams file, mapped to ours
         from retention.editing.easyedit import load_easyedit
 

@@ -2,7 +2,8 @@
 
 Keys are collected from windows of ``max_length`` tokens of a text corpus (:mod:`retention.corpus`: ``builtin``,
 the project's built-in prose corpus; ``wikitext2``, the shared WikiText-2 test split; ``hf:<id>[:config]``, a
-Hugging Face dataset's ``train`` split, ``text`` field, needing ``retention[hf]`` and a network; or a text file),
+Hugging Face dataset's ``train`` split, ``text`` field, streamed, needing ``retention[hf]`` and a network; or a
+text file; the hyperparameters may name a list, resolved to its first readable spec before any model is loaded),
 with each forward stopped right after the deepest layer needed. C is accumulated in float64 and cached on disk
 (:class:`~retention.diskcache.DiskCache`) under ``cache_dir()/covariance/<weights hash>``, keyed by the model's
 weights hash, its name, the layer, the corpus (its content hash and, for a file, its name: ``wikitext2`` and the
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from retention.arch import ArchAdapter, unwrap_model
+from retention.corpus import BUILTIN, corpus_specs, resolve_corpus
 from retention.corpus import corpus_text as read_corpus
 from retention.diskcache import DiskCache
 from retention.editing.base import EditorHParams
@@ -58,9 +60,12 @@ class KeyStatsHParams(EditorHParams):
 
     mom2_adjustment: bool = True
     """Use the key covariance C; false is the named ``C = I`` fallback."""
-    mom2_corpus: str = "builtin"
+    mom2_corpus: str | list[str] = BUILTIN
     """Corpus of the key statistics (:mod:`retention.corpus`): ``builtin``, ``wikitext2``, ``hf:<id>[:config]`` or a
-    text file (in a preset or hyperparameter file, a relative path is relative to that file)."""
+    text file (in a preset or hyperparameter file, a relative path is relative to that file), or a list of them in
+    order of preference. :meth:`resolve` replaces it by the first that can be read here (a warning names each one
+    skipped), so the recorded hyperparameters say which was used; none readable is an error before any model is
+    loaded. Not checked when ``mom2_adjustment`` is off."""
     mom2_samples: int = 1000
     """Token windows of the key statistics."""
     mom2_max_length: int = 128
@@ -70,10 +75,19 @@ class KeyStatsHParams(EditorHParams):
 
     def validate(self) -> None:
         super().validate()
-        self.covariance_spec()
+        specs = corpus_specs(self.mom2_corpus, "mom2_corpus")
+        CovarianceSpec(specs[0], self.mom2_samples, self.mom2_max_length)
+
+    def resolve(self) -> None:
+        super().resolve()
+        if self.mom2_adjustment:
+            self.mom2_corpus = resolve_corpus(self.mom2_corpus, "mom2_corpus")
 
     def covariance_spec(self) -> CovarianceSpec:
-        return CovarianceSpec(self.mom2_corpus, self.mom2_samples, self.mom2_max_length)
+        corpus = self.mom2_corpus
+        if not isinstance(corpus, str):  # made unresolved (base.unresolved) and used as it is
+            corpus = resolve_corpus(corpus, "mom2_corpus")
+        return CovarianceSpec(corpus, self.mom2_samples, self.mom2_max_length)
 
 
 def corpus_text(corpus: str, min_chars: int) -> tuple[str, str]:
