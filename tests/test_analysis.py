@@ -5,6 +5,7 @@ tiny study, `retention report --analysis` in process, and the dose-response stud
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 from pathlib import Path
@@ -318,13 +319,18 @@ def test_a_feature_most_runs_did_not_record_is_left_out_not_the_rows():
 # -- dose-response, curves, one feature at a time, loss classes ------------------------------------------------------
 
 
+_CASE_IDS = itertools.count()
+
+
 def _fact(cell: str, run: str, name: str, passes: dict, t0: dict | None = None, final: dict | None = None,
-          **features):
+          case_id: str | None = None, **features):
+    """A fact of study ``s``, arm ``baseline``; a case id of its own unless ``case_id`` is given."""
     from retention.study.analysis import Fact
 
     steps = (0, 10, 20)
-    return Fact(study="s", cell=cell, arm="baseline", seed=0, run=run, case_id=f"{run}-{name}-{len(features)}",
-                set=name, steps=steps, passed=passes, t0=t0 or {}, final=final or {}, features=features)
+    case_id = case_id or f"case{next(_CASE_IDS)}"
+    return Fact(study="s", cell=cell, arm="baseline", seed=0, run=run, case_id=case_id, set=name, steps=steps,
+                passed=passes, t0=t0 or {}, final=final or {}, features=features)
 
 
 def test_auc_by_hand():

@@ -7,15 +7,19 @@ at t=0 is *lost* at the first measured step where it no longer passes, and *cens
 measured step if it never failed (a fact that fails, then passes again, stays lost: the first loss counts).
 The loss happened somewhere between the previous measurement and that step; the step is what is recorded.
 
-- Survival: Kaplan–Meier (1958) of the loss steps, pooled over the runs and seeds of a condition, with
-  Greenwood's (1926) variance and the log-log interval (Kalbfleisch & Prentice 1980: ``S ** exp(+-z * se)``
-  with ``se = sqrt(sum d / (n (n - d))) / |log S|``; R's ``conf.type = "log-log"``), and the log-rank test
-  (Mantel 1966) of edited against intrinsic facts. Facts are treated as independent, which facts of one run
-  are not quite (they share the fine-tuning), so the intervals are narrower than a seed-level interval.
+- Survival: Kaplan–Meier (1958) of the loss steps, pooled over the runs and seeds of a condition
+  (``scipy.stats.ecdf`` on ``scipy.stats.CensoredData``), with Greenwood's (1926) variance and the log-log
+  interval (Kalbfleisch & Prentice 1980: ``S ** exp(+-z * se)`` with ``se = sqrt(sum d / (n (n - d))) / |log
+  S|``; R's ``conf.type = "log-log"``, SciPy's ``confidence_interval(method="log-log")``), and the log-rank
+  test (Mantel 1966; ``scipy.stats.logrank``) of edited against intrinsic facts. Facts are treated as
+  independent, which facts of one run are not quite (they share the fine-tuning), so the intervals are
+  narrower than a seed-level interval.
 - Predictors: logistic regression of "survived" (never lost up to the last measured step, the Kaplan–Meier
-  event) on per-fact features, by Newton–Raphson (IRLS) on standardised features, with Wald intervals; no
-  SciPy or statsmodels. Features constant in the data or collinear with earlier ones are dropped and named;
-  complete or quasi-complete separation is detected and reported instead of a number.
+  event) on per-fact features (statsmodels' ``Logit``, Newton–Raphson on standardised features), with Wald
+  intervals. A regression that pools facts over a study's grid cells and seeds counts one fact (case id) once
+  per run, so its standard errors are cluster-robust, clustered by case id (``cov_type="cluster"``).
+  Features constant in the data or collinear with earlier ones are dropped and named; complete or
+  quasi-complete separation is detected and reported instead of a number.
 - Matched comparison: edited vs intrinsic retention (passing at the final step, of those passing at t=0, as in
   the report) within quantile bins of the t=0 target log-prob or margin, Wilson intervals per set and bin,
   Newcombe's interval for the difference (:mod:`retention.study.stats`).
@@ -30,6 +34,7 @@ import json
 import logging
 import math
 import re
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,7 +43,9 @@ from statistics import NormalDist, median
 from typing import Any
 
 import numpy as np
+import statsmodels.api as sm
 import yaml
+from scipy import stats
 
 from retention.io import atomic_write_text
 from retention.reporting import save_figure
@@ -171,52 +178,51 @@ class KMStep:
 
 def kaplan_meier(times: Sequence[int], lost: Sequence[bool], level: float = LEVEL) -> list[KMStep]:
     """Kaplan–Meier survival at t=0 and at every step where a fact was lost or censored (events before
-    censorings at a shared step), with Greenwood's variance and the log-log interval."""
+    censorings at a shared step; ``scipy.stats.ecdf``), with Greenwood's standard error and the log-log
+    interval."""
     if len(times) != len(lost):
         raise ValueError(f"kaplan_meier: {len(times)} times and {len(lost)} event flags")
-    z = NormalDist().inv_cdf(0.5 + level / 2)
-    n = len(times)
-    out = [KMStep(0, n, 0, 0, 1.0, 0.0, 1.0, 1.0)]
-    s, greenwood = 1.0, 0.0
-    for t in sorted(set(times)):
-        d = sum(1 for ti, e in zip(times, lost) if ti == t and e)
-        c = sum(1 for ti, e in zip(times, lost) if ti == t and not e)
-        at_risk = sum(1 for ti in times if ti >= t)
-        if d:
-            s *= 1 - d / at_risk
-            greenwood = greenwood + d / (at_risk * (at_risk - d)) if at_risk > d else math.inf
-        if 0 < s < 1:
-            se_ll = math.sqrt(greenwood) / abs(math.log(s))
-            low, high = s ** math.exp(z * se_ll), s ** math.exp(-z * se_ll)
+    t, e = np.asarray(times, dtype=float), np.asarray(lost, dtype=bool)
+    out = [KMStep(0, len(t), 0, 0, 1.0, 0.0, 1.0, 1.0)]
+    if not len(t):
+        return out
+    sf = stats.ecdf(stats.CensoredData(uncensored=t[e], right=t[~e])).sf
+    with warnings.catch_warnings():  # NaN where S is 0 or 1; the interval is the point there (below)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ci = sf.confidence_interval(level, method="log-log")
+    at_risk = np.array([(t >= q).sum() for q in sf.quantiles])
+    events = np.array([(e & (t == q)).sum() for q in sf.quantiles])
+    # SciPy does not expose Greenwood's variance, only intervals built on it; infinite once S reaches 0.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        greenwood = np.cumsum(np.where(events > 0, events / (at_risk * (at_risk - events)), 0.0))
+    for i, q in enumerate(sf.quantiles):
+        s = float(sf.probabilities[i])
+        low, high = (float(ci.low.probabilities[i]), float(ci.high.probabilities[i])) if 0 < s < 1 else (s, s)
+        se = s * math.sqrt(greenwood[i]) if math.isfinite(greenwood[i]) else 0.0
+        step = KMStep(int(q), int(at_risk[i]), int(events[i]), int((~e & (t == q)).sum()), s, se, low, high)
+        if q == 0:
+            out[0] = step
         else:
-            low = high = s
-        se = s * math.sqrt(greenwood) if math.isfinite(greenwood) else 0.0
-        if t == 0 and out[0].step == 0:
-            out[0] = KMStep(0, at_risk, d, c, s, se, low, high)
-        else:
-            out.append(KMStep(t, at_risk, d, c, s, se, low, high))
+            out.append(step)
     return out
 
 
 def logrank(times_a: Sequence[int], lost_a: Sequence[bool], times_b: Sequence[int],
             lost_b: Sequence[bool]) -> tuple[float, float]:
-    """The log-rank test of two samples (Mantel 1966): (chi-square with 1 degree of freedom, p-value); NaN
-    when no fact was lost."""
-    times = sorted({t for t, e in [*zip(times_a, lost_a), *zip(times_b, lost_b)] if e})
-    o_minus_e = var = 0.0
-    for t in times:
-        n1 = sum(1 for x in times_a if x >= t)
-        n2 = sum(1 for x in times_b if x >= t)
-        d1 = sum(1 for x, e in zip(times_a, lost_a) if x == t and e)
-        d = d1 + sum(1 for x, e in zip(times_b, lost_b) if x == t and e)
-        n = n1 + n2
-        o_minus_e += d1 - d * n1 / n
-        if n > 1:
-            var += n1 * n2 * d * (n - d) / (n * n * (n - 1))
-    if var <= 0:
+    """The log-rank test of two samples (Mantel 1966; ``scipy.stats.logrank``): (chi-square with 1 degree of
+    freedom, p-value); NaN when no fact was lost or a sample is empty."""
+    if not len(times_a) or not len(times_b) or not (any(lost_a) or any(lost_b)):
         return math.nan, math.nan
-    chi2 = o_minus_e**2 / var
-    return chi2, 2 * (1 - NormalDist().cdf(math.sqrt(chi2)))
+    samples = []
+    for times, lost in ((times_a, lost_a), (times_b, lost_b)):
+        t, e = np.asarray(times, dtype=float), np.asarray(lost, dtype=bool)
+        samples.append(stats.CensoredData(uncensored=t[e], right=t[~e]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # zero variance (every fact lost at once)
+        res = stats.logrank(*samples)
+    if not math.isfinite(res.statistic):
+        return math.nan, math.nan
+    return float(res.statistic) ** 2, float(res.pvalue)
 
 
 # -- logistic regression ----------------------------------------------------------------------------------------
@@ -257,16 +263,21 @@ class LogitFit:
     log_likelihood: float
     dropped: dict[str, str] = field(default_factory=dict)
     """Feature -> why it was left out (constant, collinear)."""
+    clusters: int = 0
+    """Clusters of the cluster-robust standard errors (0: model-based standard errors)."""
 
 
 def logistic_regression(x: np.ndarray, y: np.ndarray, names: Sequence[str], standardize: bool = True,
-                        level: float = LEVEL, max_iter: int = 100, tol: float = 1e-10) -> LogitFit:
-    """Maximum-likelihood logistic regression of ``y`` (0/1) on the columns of ``x`` with an intercept, by
-    Newton–Raphson (iteratively reweighted least squares, step-halving when the likelihood would fall), with
-    Wald intervals from the inverse Fisher information. With ``standardize`` the fit runs on z-scored columns
-    (better conditioned) and slopes are reported per unit and, through ``sd``, per standard deviation; the
-    intercept is then the log-odds at the features' means. A feature missing (NaN) for more than half the rows
-    is left out (runs that did not record it); then rows with a NaN are left out."""
+                        level: float = LEVEL, max_iter: int = 100, tol: float = 1e-10,
+                        groups: Sequence | None = None) -> LogitFit:
+    """Maximum-likelihood logistic regression of ``y`` (0/1) on the columns of ``x`` with an intercept
+    (statsmodels' ``Logit``, Newton–Raphson), with Wald intervals: model-based standard errors (the inverse
+    Fisher information), or with ``groups`` (one label per row, e.g. the fact's case id) cluster-robust ones
+    (``cov_type="cluster"``; rows of one group are not independent; fewer than two groups, or no more rows
+    than parameters, leave no interval). With ``standardize`` the fit runs on z-scored columns (better
+    conditioned) and slopes are reported per unit and, through ``sd``, per standard deviation; the intercept is
+    then the log-odds at the features' means. A feature missing (NaN) for more than half the rows is left out
+    (runs that did not record it); then rows with a NaN are left out."""
     x = np.asarray(x, dtype=float).reshape(len(y), -1)
     y = np.asarray(y, dtype=float)
     missing = np.isnan(x).mean(axis=0) if len(y) else np.zeros(x.shape[1])
@@ -276,6 +287,11 @@ def logistic_regression(x: np.ndarray, y: np.ndarray, names: Sequence[str], stan
     x, names = x[:, use], [names[j] for j in use]
     keep = ~np.isnan(x).any(axis=1) & ~np.isnan(y)
     x, y = x[keep], y[keep]
+    codes = None
+    if groups is not None:
+        if len(groups) != len(keep):
+            raise ValueError(f"logistic_regression: {len(groups)} groups for {len(keep)} rows")
+        codes = np.unique([str(g) for g in groups], return_inverse=True)[1].reshape(-1)[keep]
     n = len(y)
     cols: list[int] = []
     sds = x.std(axis=0, ddof=1) if n > 1 else np.zeros(x.shape[1])
@@ -294,51 +310,35 @@ def logistic_regression(x: np.ndarray, y: np.ndarray, names: Sequence[str], stan
     design = np.column_stack([np.ones(n), (x[:, cols] - shift) / scale]) if n else np.zeros((0, len(cols) + 1))
     events = int(y.sum())
     labels = ["(intercept)" + (" at the means" if standardize else "")] + [names[j] for j in cols]
+    clusters = len(np.unique(codes)) if codes is not None else 0
     if n == 0 or events in (0, n):
         nan = [Coefficient(lbl, math.nan, math.nan, math.nan, math.nan, math.nan) for lbl in labels]
-        return LogitFit(nan, n, events, False, True, math.nan, dropped)
-
-    def loglik(b: np.ndarray) -> float:
-        eta = design @ b
-        return float(np.sum(y * eta - np.logaddexp(0, eta)))
-
-    beta = np.zeros(design.shape[1])
-    ll, converged = loglik(beta), False
-    for _ in range(max_iter):
-        p = 1 / (1 + np.exp(-(design @ beta)))
-        info = design.T @ (design * (p * (1 - p))[:, None])
+        return LogitFit(nan, n, events, False, True, math.nan, dropped, clusters)
+    # The small-sample factor G / (G - 1) * (n - 1) / (n - k) needs two clusters and more rows than parameters.
+    clustered = clusters >= 2 and n > design.shape[1]
+    robust = {"cov_type": "cluster", "cov_kwds": {"groups": codes}} if clustered else {}
+    with warnings.catch_warnings():  # separation and non-convergence warn; both are judged below
+        warnings.simplefilter("ignore")
         try:
-            step = np.linalg.solve(info, design.T @ (y - p))
+            res = sm.Logit(y, design).fit(method="newton", maxiter=max_iter, tol=tol, disp=0, **robust)
         except np.linalg.LinAlgError:
-            break
-        for _ in range(30):  # step-halving
-            new = beta + step
-            new_ll = loglik(new)
-            if new_ll >= ll - 1e-12:
-                break
-            step = step / 2
-        beta, ll = new, new_ll
-        if np.max(np.abs(step)) < tol:
-            converged = True
-            break
-    p = 1 / (1 + np.exp(-(design @ beta)))
+            res = None
+    if res is None:
+        nan = [Coefficient(lbl, math.nan, math.nan, math.nan, math.nan, math.nan) for lbl in labels]
+        return LogitFit(nan, n, events, False, True, math.nan, dropped, clusters)
+    beta, converged = np.asarray(res.params), bool(res.mle_retvals["converged"])
+    # Under (quasi-)separation Newton's steps run off to ever larger slopes instead of converging.
     separated = not converged or bool(np.max(np.abs(beta[1:]), initial=0) > 15) or bool(
         np.max(np.abs(beta), initial=0) > 30)
-    try:
-        cov = np.linalg.inv(design.T @ (design * (p * (1 - p))[:, None]))
-        se = np.sqrt(np.maximum(np.diag(cov), 0))
-    except np.linalg.LinAlgError:
-        se = np.full(len(beta), math.nan)
-    if separated:
-        se = np.full(len(beta), math.nan)
-    zq = NormalDist().inv_cdf(0.5 + level / 2)
+    se, (low, high) = np.asarray(res.bse), np.asarray(res.conf_int(1 - level)).T
+    if separated or (codes is not None and not clustered):
+        se = low = high = np.full(len(beta), math.nan)
     coefficients = []
     for i, label in enumerate(labels):
         unit = 1.0 if i == 0 else float(scale[i - 1])
-        b, s = beta[i] / unit, se[i] / unit
         sd = math.nan if i == 0 else float(sds[cols[i - 1]])
-        coefficients.append(Coefficient(label, float(b), float(s), float(b - zq * s), float(b + zq * s), sd))
-    return LogitFit(coefficients, n, events, converged, separated, ll, dropped)
+        coefficients.append(Coefficient(label, *(float(v[i] / unit) for v in (beta, se, low, high)), sd))
+    return LogitFit(coefficients, n, events, converged, separated, float(res.llf), dropped, clusters)
 
 
 # -- features ---------------------------------------------------------------------------------------------------
@@ -629,8 +629,8 @@ def logrank_rows(facts: Sequence[Fact], level: float = LEVEL) -> list[dict]:
 def predictor_rows(facts: Sequence[Fact], level: float = LEVEL) -> tuple[list[dict], list[dict]]:
     """Logistic regressions of survival per study, arm and protocol, pooled over grid cells and seeds (the
     grid's doses, such as K or n_edit, are features; arms of one seed share their facts, so they are not
-    pooled): edited facts, intrinsic facts, and both with an ``edited`` indicator. Returns (coefficient rows,
-    model rows)."""
+    pooled): edited facts, intrinsic facts, and both with an ``edited`` indicator; standard errors clustered
+    by case id (a fact recurs in every cell of its seed). Returns (coefficient rows, model rows)."""
     coef_rows, model_rows = [], []
     models = (("edited", "edited", EDITED_PREDICTORS), ("intrinsic", "intrinsic", INTRINSIC_PREDICTORS),
               ("edited vs intrinsic", None, BOTH_PREDICTORS))
@@ -641,10 +641,10 @@ def predictor_rows(facts: Sequence[Fact], level: float = LEVEL) -> tuple[list[di
                 continue
             x = np.array([[float(f.features.get(n, math.nan)) for n in names] for f, _ in chosen])
             y = np.array([0.0 if lost else 1.0 for _, (_, lost) in chosen])
-            fit = logistic_regression(x, y, names, level=level)
+            fit = logistic_regression(x, y, names, level=level, groups=[f.case_id for f, _ in chosen])
             slopes = max(1, len(fit.coefficients) - 1)
             model_rows.append({"study": study, "arm": arm, "protocol": protocol, "model": label, "n": fit.n,
-                               "survived": fit.events,
+                               "survived": fit.events, "clusters": fit.clusters,
                                "events_per_feature": min(fit.events, fit.n - fit.events) / slopes,
                                "converged": fit.converged, "separated": fit.separated,
                                "log_likelihood": fit.log_likelihood,
@@ -789,14 +789,15 @@ def sensitivity_summary(rows: Sequence[dict], at_risk: dict[tuple, int]) -> list
 
 
 def auc(scores: Sequence[float], outcomes: Sequence[bool], level: float = LEVEL) -> tuple[float, float, float]:
-    """Area under the ROC curve of ``scores`` for ``outcomes`` (the Mann–Whitney probability that a random
-    positive scores above a random negative, ties counting half) with Hanley & McNeil's (1982) interval; NaN
+    """Area under the ROC curve of ``scores`` for ``outcomes``: the Mann–Whitney probability that a random
+    positive scores above a random negative, ties counting half (``scipy.stats.mannwhitneyu``'s U / (n1 n0)),
+    with Hanley & McNeil's (1982) interval (no library has their standard error; its formula is here); NaN
     when either class is empty."""
     pos = [s for s, o in zip(scores, outcomes) if o]
     neg = [s for s, o in zip(scores, outcomes) if not o]
     if not pos or not neg:
         return math.nan, math.nan, math.nan
-    a = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg))
+    a = float(stats.mannwhitneyu(pos, neg).statistic) / (len(pos) * len(neg))
     q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
     var = (a * (1 - a) + (len(pos) - 1) * (q1 - a * a) + (len(neg) - 1) * (q2 - a * a)) / (len(pos) * len(neg))
     half = NormalDist().inv_cdf(0.5 + level / 2) * math.sqrt(max(var, 0.0))
@@ -805,23 +806,25 @@ def auc(scores: Sequence[float], outcomes: Sequence[bool], level: float = LEVEL)
 
 def single_feature_rows(facts: Sequence[Fact], level: float = LEVEL) -> list[dict]:
     """One feature at a time: per study, arm, protocol and set, the logistic slope of survival on each
-    predictor alone (per SD, Wald interval), its AIC, and the AUC [Hanley–McNeil] of the feature as a score for
-    survival; the comparison 'does the t=0 margin predict survival better than K' reads off these rows."""
+    predictor alone (per SD, Wald interval clustered by case id), its AIC, and the AUC [Hanley–McNeil] of the
+    feature as a score for survival; the comparison 'does the t=0 margin predict survival better than K' reads
+    off these rows."""
     rows = []
     for (study, arm), group in _by_arm(facts).items():
         for protocol in protocols_of(group):
             for name, names in (("edited", EDITED_PREDICTORS), ("intrinsic", INTRINSIC_PREDICTORS)):
                 chosen = [(f, o) for f in group if f.set == name and (o := f.outcome(protocol))]
                 for feature in names:
-                    pairs = [(float(f.features.get(feature, math.nan)), not o[1]) for f, o in chosen]
-                    pairs = [(v, y) for v, y in pairs if not math.isnan(v)]
-                    if len({v for v, _ in pairs}) < 2:
+                    rows_f = [(v, not o[1], f.case_id) for f, o in chosen
+                              if not math.isnan(v := float(f.features.get(feature, math.nan)))]
+                    if len({v for v, _, _ in rows_f}) < 2:
                         continue
-                    fit = logistic_regression(np.array([[v] for v, _ in pairs]),
-                                              np.array([float(y) for _, y in pairs]), [feature], level=level)
+                    values, kept, cases = zip(*rows_f)
+                    fit = logistic_regression(np.array(values)[:, None], np.array(kept, dtype=float),
+                                              [feature], level=level, groups=cases)
                     slope = [c for c in fit.coefficients if c.name == feature]
                     b, lo, hi = slope[0].per_sd if slope else (math.nan,) * 3
-                    a, a_lo, a_hi = auc([v for v, _ in pairs], [y for _, y in pairs], level)
+                    a, a_lo, a_hi = auc(values, kept, level)
                     rows.append({"study": study, "arm": arm, "protocol": protocol, "set": name, "feature": feature,
                                  "n": fit.n, "survived": fit.events, "per_sd": b, "per_sd_low": lo,
                                  "per_sd_high": hi, "separated": fit.separated,
@@ -846,7 +849,8 @@ def dose_rows(facts: Sequence[Fact], min_levels: int = 3, level: float = LEVEL) 
     """Retention against each numeric grid axis of a study with at least ``min_levels`` values (K, n_edit,
     ...): per value, series (the cell's other grid values), arm, protocol and set, the facts passing at t=0
     and at the last step (Wilson interval), pooled over seeds; ``trend`` rows give the logistic slope of
-    'kept' on the dose within each series (per unit of the dose, Wald interval)."""
+    'kept' on the dose within each series (per unit of the dose, Wald interval clustered by case id: a fact
+    recurs at every dose of its seed)."""
     rows = []
     by_study: dict[str, list[Fact]] = defaultdict(list)
     for f in facts:
@@ -857,7 +861,7 @@ def dose_rows(facts: Sequence[Fact], min_levels: int = 3, level: float = LEVEL) 
             values = {p[key] for p in parts.values() if key in p}
             if len(values) < min_levels or any(_number(v) is None for v in values):
                 continue
-            kept: dict[tuple, list[tuple[float, bool]]] = defaultdict(list)
+            kept: dict[tuple, list[tuple[float, bool, str]]] = defaultdict(list)
             runs: dict[tuple, set] = defaultdict(set)
             for f in group:
                 cell = parts[f.cell]
@@ -866,18 +870,20 @@ def dose_rows(facts: Sequence[Fact], min_levels: int = 3, level: float = LEVEL) 
                 series = cell_label([(k, v) for k, v in cell.items() if k != key])
                 for protocol in f.passed:
                     if (k := f.kept_final(protocol)) is not None:
-                        kept[(series, f.arm, protocol, f.set)].append((float(_number(cell[key])), k))
+                        point = (float(_number(cell[key])), k, f.case_id)
+                        kept[(series, f.arm, protocol, f.set)].append(point)
                         runs[(series, f.arm, protocol, f.set, float(_number(cell[key])))].add(f.run)
             for (series, arm, protocol, name), points in sorted(kept.items()):
                 base = {"study": study, "dose": key, "series": series, "arm": arm, "protocol": protocol, "set": name}
-                for x in sorted({x for x, _ in points}):
-                    k = sum(y for v, y in points if v == x)
-                    n = sum(1 for v, _ in points if v == x)
+                for x in sorted({x for x, _, _ in points}):
+                    k = sum(y for v, y, _ in points if v == x)
+                    n = sum(1 for v, _, _ in points if v == x)
                     w = wilson(k, n, level)
                     rows.append({**base, "value": x, "kept": k, "n": n, "runs": len(runs[(series, arm, protocol,
                                  name, x)]), "rate": w.estimate, "low": w.low, "high": w.high})
-                fit = logistic_regression(np.array([[x] for x, _ in points]),
-                                          np.array([float(y) for _, y in points]), [key], level=level)
+                fit = logistic_regression(np.array([[x] for x, _, _ in points]),
+                                          np.array([float(y) for _, y, _ in points]), [key], level=level,
+                                          groups=[c for _, _, c in points])
                 slope = [c for c in fit.coefficients if c.name == key]
                 rows.append({**base, "value": "trend", "kept": fit.events, "n": fit.n, "runs": math.nan,
                              "rate": slope[0].estimate if slope and not fit.separated else math.nan,
@@ -1015,18 +1021,24 @@ def survival_markdown(logrank_table: Sequence[dict], notes: Sequence[str], image
     return "\n".join(lines) + "\n"
 
 
+CLUSTER_NOTE = ("Wald intervals of the regressions use cluster-robust standard errors clustered by case id: "
+                "a fact counted in several grid cells, seeds or runs is one cluster, not independent rows.")
+
+
 def predictors_markdown(coef: Sequence[dict], models: Sequence[dict], relations: Sequence[dict]) -> str:
     lines = ["# What predicts survival", "",
              "Logistic regression of *survived* (passing at t=0 and at every later measured step) on per-fact "
-             "features, per study and arm, pooled over grid cells and seeds; Newton–Raphson on standardised features, 95 % Wald "
-             "intervals. Slopes are log-odds per standard deviation of the feature (its SD in the data in the "
-             "`sd` column of predictors.csv, which also has the slope per unit). Features constant in the data "
+             "features, per study and arm, pooled over grid cells and seeds; maximum likelihood (statsmodels' "
+             "Logit) on standardised features, 95 % Wald intervals. Slopes are log-odds per standard deviation "
+             "of the feature (its SD in the data in the `sd` column of predictors.csv, which also has the slope "
+             "per unit). Features constant in the data "
              "or collinear with earlier ones are left out; separation (a feature splitting survivors from lost "
              "facts perfectly) leaves no estimate. Fewer than about 10 of the rarer outcome per feature "
-             "(Peduzzi et al. 1996) makes the slopes unreliable. **Bold**: the interval excludes zero."]
+             "(Peduzzi et al. 1996) makes the slopes unreliable. **Bold**: the interval excludes zero.", "",
+             CLUSTER_NOTE]
     for m in models:
         lines += ["", f"## {m['study']}: {m['arm']}, {m['model']}, `{m['protocol']}`", "",
-                  f"{m['n']} facts, {m['survived']} survived; "
+                  f"{m['n']} facts ({m['clusters']} case ids), {m['survived']} survived; "
                   + ("**separation or no variation in the outcome: no estimates**" if m["separated"] else
                      f"log-likelihood {m['log_likelihood']:.2f}")
                   + (f"; fewer than 10 of the rarer outcome per feature ({m['events_per_feature']:.1f}): "
@@ -1106,7 +1118,7 @@ def dose_markdown(rows: Sequence[dict], curves: Sequence[dict], images: Sequence
              "grid axis with three or more values, per series (the cell's other grid values), pooled over seeds; "
              "95 % Wilson intervals over facts (facts of one run share its fine-tuning, so these are narrower than "
              "a seed-level interval). *trend*: the logistic slope of 'kept' on the dose, per unit of the dose, "
-             "within the series [95 % Wald]. dose.csv has every row."]
+             "within the series [95 % Wald]. dose.csv has every row.", "", CLUSTER_NOTE]
     points = [r for r in rows if r["value"] != "trend"]
     trends = {(r["study"], r["dose"], r["series"], r["arm"], r["protocol"], r["set"]): r
               for r in rows if r["value"] == "trend"}
@@ -1144,7 +1156,8 @@ def single_feature_markdown(rows: Sequence[dict]) -> str:
     lines = ["", "## One feature at a time", "",
              "Each predictor alone: its log-odds slope per SD [95 % Wald], AIC (lower fits better; the same facts "
              "only when n is the same) and AUC of the feature as a score for survival [95 % Hanley–McNeil; 0.5: no "
-             "information, below 0.5: higher values survive less]. single_features.csv has every row.", ""]
+             "information, below 0.5: higher values survive less]. single_features.csv has every row.", "",
+             CLUSTER_NOTE + " The AUC interval treats the rows as independent.", ""]
     body = [[f"{r['study']}: {r['arm']}", r["protocol"], r["set"], r["feature"], f"{r['survived']}/{r['n']}",
              "separated" if r["separated"] else _ci(r["per_sd"], r["per_sd_low"], r["per_sd_high"], sign=True),
              _f(r["aic"], 1), _ci(r["auc"], r["auc_low"], r["auc_high"])] for r in rows]

@@ -2,23 +2,26 @@
 
 - Seeds are the unit of replication of a study: each seed draws its own facts, split and fine-tuning order, so
   a rate's spread over seeds holds all of that variation. With n >= 2 seeds the interval of the mean is the
-  t-interval ``mean +- t(0.975, n-1) * sd / sqrt(n)``; a difference of two arms (or edited minus intrinsic) is
-  taken seed by seed first (same facts, same fine-tuning data order) and the t-interval is that of the
-  differences (the paired t-interval).
-- A pooled count k of n probes has Wilson's score interval (Wilson 1927), which stays inside [0, 1] and behaves
-  at k = 0 or k = n; a difference of two independent pooled rates has Newcombe's hybrid score interval
-  (Newcombe 1998, method 10). These are what a single run or the ``single`` protocol (one seed) gets; they treat
-  probes as independent, which they are not quite (probes of one fact move together), so they are narrower
-  than the seed intervals.
+  t-interval ``mean +- t(0.975, n-1) * sd / sqrt(n)`` (``scipy.stats.ttest_1samp(...).confidence_interval``);
+  a difference of two arms (or edited minus intrinsic) is taken seed by seed first (same facts, same
+  fine-tuning data order) and the t-interval is that of the differences (the paired t-interval).
+- A pooled count k of n probes has Wilson's score interval (Wilson 1927; statsmodels' ``proportion_confint``,
+  ``method="wilson"``), which stays inside [0, 1] and behaves at k = 0 or k = n; a difference of two
+  independent pooled rates has Newcombe's hybrid score interval (Newcombe 1998, method 10; statsmodels'
+  ``confint_proportions_2indep``, ``method="newcomb"``). These are what a single run or the ``single``
+  protocol (one seed) gets; they treat probes as independent, which they are not quite (probes of one fact
+  move together), so they are narrower than the seed intervals.
 """
 
 from __future__ import annotations
 
-import functools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from statistics import NormalDist
+
+from scipy import stats
+from statsmodels.stats.proportion import confint_proportions_2indep, proportion_confint
 
 LEVEL = 0.95
 
@@ -47,33 +50,11 @@ class Interval:
 NAN = float("nan")
 
 
-def _t_cdf_from_zero(x: float, df: int, intervals: int = 4000) -> float:
-    """P(0 <= T <= x) for Student's t with ``df`` degrees of freedom (composite Simpson's rule on the density)."""
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-
-    def pdf(t: float) -> float:
-        return math.exp(log_c - (df + 1) / 2 * math.log1p(t * t / df))
-
-    h = x / intervals
-    total = pdf(0.0) + pdf(x) + sum((4 if i % 2 else 2) * pdf(i * h) for i in range(1, intervals))
-    return total * h / 3
-
-
-@functools.lru_cache(maxsize=64)
 def t_quantile(p: float, df: int) -> float:
-    """The ``p`` quantile (p > 0.5) of Student's t with ``df`` degrees of freedom, by bisection on its CDF
-    (a few hundred microseconds; accurate to ~1e-7 for the levels used here). Without SciPy on purpose: the
-    package adds no dependency for two numbers."""
+    """The ``p`` quantile (p > 0.5) of Student's t with ``df`` degrees of freedom (``scipy.stats.t.ppf``)."""
     if not 0.5 < p < 1 or df < 1:
         raise ValueError(f"t_quantile: p={p} must be in (0.5, 1) and df={df} >= 1")
-    target = p - 0.5
-    low, high = 0.0, 1.0
-    while _t_cdf_from_zero(high, df) < target:
-        high *= 2
-    for _ in range(60):
-        mid = (low + high) / 2
-        low, high = (mid, high) if _t_cdf_from_zero(mid, df) < target else (low, mid)
-    return (low + high) / 2
+    return float(stats.t.ppf(p, df))
 
 
 def t_interval(values: Sequence[float], level: float = LEVEL,
@@ -87,9 +68,10 @@ def t_interval(values: Sequence[float], level: float = LEVEL,
     mean = sum(xs) / n
     if n < 2:
         return Interval(mean, NAN, NAN, n)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    half = t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
-    return Interval(mean, max(bounds[0], mean - half), min(bounds[1], mean + half), n)
+    with warnings.catch_warnings():  # equal values (every seed kept everything) warn of precision loss
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ci = stats.ttest_1samp(xs, 0.0).confidence_interval(level)
+    return Interval(mean, max(bounds[0], float(ci.low)), min(bounds[1], float(ci.high)), n)
 
 
 def paired_interval(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> Interval:
@@ -105,22 +87,19 @@ def wilson(count: int, n: int, level: float = LEVEL) -> Interval:
         return Interval(NAN, NAN, NAN, 0)
     if not 0 <= count <= n:
         raise ValueError(f"wilson: count {count} outside 0..{n}")
-    z = NormalDist().inv_cdf(0.5 + level / 2)
-    p = count / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    # At k = 0 (k = n) the lower (upper) bound is exactly 0 (1); the formula leaves rounding noise there.
-    low = 0.0 if count == 0 else max(0.0, centre - half)
-    high = 1.0 if count == n else min(1.0, centre + half)
-    return Interval(p, low, high, n)
+    low, high = proportion_confint(count, n, alpha=1 - level, method="wilson")
+    # At k = 0 (k = n) the lower (upper) bound is exactly 0 (1); the formula can leave rounding noise there.
+    low = 0.0 if count == 0 else max(0.0, float(low))
+    high = 1.0 if count == n else min(1.0, float(high))
+    return Interval(count / n, low, high, n)
 
 
 def newcombe(k1: int, n1: int, k2: int, n2: int, level: float = LEVEL) -> Interval:
     """``k1/n1 - k2/n2`` for independent samples with Newcombe's hybrid score interval."""
-    a, b = wilson(k1, n1, level), wilson(k2, n2, level)
-    if a.n == 0 or b.n == 0:
+    if n1 <= 0 or n2 <= 0:
         return Interval(NAN, NAN, NAN, 0)
-    d = a.estimate - b.estimate
-    low = d - math.sqrt((a.estimate - a.low) ** 2 + (b.high - b.estimate) ** 2)
-    high = d + math.sqrt((a.high - a.estimate) ** 2 + (b.estimate - b.low) ** 2)
-    return Interval(d, low, high, min(n1, n2))
+    for k, n in ((k1, n1), (k2, n2)):
+        if not 0 <= k <= n:
+            raise ValueError(f"newcombe: count {k} outside 0..{n}")
+    low, high = confint_proportions_2indep(k1, n1, k2, n2, method="newcomb", compare="diff", alpha=1 - level)
+    return Interval(k1 / n1 - k2 / n2, float(low), float(high), min(n1, n2))
