@@ -12,7 +12,9 @@ config) carries a ``provenance`` block:
   of the text read (None for a hub corpus, which has no fixed bytes);
 - ``model``: the base model's name and weight fingerprint.
 
-:func:`pooling_key` is what ``retention report`` compares before pooling runs.
+:func:`environment_key` and :func:`digest_conflicts` are what ``retention report`` checks before pooling runs:
+one environment, and every corpus spec and model name read as the same bytes in every run. Corpora and models
+that differ by name (an editor's key-statistics corpus, a grid over models) are conditions, not conflicts.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import functools
 import hashlib
 import platform
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -108,17 +111,38 @@ def provenance(corpora: dict[str, str | None] | None = None, model: str | None =
     }
 
 
-def pooling_key(block: dict[str, Any] | None) -> tuple:
-    """What must agree for two results to be pooled: code (version, commit, uncommitted diff), lock, Python,
-    corpus digests and base model fingerprint. Results without a block share one key (recorded before
-    provenance existed)."""
+def environment_key(block: dict[str, Any] | None) -> tuple:
+    """What must agree for two results to be pooled at all: code (version, commit, uncommitted diff), lock and
+    Python. Results without a block share one key (recorded before provenance existed)."""
     if not block:
         return ("unrecorded",)
     c = block.get("code", {})
-    corpora = tuple(sorted((role, (v or {}).get("sha256") or (v or {}).get("spec"))
+    return (c.get("retention"), c.get("commit"), c.get("diff_sha256"), block.get("lock_sha256"), block.get("python"))
+
+
+def pooling_key(block: dict[str, Any] | None) -> tuple:
+    """The whole provenance as a key: the environment, the corpus digests by role and the base model's
+    fingerprint (runs of one study may differ in corpora or model by design, as grid values)."""
+    if not block:
+        return environment_key(block)
+    corpora = tuple(sorted((role, (v or {}).get("spec"), (v or {}).get("sha256"))
                            for role, v in block.get("corpora", {}).items()))
-    return (c.get("retention"), c.get("commit"), c.get("diff_sha256"), block.get("lock_sha256"), block.get("python"),
-            corpora, (block.get("model") or {}).get("fingerprint"))
+    model = block.get("model") or {}
+    return environment_key(block) + (corpora, model.get("name"), model.get("fingerprint"))
+
+
+def digest_conflicts(blocks: Iterable[dict[str, Any] | None]) -> list[str]:
+    """Corpus specs (per role) and model names that read different bytes in different results: the data
+    changed under the same name."""
+    seen: dict[tuple[str, Any], set] = {}
+    for block in filter(None, blocks):
+        for role, v in block.get("corpora", {}).items():
+            seen.setdefault((role, (v or {}).get("spec")), set()).add((v or {}).get("sha256"))
+        model = block.get("model") or {}
+        seen.setdefault(("model", model.get("name")), set()).add(model.get("fingerprint"))
+    return [f"{role} {name!r} has {len(digests)} different digests "
+            f"({', '.join(sorted(str(d)[:12] for d in digests))})"
+            for (role, name), digests in seen.items() if len(digests) > 1]
 
 
 def describe(block: dict[str, Any] | None) -> str:

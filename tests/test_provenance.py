@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import yaml
@@ -31,16 +30,25 @@ def test_a_run_records_code_lock_corpora_and_model(tmp_path, tiny_llama, monkeyp
     if (Path(__file__).parents[1] / ".git").exists():
         assert re.fullmatch(r"[0-9a-f]{40}", block["code"]["commit"]) and isinstance(block["code"]["dirty"], bool)
 
-    # The same run with another task corpus (its digest changed) is refused, then kept apart when labelled.
+    # A run whose key statistics came from another corpus by name (another editor's preset) pools with it.
     runs = tmp_path / "runs"
-    shutil.copytree(runs / "a", runs / "b")
-    other = json.loads((runs / "b" / "summary.json").read_text())
+    other = json.loads((runs / "a" / "summary.json").read_text())
+    other["provenance"]["corpora"]["mom2"] = {"spec": "wikitext2", "sha256": "1" * 64}
+    other["run"]["seed"] = 1
+    (runs / "c").mkdir()
+    (runs / "c" / "summary.json").write_text(json.dumps(other))
+    assert cli_main(["report", str(runs / "a"), str(runs / "c"), "--out", str(tmp_path / "rep_c")]) == 0
+    # The same task file read as other bytes (edited in place) is refused, then kept apart when labelled.
+    other = json.loads((runs / "a" / "summary.json").read_text())
     other["provenance"]["corpora"]["task"]["sha256"] = "0" * 64
+    (runs / "b").mkdir()
     (runs / "b" / "summary.json").write_text(json.dumps(other))
     assert pooling_key(other["provenance"]) != pooling_key(block)
+    capsys.readouterr()
     assert cli_main(["report", str(runs / "a"), str(runs / "b"), "--out", str(tmp_path / "rep")]) == 2
     err = capsys.readouterr().err
     assert "not pooled" in err and "p1: 1 run(s)" in err and "p2: 1 run(s)" in err and "--mixed_provenance label" in err
+    assert "task " in err and "has 2 different digests" in err
     assert not (tmp_path / "rep" / "report.md").exists()
     assert cli_main(["report", str(runs / "a"), str(runs / "b"), "--out", str(tmp_path / "rep"),
                      "--mixed_provenance", "label"]) == 0

@@ -25,9 +25,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from retention.diskcache import digest
 from retention.io import atomic_write_text
-from retention.provenance import describe, pooling_key
+from retention.provenance import describe, digest_conflicts, environment_key, pooling_key
 from retention.records import GROUP_LABELS, GROUPS
 from retention.reporting import INCOMPLETE, save_figure
 from retention.study.runner import DONE
@@ -100,19 +102,23 @@ def provenance_groups(results: Sequence[RunResult]) -> dict[tuple, list[RunResul
 
 
 def _check_provenance(results: list[RunResult], baselines: dict[str, str], mixed: str) -> list[RunResult]:
-    """The runs as they may be pooled: all of one provenance; else a ReportError (``refuse``) or, with
-    ``label``, each provenance group's studies renamed ``<study> [p<i>]`` so they are never pooled."""
+    """The runs as they may be pooled: one environment (:func:`retention.provenance.environment_key`) and no
+    corpus or model name read as different bytes; else a ReportError (``refuse``) or, with ``label``, each
+    provenance group's studies renamed ``<study> [p<i>]`` so they are never pooled."""
     if mixed not in MIXED_PROVENANCE:
         raise ReportError(f"--mixed_provenance {mixed!r}: choose from {', '.join(MIXED_PROVENANCE)}")
-    groups = provenance_groups(results)
-    if len(groups) == 1:
+    blocks = [r.summary.get("provenance") for r in results]
+    conflicts = digest_conflicts(blocks)
+    if len({environment_key(b) for b in blocks}) == 1 and not conflicts:
         return results
+    groups = provenance_groups(results)
     lines = [f"  p{i}: {len(runs)} run(s), e.g. {runs[0].folder}: {describe(runs[0].summary.get('provenance'))}"
-             for i, runs in enumerate(groups.values(), 1)]
+             for i, runs in enumerate(groups.values(), 1)] + [f"  {c}" for c in conflicts]
     if mixed == "refuse":
-        raise ReportError("the runs were produced by different code, environment, corpora or base model and are "
-                          "not pooled:\n" + "\n".join(lines) + "\nreport them separately, or pass "
-                          "--mixed_provenance label to keep each group apart in one report")
+        raise ReportError("the runs were produced by different code or environment, or read different bytes under "
+                          "one corpus or model name, and are not pooled:\n" + "\n".join(lines)
+                          + "\nreport them separately, or pass --mixed_provenance label to keep each group apart in "
+                          "one report")
     log.warning("runs of %d provenances, kept apart:\n%s", len(groups), "\n".join(lines))
     labelled = []
     for i, runs in enumerate(groups.values(), 1):
@@ -129,6 +135,18 @@ def load_results(folders: Sequence[str | Path], mixed_provenance: str = "refuse"
     """Finished runs of the given study or run folders; the baseline arm of each study; what was left out.
     Runs of different provenance are refused or labelled apart (``mixed_provenance``, :func:`_check_provenance`)."""
     results, baselines, missing = [], {}, []
+    seen: dict[Any, Path] = {}
+    """Resolved run folder, and digest of its summary, -> the folder first given: a run given twice (two
+    spellings of one path, a study and one of its runs, or a copy of a run folder) counts once."""
+
+    def add(result: RunResult) -> None:
+        for key in (result.folder.resolve(), digest(result.summary)):
+            if key in seen:
+                log.warning("%s is the run %s, given already: counted once", result.folder, seen[key])
+                return
+        seen[result.folder.resolve()] = seen[digest(result.summary)] = result.folder
+        results.append(result)
+
     for folder in map(Path, folders):
         if (folder / "study.json").is_file():
             state = json.loads((folder / "study.json").read_text(encoding="utf-8"))
@@ -139,12 +157,12 @@ def load_results(folders: Sequence[str | Path], mixed_provenance: str = "refuse"
                 if run["state"] != "done" or not (run_dir / DONE).is_file():
                     missing.append(f"{name}/{run['name']} ({run['state']})")
                     continue
-                results.append(RunResult(Condition(name, cell_label(list(run["cell"].items())), run["arm"]), run["seed"], run["fact"],
-                                         _read_summary(run_dir), run_dir))
+                add(RunResult(Condition(name, cell_label(list(run["cell"].items())), run["arm"]), run["seed"],
+                              run["fact"], _read_summary(run_dir), run_dir))
         elif (folder / "summary.json").is_file() or (folder / INCOMPLETE).is_file():
             summary = _read_summary(folder)
-            results.append(RunResult(Condition(folder.name, "all", folder.name), int(summary["run"].get("seed", 0)),
-                                     None, summary, folder))
+            add(RunResult(Condition(folder.resolve().name, "all", folder.resolve().name),
+                          int(summary["run"].get("seed", 0)), None, summary, folder))
         else:
             raise ReportError(f"{folder}: neither a study folder (study.json) nor a run folder (summary.json)")
     if not results:
