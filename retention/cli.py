@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import sys
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
@@ -52,7 +53,7 @@ def command_parser(args_cls: type, description: str | None, config: bool = True,
     """A subcommand's parser: the fields of the dataclass ``args_cls`` (help from their attribute docstrings) and,
     with ``config``, ``-c/--config`` and ``--print_config``."""
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = ArgumentParser(description=description)
+    parser = ArgumentParser(description=description, allow_abbrev=False)
     if config:
         parser.add_argument("-c", "--config", action=ActionConfigFile,
                             help="A YAML file of these options (as --print_config writes it); later flags override it.")
@@ -64,14 +65,14 @@ def build_parser(command: str | None = None) -> ArgumentParser:
     """The ``retention`` parser; only ``command``'s subparser is built in full (the others import heavy modules)."""
     from retention import __version__
 
-    parser = ArgumentParser(prog="retention", version=__version__,
+    parser = ArgumentParser(prog="retention", version=__version__, allow_abbrev=False,
                             description="How well does knowledge edited into a language model survive fine-tuning?")
     subcommands = parser.add_subcommands(required=True, dest="command")
     for name, help_ in COMMANDS.items():
         if name == command and name != "fit":
             sub = _module(name).parser()
         else:
-            sub = ArgumentParser(description=help_)
+            sub = ArgumentParser(description=help_, allow_abbrev=False)
         subcommands.add_subcommand(name, sub, help=help_)
     return parser
 
@@ -108,6 +109,21 @@ def comma_lists(argv: list[str], list_fields: set[str]) -> list[str]:
     return out
 
 
+def check_config_files(argv: list[str]) -> None:
+    """Raise :class:`UsageError` naming a ``-c/--config`` file that is not valid YAML (jsonargparse's message
+    does not name it)."""
+    import yaml
+
+    values = [v for flag, v in zip(argv, argv[1:]) if flag in ("-c", "--config")]
+    values += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for value in values:
+        if Path(value).is_file():
+            try:
+                yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+            except yaml.YAMLError as err:
+                raise UsageError(f"--config {value}: not valid YAML: {err}") from None
+
+
 def to_args(args_cls: type, ns: Namespace) -> Any:
     """The dataclass ``args_cls`` from a parsed namespace (dropping ``config`` and other parser-only keys)."""
     values = ns.as_dict()
@@ -131,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     module = _module(name) if name in COMMANDS else None
     if module is not None:
         argv = [name, *comma_lists(argv[1:], _list_fields(module.ARGS))]
+    try:
+        check_config_files(argv[1:])
+    except UsageError as err:
+        print(f"retention {name}: error: {err}", file=sys.stderr)
+        return 2
     cfg = parser.parse_args(argv)
     module = module or _module(cfg.command)
     args = to_args(module.ARGS, cfg[cfg.command])

@@ -1,7 +1,8 @@
 """Atomic file writing: a reader never sees a half-written result, and a killed writer's leftovers are found.
 
 A temporary is written beside its target as ``.<name>.<random>.tmp<pid>`` and renamed over the target when done;
-:func:`remove_stale_temporaries` removes the ones left by writers that died.
+:func:`remove_stale_temporaries` removes the ones left by writers that died. :func:`lock_folder` makes a
+folder one process's own for as long as it writes there.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,10 @@ def atomic_path(path: str | Path, folder: bool = False) -> Iterator[Path]:
     os.chmod(tmp, (0o777 if folder else 0o666) & ~_UMASK)
     try:
         yield tmp
+        # Writers that replace the temporary (safetensors' save_file) leave private files; results are not.
+        for entry in [tmp, *(tmp.rglob("*") if folder else ())]:
+            if entry.is_file() and not entry.is_symlink():
+                os.chmod(entry, 0o666 & ~_UMASK)
         if folder and path.is_dir():
             # A folder cannot be renamed over a non-empty one: the old one is moved aside (a temporary) first.
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=suffix))
@@ -104,6 +111,37 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
             removed.append(entry)
             log.warning("removed %s, the temporary of an interrupted write", entry)
     return removed
+
+
+LOCK = ".lock"
+"""The lock file of a run or study folder. It stays when released: deleting it could let two processes each
+lock a file of that name."""
+
+
+class FolderLocked(RuntimeError):
+    """A folder another process holds the lock of; names the folder."""
+
+
+def lock_folder(folder: str | Path, what: str) -> FileLock:
+    """Take ``<folder>/.lock`` (creating the folder), without waiting: held until released or the process
+    ends, however it ends. Raises :class:`FolderLocked` when another process (or another lock in this one)
+    holds it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise FolderLocked(f"{folder} is in use by another {what} (that process holds {folder / LOCK}): wait "
+                           "for it to end, or stop it first") from None
+    return lock
+
+
+def empty_folder(folder: str | Path, keep: tuple[str, ...] = ()) -> None:
+    """Delete everything in ``folder`` but the entries named in ``keep``."""
+    for entry in Path(folder).iterdir():
+        if entry.name not in keep:
+            _remove(entry)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

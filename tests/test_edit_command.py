@@ -152,3 +152,16 @@ def test_case_ids_from_data_never_leave_the_output_folder(records, tmp_path):
     saved = sorted(p.name for p in (out / "edits").iterdir())
     assert len(saved) == 2 and all("/" not in n and n not in (".", "..") for n in saved)
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "absolute").exists()
+
+
+def test_single_mode_refuses_case_ids_that_share_an_edit_folder(records, tmp_path):
+    rows = json.loads(records.read_text())
+    rows[0]["case_id"], rows[1]["case_id"] = "a/b", "a_b"
+    clash = tmp_path / "clash.json"
+    clash.write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"case ids 'a/b' and 'a_b' both name the edit folder edits/a_b"):
+        main(["--model", "tiny-llama", "--editor", "ft-m", "--data", str(clash), "--n", "2", "--select_known",
+              "none", "--mode", "single", "--out", str(out), "--hparams", "smollm2-135m",
+              "--set", "{layers: [1], steps: 1}"])
+    assert not out.exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import yaml
@@ -97,3 +98,18 @@ def run_one_rank(root: Path, tokenizer) -> tuple[Path, Path]:
     config = write_config(root, "one")
     assert main(["--config", str(config)]) == 0
     return config, root / "runs" / "one"
+
+
+class WaitAt(Callback):
+    """At training step ``step``, creates ``<path>.waiting`` and waits (at most 5 minutes) until ``path``
+    exists: a run held alive while another process tries its folder."""
+
+    def __init__(self, step: int, path: str):
+        self.step, self.path = step, Path(path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            self.path.with_name(self.path.name + ".waiting").touch()
+            deadline = time.monotonic() + 300
+            while not self.path.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)

@@ -28,6 +28,8 @@ from retention.callbacks.pipeline import PipelineCallback
 
 Policy = Literal["none", "edited", "window", "upto", "only_edited", "list", "located"]
 POLICIES = ("none", "edited", "window", "upto", "only_edited", "list", "located")
+NEEDS_EDITS = ("edited", "window", "upto", "only_edited")
+"""The policies that freeze according to the edited layers."""
 
 
 def frozen_layers(policy: str, num_layers: int, edited: list[int] | None = None, window: int = 1,
@@ -78,6 +80,8 @@ class FreezeLayers(PipelineCallback):
             raise ValueError("FreezeLayers: policy 'list' needs layers, e.g. layers: [3, 4, 5]")
         if layers is not None and policy != "list":
             raise ValueError(f"FreezeLayers: layers are given only with policy 'list' (policy is {policy!r})")
+        if window < 0:
+            raise ValueError(f"FreezeLayers: window={window}: must be >= 0")
         self.policy = policy
         self.window = window
         self.layers = layers

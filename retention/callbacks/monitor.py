@@ -43,7 +43,13 @@ class RetentionMonitor(PipelineCallback):
             max_new_tokens: greedy tokens generated per probe for the ``gen`` protocol.
         """
         if every_n_steps < 0:
-            raise ValueError(f"every_n_steps={every_n_steps}: must be >= 0")
+            raise ValueError(f"monitor.every_n_steps={every_n_steps}: must be >= 0")
+        if not protocols:
+            raise ValueError("monitor.protocols is empty: retention is measured under at least one protocol "
+                             "(top1, prob, token_acc, gen)")
+        if batch_size < 1 or max_new_tokens < 1:
+            raise ValueError(f"monitor.batch_size={batch_size}, monitor.max_new_tokens={max_new_tokens}: "
+                             "both must be >= 1")
         self.settings = ScoreSettings(tuple(check_protocols(protocols)), batch_size, max_new_tokens)
         self.every_n_steps = every_n_steps
         self.probes: list[Probe] = []

@@ -173,9 +173,12 @@ class RunReport(PipelineCallback):
             "total_s": time.perf_counter() - self._t_start,
         }
         stats = dict(state.stats)
-        n_dropped = getattr(getattr(trainer.datamodule, "task", None), "n_dropped", None)
-        if n_dropped is not None:
-            stats["task_examples_dropped"] = int(n_dropped)
+        task = getattr(trainer.datamodule, "task", None)
+        if getattr(task, "n_dropped", None) is not None:
+            stats["task_examples_dropped"] = int(task.n_dropped)
+        read = getattr(task, "read_report", None)
+        if read is not None:  # malformed task records skipped under task.on_error: skip
+            stats["task_records_read"], stats["task_records_skipped"] = read.read, read.skipped
         run = {**state.edit, **stats, "model": getattr(pl_module, "model_name", ""),
                "frozen_layers": sorted(state.frozen_layers)}
         self.summary = summarize(run, state.protocols, [m.to_dict() for m in state.measurements],

@@ -157,6 +157,15 @@ def run(args: EditArgs) -> dict:
     records = select_known(model, tokenizer, records, args.select_known, args.n, args.batch_size_scoring)
     if not records:
         raise ValueError(f"no facts to edit from {args.data}")
+    if args.mode == "single":
+        folders: dict[str, str] = {}
+        for case_id in (str(r.case_id) for r in records):
+            name = safe_name(case_id)
+            if name in folders:
+                raise ValueError(f"{args.data}: case ids {folders[name]!r} and {case_id!r} both name the "
+                                 f"edit folder edits/{name} (--mode single saves one folder per case id): give "
+                                 "the facts distinct case ids")
+            folders[name] = case_id
     probes = [p for r in records for p in r.edit_probes()]
     score = dict(protocols=PROTOCOLS, batch_size=args.batch_size_scoring)
     before = score_probes(model, tokenizer, probes, **score)

@@ -9,11 +9,14 @@ With a model, a task and no edits it fine-tunes and reports; the retention pipel
 
 Every run writes into ``<run.out_dir>/<run.name>/``: the resolved ``config.yaml``, the CSV logger's
 ``metrics.csv`` and ``hparams.yaml``, W&B files (offline unless credentials exist) and, with
-``run.save_model``, the merged fine-tuned model under ``model/``. A run never mixes with another: an existing
-folder is refused unless ``run.overwrite`` (which empties it first) or ``--ckpt_path`` (which resumes it), and
-``incomplete.json`` marks the folder until the run has finished. ``checkpoints/last.ckpt`` is rewritten every
-``run.checkpoint_every`` steps; ``--ckpt_path last`` resumes an interrupted run to the same results as an
-uninterrupted one (weights, data position, token counts, curves, ``metrics.csv`` rows).
+``run.save_model``, the merged fine-tuned model under ``model/``. A run never mixes with another: it holds
+the folder's lock (``.lock``) while it runs, an existing folder is refused unless ``run.overwrite`` (which
+empties it first, and only a run folder) or ``--ckpt_path`` (which resumes it), and ``incomplete.json`` marks
+the folder until the run has finished. ``checkpoints/last.ckpt`` is rewritten every ``run.checkpoint_every``
+steps; ``--ckpt_path last`` resumes an interrupted run to the same results as an uninterrupted one (weights,
+data position, token counts, curves, ``metrics.csv`` rows). A resume is the run that wrote the checkpoint:
+another config or data is refused unless ``run.resume_changes`` names the keys. Checkpoints are read as
+tensors and plain values only.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
+from filelock import FileLock
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
@@ -42,9 +46,18 @@ from typing_extensions import override
 
 from retention.arch import out_of_range
 from retention.callbacks import PIPELINE
-from retention.callbacks.checkpoint import LAST, LastCheckpoint
+from retention.callbacks.checkpoint import (
+    LAST,
+    RUN_KEY,
+    CheckpointError,
+    LastCheckpoint,
+    RunIdentity,
+    flatten,
+    load_checkpoint,
+)
+from retention.callbacks.freeze import NEEDS_EDITS
 from retention.data.datamodule import TaskDataModule
-from retention.io import atomic_write_json
+from retention.io import LOCK, atomic_write_json, atomic_write_text, empty_folder, lock_folder
 from retention.models import model_num_layers
 from retention.modules.finetune import FineTuneModule
 from retention.reporting import INCOMPLETE
@@ -84,34 +97,55 @@ class RunArgs:
     """W&B run tags (``retention study`` sets the arm, the grid cell and the seed)."""
     overwrite: bool = False
     """Replace an existing run folder of this name (its files are deleted first). Without it an existing folder
-    is refused, unless the run resumes from its checkpoint (``--ckpt_path last``)."""
+    is refused, unless the run resumes from its checkpoint (``--ckpt_path last``). A folder another run is
+    using, or one that no run wrote, is never replaced."""
     checkpoint_every: int = 50
     """Rewrite ``<run folder>/checkpoints/last.ckpt`` every this many optimizer steps, for ``--ckpt_path last``
     after an interruption (trainable weights, optimizer, data position, curves and the edit); 0 for none."""
     keep_checkpoint: bool = False
     """Keep ``last.ckpt`` after the run has finished (by default it is deleted: it exists to resume, and holds
     ~1.6 GB for a full fine-tune of the default model)."""
+    resume_changes: list[str] | None = None
+    """Keys of the resolved config (dotted, e.g. ``model.optimizer.lr``; ``"*"`` for any) that may differ from
+    the run that wrote the checkpoint on ``--ckpt_path``; a data file's content changes under its key.
+    Without it a resume with another config or data is refused. ``config.yaml`` records both values."""
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 0:
             raise ValueError(f"run.checkpoint_every={self.checkpoint_every}: must be >= 0")
 
 
-def prepare_run_folder(run_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Make ``run_dir`` this run's own: refuse an existing one unless ``overwrite`` (emptied) or ``resume``; mark
-    it incomplete until the run finishes."""
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not resume:
+RUN_MARKERS = (INCOMPLETE, "config.yaml", "summary.json")
+"""Files a run writes into its folder; ``run.overwrite`` deletes only a folder that holds one."""
+
+
+def prepare_run_folder(run_dir: Path, overwrite: bool, resume: bool) -> FileLock:
+    """Make ``run_dir`` this run's own: refuse an existing one unless ``overwrite`` (emptied; only a run
+    folder) or ``resume``, and one another run is using; mark it incomplete until the run finishes. Returns
+    the folder's lock, which the caller holds until the run ends."""
+    existing = run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir())
+    if existing and not resume:
         if not overwrite:
             raise FileExistsError(
                 f"run folder {run_dir} exists: choose another run.name, replace it with run.overwrite true, or "
                 "resume it with --ckpt_path last"
             )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / INCOMPLETE, {
-        "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "note": "this run has not finished; its files may be partial (resume it with --ckpt_path last)",
-    })
+        if not any((run_dir / name).exists() for name in RUN_MARKERS):
+            raise FileExistsError(f"run.overwrite: {run_dir} is not a run folder (it holds none of "
+                                  f"{', '.join(RUN_MARKERS)}), and only run folders are replaced: choose "
+                                  "another run.name or run.out_dir")
+    lock = lock_folder(run_dir, "run")
+    try:
+        if existing and not resume:
+            empty_folder(run_dir, keep=(LOCK,))
+        atomic_write_json(run_dir / INCOMPLETE, {
+            "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "note": "this run has not finished; its files may be partial (resume it with --ckpt_path last)",
+        })
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def launched_as_rank_zero(env: dict[str, str] | None = None) -> bool:
@@ -123,15 +157,48 @@ def launched_as_rank_zero(env: dict[str, str] | None = None) -> bool:
     return all(int(env.get(k, 0)) == 0 for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK", "GROUP_RANK"))
 
 
-def resume_point(run_dir: Path, ckpt_path: str) -> tuple[Path, int]:
-    """The checkpoint ``--ckpt_path`` names (``last``: this run's ``checkpoints/last.ckpt``) and its step."""
+def resume_point(run_dir: Path, ckpt_path: str) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint ``--ckpt_path`` names (``last``: this run's ``checkpoints/last.ckpt``) and its content,
+    read without running code (a sharded checkpoint's folder: its ``meta.pt``, everything but the weights)."""
     path = run_dir / "checkpoints" / LAST if ckpt_path == "last" else Path(ckpt_path)
-    # A file, or a sharded checkpoint's folder (FSDP2) whose meta.pt holds everything but the weights.
-    meta = path if path.is_file() else path / "meta.pt"
-    if not meta.is_file():
+    if not (path.is_file() or (path / "meta.pt").is_file()):
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no checkpoint at {path}")
-    checkpoint = torch.load(meta, map_location="cpu", mmap=True, weights_only=False)
-    return path, int(checkpoint["global_step"])
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint.get("global_step"), int):
+        raise CheckpointError(f"{path}: not a checkpoint of retention fit (no integer global_step)")
+    return path, checkpoint
+
+
+RESUME_FREE_KEYS = ("config", "ckpt_path", "weights_only", "run.overwrite", "run.wandb",
+                    "run.keep_checkpoint", "run.resume_changes", "trainer.enable_progress_bar")
+"""Resolved keys a resume may change freely: how a run is started, shown and kept, not what it computes."""
+
+
+def check_resume(path: Path, checkpoint: dict[str, Any], identity: RunIdentity, allowed: list[str]) -> None:
+    """Refuse to resume from ``checkpoint`` (read from ``path``) with a config or data that differs from the
+    run that wrote it, in keys other than ``allowed``; record the allowed changes in ``identity``."""
+    stored = checkpoint.get(RUN_KEY)
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{path}: records no config (written before retention checked resumes, or "
+                              "not by retention fit), so this resume cannot be shown to be the same run: "
+                              "start the run again, or resume it anyway with --run.resume_changes '[\"*\"]'")
+    differences = identity.differences(stored)
+    known = set(identity.config) | set(stored.get("config", {}))
+    unknown = [k for k in allowed if k != "*" and k not in known]
+    if unknown:
+        raise ValueError(f"run.resume_changes: {unknown} are not keys of the resolved config (dotted keys, "
+                         "e.g. model.optimizer.lr; --print_config shows them)")
+    refused = [k for k in differences if "*" not in allowed and k not in allowed]
+    if refused:
+        lines = "".join(f"  {k}: {differences[k][0]!r} in the checkpoint, {differences[k][1]!r} now\n"
+                        for k in refused)
+        raise CheckpointError(
+            f"{path}: this resume is not the run that wrote the checkpoint; its config differs in:\n{lines}"
+            "resume with the checkpoint's values, or allow the change with "
+            f"--run.resume_changes '[{','.join(refused)}]' (config.yaml then records both values)")
+    step = checkpoint["global_step"]
+    identity.changes = [*stored.get("changes", []), *({"step": step, "key": k, "before": b, "after": a}
+                                                      for k, (b, a) in differences.items())]
 
 
 def rewind_run_folder(run_dir: Path, step: int) -> list[dict]:
@@ -183,7 +250,10 @@ def _config_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[str]:
     path = path.resolve()
     if path in seen:
         raise ValueError(f"{path}: config files include each other ({' -> '.join(map(str, (*seen, path)))})")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ValueError(f"--config {path}: not valid YAML: {err}") from None
     if not isinstance(data, dict) or "config" not in data:
         return [str(path)]
     parents = data.pop("config")
@@ -227,6 +297,14 @@ class RunConfig(SaveConfigCallback):
     def save_config(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         config.pop("config", None)  # the --config layers themselves; their content is in the groups
+        identity = next((c for c in trainer.callbacks if isinstance(c, RunIdentity)), None)
+        if identity is not None and identity.changes:
+            config["resume_changes"] = identity.changes
+            path = Path(trainer.log_dir) / self.config_filename
+            notes = "".join(f"#   {c['key']}: {c['before']!r} up to step {c['step']}, then {c['after']!r}\n"
+                            for c in identity.changes)
+            atomic_write_text(path, path.read_text(encoding="utf-8") + "# Resumed with changes "
+                              "(run.resume_changes); the values above ran after the last change:\n" + notes)
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
 
@@ -259,14 +337,34 @@ class FitCLI(LightningCLI):
         warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
         self.fit_seconds = 0.0
         self.parse_only = parse_only
+        self.lock: FileLock | None = None
+        """The run folder's lock (on global rank 0), held from the folder's preparation to the run's end."""
+        self.fresh_folder: Path | None = None
+        """The run folder, when this run (on global rank 0) made it afresh rather than resuming it."""
         args = expand_config_includes(args)
-        super().__init__(
-            FineTuneModule, TaskDataModule, subclass_mode_model=False, subclass_mode_data=False,
-            trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0, save_config_callback=RunConfig,
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False, args=args if parse_only else ["fit", *args], run=not parse_only,
-            parser_kwargs={"exit_on_error": False} if parse_only else None,
-        )
+        try:
+            super().__init__(
+                FineTuneModule, TaskDataModule, subclass_mode_model=False, subclass_mode_data=False,
+                trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0, save_config_callback=RunConfig,
+                save_config_kwargs={"overwrite": True},
+                auto_configure_optimizers=False, args=args if parse_only else ["fit", *args],
+                run=not parse_only,
+                # No abbreviated flags: --trainer.max_step would set trainer.max_steps silently.
+                parser_kwargs={"allow_abbrev": False, **({"exit_on_error": False} if parse_only else {})},
+            )
+        except BaseException:
+            self.forget_failed_start()
+            raise
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def forget_failed_start(self) -> None:
+        """Delete the folder of a fresh run that failed before its first optimizer step: it holds no results,
+        and left behind it would block the corrected rerun ("run folder exists")."""
+        trainer = getattr(self, "trainer", None)
+        if self.fresh_folder is not None and (trainer is None or trainer.global_step == 0):
+            shutil.rmtree(self.fresh_folder, ignore_errors=True)
 
     @staticmethod
     @override
@@ -302,6 +400,9 @@ class FitCLI(LightningCLI):
         named = {"edits.hparams layers": init["edits"].editor_layers(model_name),
                  "freeze.layers": init["freeze"].layers,
                  "model.adapter.target_layers": self.fit_config.model.adapter.target_layers}
+        if init["freeze"].policy in NEEDS_EDITS and not init["edits"].active:
+            raise ValueError(f"freeze.policy {init['freeze'].policy} freezes by the edited layers, but "
+                             "nothing is edited (edits.n_edit and edits.n_control are 0)")
         n = model_num_layers(model_name)
         for flag, layers in named.items():
             bad = out_of_range(layers or [], n) if n is not None else []
@@ -336,14 +437,24 @@ class FitCLI(LightningCLI):
             raise ValueError(f"run.name {name!r} must be a plain folder name inside run.out_dir (no '/', no '..'); "
                              "set run.out_dir for another place")
         run_dir = Path(run.out_dir) / name
+        parser = self._parser(self.subcommand)
+        identity = RunIdentity(flatten(yaml.safe_load(parser.dump(self.fit_config, skip_none=False))),
+                               RESUME_FREE_KEYS)
         kept_rows: list[dict] = []
+        checkpoint = None
         if self.ckpt_path is not None:
-            path, step = resume_point(run_dir, self.ckpt_path)
+            if self.config_init[self.subcommand].get("weights_only") is False:
+                raise ValueError("--weights_only false: retention fit loads checkpoints as tensors and plain "
+                                 "values only, never running code from them")
+            path, checkpoint = resume_point(run_dir, self.ckpt_path)
+            check_resume(path, checkpoint, identity, run.resume_changes or [])
             self.config_init[self.subcommand].ckpt_path = str(path)
-            if launched_as_rank_zero():
-                kept_rows = rewind_run_folder(run_dir, step)
         if launched_as_rank_zero():
-            prepare_run_folder(run_dir, run.overwrite, resume=self.ckpt_path is not None)
+            self.lock = prepare_run_folder(run_dir, run.overwrite, resume=checkpoint is not None)
+            if checkpoint is not None:
+                kept_rows = rewind_run_folder(run_dir, checkpoint["global_step"])
+            else:
+                self.fresh_folder = run_dir
         trainer_config = self.config_init[self.subcommand].trainer
         user_loggers = trainer_config.get("logger")
         loggers = run_loggers(run_dir, name, run.wandb, run.group, run.tags)
@@ -353,7 +464,7 @@ class FitCLI(LightningCLI):
             loggers.append(user_loggers)
         elif isinstance(user_loggers, list):
             loggers += user_loggers
-        callbacks = list(trainer_config.get("callbacks") or [])
+        callbacks = [*(trainer_config.get("callbacks") or []), identity]
         if run.checkpoint_every and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks.append(LastCheckpoint(run_dir / "checkpoints", run.checkpoint_every))
             kwargs["enable_checkpointing"] = True
@@ -374,6 +485,11 @@ class FitCLI(LightningCLI):
             self.trainer.ckpt_path = self.ckpt_path
             self.config_init[self.subcommand].ckpt_path = None
         self.fit_seconds = -time.perf_counter()
+
+    def fit(self, **kwargs: Any) -> None:
+        """``trainer.fit``, restoring a checkpoint as :func:`load_checkpoint` reads one: tensors and plain
+        values only."""
+        self.trainer.fit(**{**kwargs, "weights_only": True})
 
     def after_fit(self) -> None:
         self.fit_seconds += time.perf_counter()

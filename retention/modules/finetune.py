@@ -40,6 +40,8 @@ from retention.scoring import gathered_root, is_sharded
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+MAX_SANE_LR = 1.0
+"""Above this ``optimizer.lr`` gets a warning (fine-tuning rates are ~1e-6 to 1e-3)."""
 
 
 @dataclass
@@ -92,8 +94,11 @@ class OptimizerArgs:
     ``constant``."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optimizer.lr must be positive, got {self.lr}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"optimizer.lr must be a positive finite number, got {self.lr}")
+        if self.lr > MAX_SANE_LR:
+            log.warning("optimizer.lr=%g is above %g: AdamW steps that large usually wreck the model (NaN "
+                        "weights)", self.lr, MAX_SANE_LR)
         if self.warmup_steps < 0:
             raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.schedule not in ("cosine", "constant"):
@@ -407,6 +412,23 @@ class FineTuneModule(LightningModule):
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     # -- optimisation ----------------------------------------------------------------------------------
+
+    @override
+    def on_train_start(self) -> None:
+        """A resumed run trains with its own optimizer settings: the optimizer and scheduler states restored
+        from the checkpoint carry the learning rate, betas and weight decay they were written with, which
+        differ when the resume was allowed to change them (``run.resume_changes``). Unchanged, this sets the
+        same floats."""
+        if self.trainer.ckpt_path is None:
+            return
+        o = self.optim
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        scheduler = self.lr_schedulers()
+        scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
+        # The groups of param_groups(): matrices with weight decay, then vectors without.
+        for i, (group, decay) in enumerate(zip(optimizer.param_groups, (o.weight_decay, 0.0))):
+            group.update(lr=o.lr * scheduler.lr_lambdas[i](scheduler.last_epoch), initial_lr=o.lr,
+                         betas=tuple(o.betas), weight_decay=decay)
 
     @override
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

@@ -5,10 +5,13 @@ state; rewritten atomically after every change), ``configs/`` (the override file
 subprocess's output under ``--jobs``), ``runs/<run>/`` (what ``retention fit`` writes) and ``report/``.
 
 A run is finished when its folder holds ``study_run.json``, written atomically after ``retention fit`` returned
-with a ``summary.json``; it records the digest of the run's resolved config. A run killed half-way resumes from
-its ``checkpoints/last.ckpt`` (``--ckpt_path last``, to the same results as an uninterrupted run); one killed
-before its first checkpoint is deleted and run again from nothing. A finished run whose config has since changed (the study
-file or a file it includes was edited) is reported and the study stops, unless ``redo_changed`` discards it.
+with a ``summary.json``; it records the digest of the run's resolved config and the SHA-256 of the data files
+it names. A run killed half-way resumes from its ``checkpoints/last.ckpt`` (``--ckpt_path last``, to the same
+results as an uninterrupted run); one killed before its first checkpoint is deleted and run again from
+nothing.
+A finished run whose config or data has since changed (the study file, a file it includes or a data file was
+edited) is reported and the study stops, unless ``redo_changed`` discards it. A study holds its folder's lock
+while it runs: a second process on the same study stops with a message.
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ from typing import Any
 
 import yaml
 
-from retention.callbacks.checkpoint import LAST
+from retention.callbacks.checkpoint import LAST, config_files, flatten
 from retention.diskcache import digest
-from retention.io import atomic_write_json, atomic_write_text
+from retention.io import FolderLocked, atomic_write_json, atomic_write_text, lock_folder
 from retention.provenance import code, lock_sha256
 from retention.study.spec import StudyError, StudyRun, StudySpec
 
@@ -43,22 +46,14 @@ IGNORED_KEYS = ("run.wandb",)
 """Resolved keys that do not change a run's results, left out of its config digest."""
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and scalars are leaves)."""
-    if not isinstance(tree, dict) or not tree:
-        return {prefix: tree} if prefix else {}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
 @dataclass
 class PlannedRun:
     run: StudyRun
     argv: list[str]
     config: dict[str, Any]
     """The resolved config, flattened (dotted keys)."""
+    files: dict[str, str] = dataclasses.field(default_factory=dict)
+    """The SHA-256 of the data files the config names, by key (:func:`config_files`)."""
 
     @property
     def digest(self) -> str:
@@ -118,7 +113,7 @@ class Study:
             if n_edit is not None and int(config["edits.n_edit"]) != n_edit:
                 raise StudyError(f"study {self.spec.name}: run {run.name} has edits.n_edit "
                                  f"{config['edits.n_edit']}; the single protocol needs the same {n_edit} everywhere")
-            planned.append(PlannedRun(run, argv, config))
+            planned.append(PlannedRun(run, argv, config, config_files(config)))
         return planned
 
     # -- state -----------------------------------------------------------------------------------------------
@@ -143,21 +138,50 @@ class Study:
         })
 
     def changed(self, planned: list[PlannedRun]) -> list[tuple[str, list[str]]]:
-        """Finished runs whose config differs from the one they ran with: (name, the differing keys)."""
+        """Finished runs whose config, or a data file it names, differs from the one they ran with: (name, the
+        differing keys; a data file's key as ``<key> (file content)``)."""
         out = []
         for p in planned:
             done = self.finished(p.run)
-            if done is not None and done["config_digest"] != p.digest:
-                old = done.get("config", {})
-                keys = sorted(k for k in set(old) | set(p.config)
-                              if k not in IGNORED_KEYS and old.get(k, "<absent>") != p.config.get(k, "<absent>"))
+            if done is None:
+                continue
+            # Records written before file digests were kept have none: their files count as unchanged.
+            old, files = done.get("config", {}), done.get("files", p.files)
+            keys = sorted(k for k in set(old) | set(p.config)
+                          if k not in IGNORED_KEYS and old.get(k, "<absent>") != p.config.get(k, "<absent>"))
+            keys += [f"{k} (file content)" for k in sorted(set(files) | set(p.files))
+                     if k not in keys and files.get(k) != p.files.get(k)]
+            if keys or done["config_digest"] != p.digest:
                 out.append((p.run.name, keys))
         return out
 
     # -- running ---------------------------------------------------------------------------------------------
 
     def run(self, jobs: int = 1, redo_changed: bool = False) -> dict[str, dict]:
-        """Run every unfinished run; returns the state of each run by name."""
+        """Run every unfinished run, holding the study folder's lock throughout; returns the state of each run
+        by name. Raises :class:`StudyError` when another process runs the study."""
+        try:
+            lock = lock_folder(self.folder, "retention study process")
+        except FolderLocked as err:
+            raise StudyError(f"study {self.spec.name}: {err}") from None
+        try:
+            return self._run(jobs, redo_changed)
+        finally:
+            lock.release()
+
+    def _discard(self, name: str) -> None:
+        """Delete a run's folder, unless a run (a ``retention fit`` started by hand) is using it."""
+        folder = self.runs_dir / name
+        try:
+            lock = lock_folder(folder, "run")
+        except FolderLocked as err:
+            raise StudyError(f"study {self.spec.name}: run {name} must be run again, but {err}") from None
+        try:
+            shutil.rmtree(folder)
+        finally:
+            lock.release()
+
+    def _run(self, jobs: int, redo_changed: bool) -> dict[str, dict]:
         t0 = time.perf_counter()
         planned = self.plan()
         changed = self.changed(planned)
@@ -170,7 +194,7 @@ class Study:
                 "discard and rerun them."
             )
         for name, _ in changed:
-            shutil.rmtree(self.runs_dir / name)
+            self._discard(name)
         states: dict[str, dict] = {}
         todo = []
         for p in planned:
@@ -179,12 +203,12 @@ class Study:
                 states[p.run.name] = {"state": "done", "seconds": done.get("seconds")}
                 continue
             folder = self.runs_dir / p.run.name
-            if (folder / "checkpoints" / LAST).is_file():
+            if (folder / "checkpoints" / LAST).exists():  # a file, or a link to a sharded checkpoint folder
                 log.info("run %s was interrupted: it resumes from its checkpoint", p.run.name)
                 p = dataclasses.replace(p, argv=[*p.argv, "--ckpt_path", "last"])
             elif folder.exists():
                 log.info("run %s was interrupted before its first checkpoint: it starts again", p.run.name)
-                shutil.rmtree(folder)
+                self._discard(p.run.name)
             todo.append(p)
         log.info("study %s: %d runs, %d finished before, %d to run (%s)", self.spec.name, len(planned),
                  len(planned) - len(todo), len(todo), f"{jobs} at a time" if jobs > 1 else "in this process")
@@ -196,7 +220,8 @@ class Study:
                 error = "retention fit returned without a summary.json (no edit or control set measured?)"
             if error is None:
                 atomic_write_json(self.runs_dir / p.run.name / DONE,
-                                  {"config_digest": p.digest, "config": p.config, "seconds": seconds})
+                                  {"config_digest": p.digest, "config": p.config, "files": p.files,
+                                   "seconds": seconds})
                 states[p.run.name] = {"state": "done", "seconds": seconds}
             else:
                 states[p.run.name] = {"state": "failed", "seconds": seconds, "error": error}

@@ -196,6 +196,14 @@ class StudySpec:
                         name = re.sub(r"[^\w.=-]+", "_", "__".join(parts))
                         runs.append(StudyRun(name, tuple((a, lbl) for a, lbl, _ in cell), arm, seed, fact,
                                              overrides))
+        first: dict[str, StudyRun] = {}
+        for run in runs:
+            other = first.setdefault(run.name, run)
+            if other is not run:
+                raise StudyError(f"study file {self.source}: field 'grid': cells ({other.cell_label}) and "
+                                 f"({run.cell_label}) both give the run folder {run.name!r} (characters "
+                                 "other than letters, digits and '_ . = -' become '_'): make the values "
+                                 "differ in letters or digits")
         return runs
 
     def to_dict(self) -> dict[str, Any]:

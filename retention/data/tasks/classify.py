@@ -168,9 +168,52 @@ def _pairs(config: TaskConfig, report: ReadReport) -> list[tuple[str, str]]:
     majority = f"{kinds[kind]} of {len(rows)}" if kind else ""
 
     def pair(loc: str, row: tuple[str, Any]) -> tuple[str, str]:
-        return row[0], verbalise(row[1], config.verbalizers, where, loc, label_name, kind, majority)
+        label = verbalise(row[1], config.verbalizers, where, loc, label_name, kind, majority)
+        if config.labels is not None and label not in config.labels:
+            raise RecordError(where, loc, label_name,
+                              f"label {label!r} is not one of task.labels {config.labels}")
+        return row[0], label
 
-    return convert_records(rows, pair, report)
+    pairs = convert_records(rows, pair, report)
+    if config.labels is None:
+        counts = Counter(label for _, label in pairs)
+        check_vocabulary(counts, set(config.verbalizers.values()), where, label_name)
+    return pairs
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest insertions, deletions and substitutions that turn ``a`` into ``b``."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        diagonal, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (ca != cb))
+    return row[-1]
+
+
+def check_vocabulary(counts: Counter[str], declared: set[str], where: str, name: str) -> None:
+    """Refuse a label vocabulary that holds a likely typo, which would become a class of its own in every
+    prompt: a label not in ``declared`` (the verbalisers' words) that is rare (at most 1% of the records) or
+    within one letter (labels of up to 5 letters) or two of a label at least as frequent. Labels under 4
+    letters are never near one another (``A``/``B``, ``yes``/``no``)."""
+
+    def near(a: str, b: str) -> bool:
+        allowed = 1 if max(len(a), len(b)) <= 5 else 2
+        return min(len(a), len(b)) >= 4 and edit_distance(a.lower(), b.lower()) <= allowed
+
+    n = sum(counts.values())
+    for label, count in sorted(counts.items(), key=lambda item: (item[1], item[0])):
+        if label in declared:
+            continue
+        close = [other for other in counts
+                 if other != label and counts[other] >= count and near(label, other)]
+        if close or count * 100 <= n:
+            why = (f"is within one or two letters of {close[0]!r} ({counts[close[0]]} records)" if close
+                   else "is that rare")
+            raise RecordError(where, "-", name, f"label {label!r} appears in {count} of {n} records and "
+                              f"{why}: a misspelt label would be a class of its own in every prompt. Correct the "
+                              "records, or list the label words with task.labels (then any other label is a "
+                              "malformed record)")
 
 
 def _records(config: TaskConfig, report: ReadReport) -> Iterator[tuple[str, Any]]:

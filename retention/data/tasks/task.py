@@ -60,6 +60,10 @@ class TaskConfig:
     """Classify: raw label -> the word the model learns and is scored on (word labels default to themselves). The
     labels of a source are of one kind, integers (``0``/``1``) or words (``spam``/``ham``), the kind most of them
     have; a label of another kind (``pos`` or ``1.0`` among integers) is a malformed record."""
+    labels: list[str] | None = None
+    """Classify: the label words (after verbalizers) a source has; a record with another is malformed. None:
+    the words found, where a rare label (at most 1% of the records) or one within a letter or two of another
+    is refused as a likely typo unless it is a verbaliser's word."""
     prompt_template: str | None = None
     """Classify: the user message, with ``{text}`` and optionally ``{labels}``; None for the default."""
     max_new_tokens: int = 256
