@@ -5,7 +5,7 @@ STAMP := $(VENV)/.setup-done
 LOCK := requirements.lock
 LOCK_VENV := .lock-venv
 
-.PHONY: setup lock demo test test-fast bench lint clean
+.PHONY: setup lock demo test test-fast bench lint wheelhouse clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m bench
+
+# The wheels an offline GPU host lacks (see docs/scale.md, the GPU check): no torch, no model.
+wheelhouse:
+	bash bench/wheelhouse.sh dist/wheelhouse
 
 lint: setup
 	$(VENV)/bin/ruff check retention tests bench
