@@ -372,3 +372,14 @@ def test_print_config_round_trips_from_another_folder(study, tmp_path, capsys, m
         assert again.base == [p.resolve() for p in original.base]
     else:  # an inline fit config
         assert again.base == original.base
+
+
+def test_a_deadline_leaves_the_runs_it_cannot_finish_pending(tiny_study, capsys):
+    # With no run finished there is no estimate, so the first run starts; it takes longer than the 1 s deadline.
+    assert _study_main(tiny_study, "--deadline", "1") == 0
+    states = [r["state"] for r in _state(tiny_study)["runs"]]
+    assert states == ["done", "pending", "pending", "pending"]
+    out = capsys.readouterr().out
+    assert "--deadline 1 s: 3 run(s) not started, left pending" in out and "frozen__seed1" in out
+    assert _study_main(tiny_study) == 0
+    assert [r["state"] for r in _state(tiny_study)["runs"]] == ["done"] * 4

@@ -4,6 +4,7 @@ resumable command, then write its report.
     retention study -c configs/studies/paper_smollm2_cpu.yaml
     retention study -c configs/studies/paper_gpt2xl.yaml --dry_run true
     retention study -c my_study.yaml --jobs 4            # 4 runs at a time (one per GPU where GPUs exist)
+    retention study -c my_study.yaml --deadline 3600     # start no run that cannot end within the hour
     retention study -c my_study.yaml --print_config > resolved.yaml   # the study as resolved; -c takes it back
 
 Re-running the same command after an interruption (even ``kill -9``) keeps the finished runs and redoes the one
@@ -35,6 +36,9 @@ class StudyArgs:
     jobs: PositiveInt = 1
     """Runs at a time: 1 runs them one after another in this process; N > 1 runs N subprocesses (CPU threads
     split between them; at most one run per GPU where GPUs exist)."""
+    deadline: PositiveInt | None = None
+    """Seconds from now: start no run that cannot end by then (estimated by the mean duration of the finished
+    runs); the runs left are listed and the same command without it (or with a new one) runs them later."""
     redo_changed: bool = False
     """Discard and rerun finished runs whose config changed since they ran (default: stop and list them)."""
     report: bool = True
@@ -81,11 +85,14 @@ def execute(args: StudyArgs) -> int:
                 overrides = ", ".join(f"{k}={v}" for k, v in p.run.overrides.items())
                 print(f"  {p.run.name}: {overrides}")
             return 0
-        states = study.run(args.jobs, args.redo_changed)
+        states = study.run(args.jobs, args.redo_changed, args.deadline)
     except StudyError as err:
         print(f"retention study: {err}", file=sys.stderr)
         return 2
     failed = [name for name, s in states.items() if s["state"] != "done"]
+    if study.left:
+        print(f"study {spec.name}: --deadline {args.deadline} s: {len(study.left)} run(s) not started, left pending "
+              f"(run the same command again to run them): {', '.join(study.left)}")
     print(f"study {spec.name}: {len(states) - len(failed)} of {len(states)} runs finished "
           f"({time.perf_counter() - t0:.0f} s); folder {study.folder}")
     if args.report and len(failed) < len(states):

@@ -24,6 +24,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -67,6 +68,8 @@ class Study:
         self.spec = spec
         self.folder = spec.folder(out_dir)
         self.runs_dir = self.folder / "runs"
+        self.left: list[str] = []
+        """Runs the last :meth:`run` left pending because of its deadline."""
 
     # -- planning --------------------------------------------------------------------------------------------
 
@@ -157,15 +160,17 @@ class Study:
 
     # -- running ---------------------------------------------------------------------------------------------
 
-    def run(self, jobs: int = 1, redo_changed: bool = False) -> dict[str, dict]:
+    def run(self, jobs: int = 1, redo_changed: bool = False, deadline: float | None = None) -> dict[str, dict]:
         """Run every unfinished run, holding the study folder's lock throughout; returns the state of each run
-        by name. Raises :class:`StudyError` when another process runs the study."""
+        by name. With ``deadline`` (seconds from now) no run starts that the mean duration of the finished runs
+        says cannot end by then; those are left pending (:attr:`left`) for the next invocation. Raises
+        :class:`StudyError` when another process runs the study."""
         try:
             lock = lock_folder(self.folder, "retention study process")
         except FolderLocked as err:
             raise StudyError(f"study {self.spec.name}: {err}") from None
         try:
-            return self._run(jobs, redo_changed)
+            return self._run(jobs, redo_changed, deadline)
         finally:
             lock.release()
 
@@ -181,8 +186,15 @@ class Study:
         finally:
             lock.release()
 
-    def _run(self, jobs: int, redo_changed: bool) -> dict[str, dict]:
+    def _can_start(self, t0: float, deadline: float | None, states: dict[str, dict]) -> bool:
+        """Whether a run started now ends by the deadline, by the mean duration of the finished runs (with none
+        finished yet, a run always starts: there is nothing to estimate from)."""
+        seconds = [s["seconds"] for s in states.values() if s["state"] == "done" and s.get("seconds")]
+        return deadline is None or not seconds or time.perf_counter() - t0 + statistics.mean(seconds) <= deadline
+
+    def _run(self, jobs: int, redo_changed: bool, deadline: float | None) -> dict[str, dict]:
         t0 = time.perf_counter()
+        self.left = []
         planned = self.plan()
         changed = self.changed(planned)
         if changed and not redo_changed:
@@ -231,11 +243,20 @@ class Study:
             log.info("study %s: run %s %s in %.0f s (%d/%d done, %.0f s so far)", self.spec.name, p.run.name,
                      states[p.run.name]["state"], seconds, n_done, len(planned), time.perf_counter() - t0)
 
+        def can_start() -> bool:
+            return self._can_start(t0, deadline, states)
+
         if jobs <= 1:
-            for p in todo:
+            for i, p in enumerate(todo):
+                if not can_start():
+                    self.left = [q.run.name for q in todo[i:]]
+                    break
                 self._run_here(p, finish)
         else:
-            self._run_parallel(todo, jobs, finish)
+            self._run_parallel(todo, jobs, finish, can_start)
+        if self.left:
+            log.info("study %s: %d run(s) not started, the deadline (%.0f s) would pass first: %s", self.spec.name,
+                     len(self.left), deadline, ", ".join(self.left))
         return states
 
     def _run_here(self, p: PlannedRun, finish) -> None:
@@ -251,7 +272,7 @@ class Study:
             error = f"{type(err).__name__}: {err}"
         finish(p, time.perf_counter() - t, error)
 
-    def _run_parallel(self, todo: list[PlannedRun], jobs: int, finish) -> None:
+    def _run_parallel(self, todo: list[PlannedRun], jobs: int, finish, can_start) -> None:
         import torch
 
         gpus = torch.cuda.device_count()
@@ -264,6 +285,10 @@ class Study:
         logs.mkdir(parents=True, exist_ok=True)
         while pending or running:
             while pending and len(running) < jobs:
+                if not can_start():
+                    self.left = [q.run.name for q in pending]
+                    pending = []
+                    break
                 p = pending.pop(0)
                 env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
                 gpu = free_gpus.pop(0) if gpus else None
