@@ -73,7 +73,8 @@ def test_pipeline_on_two_ddp_ranks_matches_one_rank(one_rank, tmp_path):
 
 
 def test_resumed_run_continues_the_curves(one_rank):
-    """Stop after 2 steps with a checkpoint, resume to 3: the same curves as the uninterrupted run."""
+    """Stop after 2 steps with a checkpoint, resume to 3 (a change the resume must be allowed: max_steps can
+    shape the schedule): the same curves as the uninterrupted run."""
     config, folder = one_rank
     from retention.commands.fit import main
 
@@ -82,7 +83,8 @@ def test_resumed_run_continues_the_curves(one_rank):
     resume = write_config(config.parent, "resume", max_steps=2, enable_checkpointing=True, callbacks=[checkpoint])
     assert main(["--config", str(resume)]) == 0
     (ckpt,) = (config.parent / "runs" / "resume" / "checkpoints").glob("*.ckpt")
-    assert main(["--config", str(resume), "--trainer.max_steps", "3", "--ckpt_path", str(ckpt)]) == 0
+    assert main(["--config", str(resume), "--trainer.max_steps", "3", "--ckpt_path", str(ckpt),
+                 "--run.resume_changes", "[trainer.max_steps]"]) == 0
     resumed, probes = read_run(config.parent / "runs" / "resume")
     one, _ = read_run(folder)
     assert resumed["curves"] == one["curves"] and resumed["retention"] == one["retention"]
