@@ -27,17 +27,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from retention.diskcache import file_digest
+
 CHECKOUT = Path(__file__).resolve().parents[1]
 LOCK_FILE = CHECKOUT / "requirements.lock"
-
-
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 hex digest of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _git(*args: str) -> str | None:
@@ -69,18 +62,14 @@ def code() -> dict[str, Any]:
 
 def lock_sha256() -> str | None:
     """The SHA-256 of the checkout's lock file, or None when running from an installed package."""
-    return file_sha256(LOCK_FILE) if LOCK_FILE.is_file() else None
+    return file_digest(LOCK_FILE) if LOCK_FILE.is_file() else None
 
 
-@functools.lru_cache(maxsize=16)
-def _corpus_sha256(spec: str, path: str | None, mtime_ns: int | None) -> str | None:
-    if path is not None:
-        return file_sha256(path)
-    if spec == "builtin":
-        from retention.prose import builtin_prose, text_digest
+@functools.lru_cache(maxsize=1)
+def _builtin_sha256() -> str:
+    from retention.prose import builtin_prose, text_digest
 
-        return text_digest(builtin_prose())
-    return None
+    return text_digest(builtin_prose())
 
 
 def corpus(spec: str) -> dict[str, Any]:
@@ -88,15 +77,15 @@ def corpus(spec: str) -> dict[str, Any]:
     file's (``wikitext2`` is its file), None for a hub source or a spec that does not resolve here."""
     from retention.corpus import HF_PREFIX, WIKITEXT2, corpus_path, wikitext2_path
 
-    path: Path | None = None
-    if spec != "builtin" and not spec.startswith(HF_PREFIX):
-        try:
-            path = wikitext2_path() if spec == WIKITEXT2 else corpus_path(spec)
-        except FileNotFoundError:
-            return {"spec": spec, "sha256": None}
-    key_path = str(path) if path is not None else None
-    mtime = path.stat().st_mtime_ns if path is not None else None
-    return {"spec": spec, "sha256": _corpus_sha256(spec, key_path, mtime)}
+    if spec == "builtin":
+        return {"spec": spec, "sha256": _builtin_sha256()}
+    if spec.startswith(HF_PREFIX):
+        return {"spec": spec, "sha256": None}
+    try:
+        path = wikitext2_path() if spec == WIKITEXT2 else corpus_path(spec)
+    except FileNotFoundError:
+        return {"spec": spec, "sha256": None}
+    return {"spec": spec, "sha256": file_digest(path)}
 
 
 def provenance(corpora: dict[str, str | None] | None = None, model: str | None = None,

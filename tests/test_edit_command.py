@@ -48,7 +48,7 @@ def test_edit_command_sequential_writes_scores_result_and_model(records, tmp_pat
                if p["edited"]["kind"] == "rewrite"}
     assert [c["prob"]["count"] for c in calls] == [int(rewrite["7"]), int(rewrite["8"])]
     assert "efficacy of each call's facts" not in printed  # printed only for calls of several facts
-    from retention.provenance import file_sha256
+    from retention.diskcache import file_digest as file_sha256
 
     provenance = saved["provenance"]
     assert provenance["corpora"] == {"knowledge": {"spec": str(records), "sha256": file_sha256(records)}}

@@ -10,7 +10,8 @@ import yaml
 from tiny_runs import fit_config, prepare
 
 from retention.cli import main as cli_main
-from retention.provenance import LOCK_FILE, file_sha256, pooling_key
+from retention.diskcache import file_digest as file_sha256
+from retention.provenance import LOCK_FILE, pooling_key
 
 
 def test_a_run_records_code_lock_corpora_and_model(tmp_path, tiny_llama, monkeypatch, capsys):
