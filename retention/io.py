@@ -1,4 +1,5 @@
-"""Atomic file writing: a reader never sees a half-written result, and a killed writer's leftovers are found.
+"""Atomic file writing: a reader never sees a half-written result, and a killed writer's leftovers are found;
+strict JSON (no bare ``NaN``).
 
 A temporary is written beside its target as ``.<name>.<random>.tmp<pid>`` and renamed over the target when done;
 :func:`remove_stale_temporaries` removes the ones left by writers that died. :func:`lock_folder` makes a
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -25,12 +28,10 @@ log = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(r"[^\w.=-]+")
 _TEMPORARY = re.compile(r"\.tmp(\d*)$")
-"""Temporaries of this module (``.tmp<pid>``), of its earlier versions (``.tmp``) and of the caches' earlier
-hand-rolled writers (``<name>.tmp<pid>``)."""
+"""The end of a temporary's name: ``.tmp<pid>`` names its writer; a bare ``.tmp`` (a writer unknown) is removed
+only once stale."""
 STALE_AFTER_S = 3600
 """A temporary untouched for this long is stale even when a process with its writer's pid is running."""
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read the process umask (os.umask can only be read by setting it)
 
 
 def _remove(path: Path) -> None:
@@ -40,30 +41,37 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _new_temporary(path: Path, folder: bool) -> Path:
+    """A new file or folder beside ``path``, created with the modes the umask leaves (0644 / 0755 under 022)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{os.getpid()}")
+        try:
+            if folder:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
 @contextmanager
 def atomic_path(path: str | Path, folder: bool = False) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to (an empty folder when ``folder``); it replaces ``path`` when
-    the block ends without error."""
+    the block ends without error. Files end up with the mode the umask gives a new file (0644 under 022)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    prefix, suffix = f".{path.name}.", f".tmp{os.getpid()}"
-    if folder:
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=suffix))
-    else:
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
-        os.close(fd)
-        tmp = Path(name)
-    # mkstemp/mkdtemp make private entries; results are as readable as any other file
-    os.chmod(tmp, (0o777 if folder else 0o666) & ~_UMASK)
+    tmp = _new_temporary(path, folder)
+    file_mode = stat.S_IMODE(tmp.stat().st_mode) & 0o666
     try:
         yield tmp
         # Writers that replace the temporary (safetensors' save_file) leave private files; results are not.
         for entry in [tmp, *(tmp.rglob("*") if folder else ())]:
             if entry.is_file() and not entry.is_symlink():
-                os.chmod(entry, 0o666 & ~_UMASK)
+                os.chmod(entry, file_mode)
         if folder and path.is_dir():
             # A folder cannot be renamed over a non-empty one: the old one is moved aside (a temporary) first.
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=suffix))
+            old = _new_temporary(path, folder=True)
             os.replace(path, old)
             os.replace(tmp, path)
             _remove(old)
@@ -151,14 +159,33 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±inf), however deeply nested in dicts, lists and tuples,
+    replaced by None: what strict JSON can hold (docs/formats.md, "JSON")."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, indent: int | None = None, sort_keys: bool = False) -> str:
+    """``obj`` as strict JSON (non-finite numbers as ``null``, see :func:`finite`; other objects as ``str``).
+    ``allow_nan=False``: a NaN that reaches the encoder some other way is an error, never a bare ``NaN``."""
+    return json.dumps(finite(obj), indent=indent, sort_keys=sort_keys, ensure_ascii=False, default=str,
+                      allow_nan=False)
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    """Write ``obj`` as indented strict JSON (:func:`json_text`) to ``path`` atomically."""
+    return atomic_write_text(path, json_text(obj, indent=2) + "\n")
 
 
 def atomic_write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
-    """Write ``rows`` as JSON lines to ``path`` atomically."""
-    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+    """Write ``rows`` as strict JSON lines (:func:`json_text`) to ``path`` atomically."""
+    return atomic_write_text(path, "".join(json_text(r) + "\n" for r in rows))
 
 
 def safe_name(text: str) -> str:

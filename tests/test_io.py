@@ -3,15 +3,35 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
 from retention.diskcache import DiskCache
-from retention.io import STALE_AFTER_S, atomic_path, atomic_write_json, remove_stale_temporaries, safe_name
+from retention.io import (
+    STALE_AFTER_S,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_jsonl,
+    finite,
+    json_text,
+    remove_stale_temporaries,
+    safe_name,
+)
+
+
+def _strict(text: str):
+    """``json.loads`` that refuses NaN and Infinity (as jq and JavaScript do)."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def test_atomic_writes_leave_no_temporary_and_normal_permissions(tmp_path):
@@ -25,6 +45,43 @@ def test_atomic_writes_leave_no_temporary_and_normal_permissions(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("killed while writing")
     assert sorted(p.name for p in path.parent.iterdir()) == ["x.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_files_get_the_mode_the_umask_gives_even_from_private_writers(tmp_path, umask):
+    from safetensors.torch import save_file
+
+    old = os.umask(umask)
+    try:
+        json_file = atomic_write_json(tmp_path / "x.json", {"k": 1})
+        with atomic_path(tmp_path / "w.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))  # safetensors writes its files 0600
+        with atomic_path(tmp_path / "folder", folder=True) as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "w.safetensors"))
+    finally:
+        os.umask(old)
+    for path in (json_file, tmp_path / "w.safetensors", tmp_path / "folder" / "w.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o777 & ~umask
+
+
+def test_importing_io_leaves_the_umask_alone():
+    code = ("import os\n"
+            "def refuse(*args): raise AssertionError('os.umask called at import')\n"
+            "os.umask = refuse\n"
+            "import retention.io, retention.diskcache\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_json_is_strict_non_finite_numbers_are_null(tmp_path):
+    row = {"alt_logprob": math.nan, "rates": [math.inf, -math.inf, 0.5], "nested": ({"x": math.nan},), "n": 3}
+    expected = {"alt_logprob": None, "rates": [None, None, 0.5], "nested": [{"x": None}], "n": 3}
+    assert finite(row) == expected
+    assert _strict(atomic_write_json(tmp_path / "a.json", row).read_text()) == expected
+    lines = atomic_write_jsonl(tmp_path / "a.jsonl", [row, {"y": 1.0}]).read_text().splitlines()
+    assert [_strict(line) for line in lines] == [expected, {"y": 1.0}]
+    assert json_text({"b": 1, "a": [1.5, True, None]}, sort_keys=True) == '{"a": [1.5, true, null], "b": 1}'
 
 
 @pytest.mark.parametrize("text, expected", [
