@@ -8,22 +8,28 @@ The Python API (:mod:`retention.api`) is imported on first use, so ``import rete
     facts = retention.select_known(model, tokenizer, retention.load_facts("builtin"), n=3)
     result = retention.edit(model, tokenizer, facts, editor="rome")
     print(retention.score(model, tokenizer, facts))
+
+``retention.fit``, ``retention.run_study`` and ``retention.report`` run ``retention fit``, ``study`` and ``report``.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["EditResult", "KnowledgeRecord", "Scores", "__version__", "edit", "load_facts", "load_model", "score",
-           "select_known"]
+__all__ = ["CommandError", "EditResult", "KnowledgeRecord", "Scores", "__version__", "edit", "fit", "load_facts",
+           "load_model", "report", "run_study", "score", "select_known"]
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; type checkers read it as theirs
 if TYPE_CHECKING:
     from retention.api import (
+        CommandError,
         EditResult,
         KnowledgeRecord,
         Scores,
         edit,
+        fit,
         load_facts,
         load_model,
+        report,
+        run_study,
         score,
         select_known,
     )

@@ -12,6 +12,8 @@
     print(before, after, sep="\\n\\n")
     result.revert(model)                                                # and back, bit for bit
 
+:func:`fit`, :func:`run_study` and :func:`report` run ``retention fit``, ``study`` and ``report`` with the same
+options (``retention.study`` is the package of the study machinery, hence ``run_study``).
 ``retention`` imports these lazily, so ``import retention`` stays cheap; ``retention.api`` is the same module.
 """
 
@@ -34,7 +36,8 @@ if TYPE_CHECKING:
     from retention.metrics import Rate
     from retention.scoring import ProbeResult
 
-__all__ = ["EditResult", "KnowledgeRecord", "Scores", "edit", "load_facts", "load_model", "score", "select_known"]
+__all__ = ["CommandError", "EditResult", "KnowledgeRecord", "Scores", "edit", "fit", "load_facts", "load_model",
+           "report", "run_study", "score", "select_known"]
 
 _NAMES: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 """The name each model was loaded under, for the editor preset :func:`edit` picks."""
@@ -104,14 +107,7 @@ def edit(
     editor_ = build_editor(editor, hparams, name, **overrides)
     requests = [r if isinstance(r, EditRequest) else EditRequest.from_record(r) for r in records]
     results = run_edits(editor_, model, tokenizer, requests, mode, batch_size)
-    if len(results) == 1:
-        return results[0]
-    merged = EditResult.merge(results)
-    # The weights as they were before the first call, so the merged result reverts the whole sequence exactly.
-    for result in results:
-        for param, original in result._originals.items():
-            merged._originals.setdefault(param, original)
-    return merged
+    return results[0] if len(results) == 1 else EditResult.merge(results)
 
 
 @dataclass
@@ -164,8 +160,48 @@ class Scores:
 
     __str__ = table
 
+    def __repr__(self) -> str:
+        facts = len({r.probe.case_id for r in self.results})
+        rates = self.rates
+        edit = {p: f"{r['count']}/{r['denominator']}" for p, r in rates.get("edit", {}).items()}
+        return (f"Scores(facts={facts}, probes={len(self.results)}, protocols={self.protocols!r}, groups="
+                f"{list(rates)!r}, edit={edit!r})")
+
     def to_dict(self) -> dict[str, Any]:
         return {"protocols": list(self.protocols), "rates": self.rates, "probes": [r.to_dict() for r in self.results]}
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """One flat dict per probe: ``case_id``, ``group``, ``kind``, ``prompt``, ``target``, ``alternative``,
+        ``passed_<protocol>`` for each protocol (None where the protocol does not score the probe, as ``prob``
+        for a probe without an alternative), ``target_logprob``, ``alt_logprob`` (NaN where not computed),
+        ``top1_token``, ``target_rank``, ``generation``.
+
+        >>> from retention.records import Probe
+        >>> from retention.scoring import ProbeResult
+        >>> scores = Scores(("top1",), [ProbeResult(Probe("The capital of France is", "Paris", kind="rewrite",
+        ...                                                case_id="7"), passed={"top1": True})])
+        >>> scores.to_records()[0]["passed_top1"], scores.to_records()[0]["group"]
+        (True, 'edit')
+        >>> scores
+        Scores(facts=1, probes=1, protocols=('top1',), groups=['edit'], edit={'top1': '1/1'})
+        """
+        from retention.records import probe_group
+
+        rows = []
+        for r in self.results:
+            row = r.to_dict()
+            passed = row.pop("passed")
+            rows.append({"case_id": row.pop("case_id"), "group": probe_group(r.probe.kind), "kind": row.pop("kind"),
+                         **{k: row.pop(k) for k in ("prompt", "target", "alternative")},
+                         **{f"passed_{p}": passed.get(p) for p in self.protocols}, **row})
+        return rows
+
+    def to_pandas(self):
+        """:meth:`to_records` as a ``pandas.DataFrame`` (``passed_*`` columns of pandas' nullable boolean type)."""
+        import pandas as pd
+
+        frame = pd.DataFrame(self.to_records())
+        return frame.astype({f"passed_{p}": "boolean" for p in self.protocols})
 
 
 def score(
@@ -186,3 +222,84 @@ def score(
     results = score_probes(model, tokenizer, probe_list, protocols=protocols, batch_size=batch_size,
                            max_new_tokens=max_new_tokens)
     return Scores(tuple(protocols), results)
+
+
+class CommandError(RuntimeError):
+    """A command run through the API (:func:`fit`, :func:`run_study`, :func:`report`) that failed; its exit status
+    is ``status`` and its message went to stderr."""
+
+    def __init__(self, command: str, status: int):
+        self.status = status
+        super().__init__(f"retention {command} exited with status {status} (its message is above, on stderr)")
+
+
+def _flags(options: dict[str, Any]) -> list[str]:
+    """``--name=value`` per option whose value is not None (lists and mappings as JSON, booleans as true/false).
+
+    >>> _flags({"out": "runs/r", "plots": False, "folders": None, "tags": ["a", "b"]})
+    ['--out=runs/r', '--plots=false', '--tags=["a", "b"]']
+    """
+    import json
+
+    def text(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+
+    return [f"--{name}={text(value)}" for name, value in options.items() if value is not None]
+
+
+def _run(command: str, main, argv: list[str]) -> None:
+    try:
+        status = main(argv)
+    except SystemExit as exit_:  # a parse error, as on the command line
+        status = exit_.code if isinstance(exit_.code, int) else 1
+    if status:
+        raise CommandError(command, int(status))
+
+
+def fit(*configs: str | Path | dict[str, Any], **options: Any) -> None:
+    """``retention fit``: edit, fine-tune and measure retention, writing a run folder (``run.out_dir``/``run.name``).
+
+    ``configs``: config files or mappings, applied in order as ``--config`` layers; ``options``: what the flags
+    set, a group as a mapping (``trainer={"max_steps": 5}`` is ``--trainer.max_steps 5``, merged key by key over the
+    configs) or a top-level option (``ckpt_path="last"``). Raises :class:`CommandError` when the run fails::
+
+        retention.fit("configs/demo.yaml", run={"name": "demo", "overwrite": True}, trainer={"max_steps": 20})
+    """
+    import yaml
+
+    from retention.commands.fit import main
+
+    layers = [str(c) if isinstance(c, (str, Path)) else yaml.safe_dump(dict(c), sort_keys=False) for c in configs]
+    dotted = {f"{group}.{k}": v for group, value in options.items() if isinstance(value, dict) for k, v in value.items()}
+    top = {k: v for k, v in options.items() if not isinstance(v, dict)}
+    argv = [arg for layer in layers for arg in ("--config", layer)]
+    if dotted or top:
+        argv += ["--config", yaml.safe_dump({**dotted, **top}, sort_keys=False)]
+    _run("fit", main, argv)
+
+
+def run_study(config: str | Path, out_dir: str | Path | None = None, dry_run: bool = False, jobs: int = 1,
+          deadline: int | None = None, redo_changed: bool = False, report: bool = True) -> None:
+    """``retention study -c config``: run a whole study (resumable) and write its report; the options are the
+    command's (``retention study --help``). Raises :class:`CommandError` when a run fails or an option is bad."""
+    from retention.commands.study import main
+
+    _run("study", main, ["--config", str(config), *_flags({
+        "out_dir": out_dir, "dry_run": dry_run, "jobs": jobs, "deadline": deadline, "redo_changed": redo_changed,
+        "report": report})])
+
+
+def report(folders: str | Path | Sequence[str | Path], out: str | Path | None = None, plots: bool = True,
+           analysis: bool = False, mixed_provenance: Literal["refuse", "label"] = "refuse",
+           analysis_corpus: str | None = "wikitext2") -> None:
+    """``retention report folders...``: retention with confidence intervals over study or run folders, written
+    to ``out`` (default ``<folder>/report`` for one folder, else ``runs/report``); the options are the command's
+    (``retention report --help``). Raises :class:`CommandError` when the folders cannot be reported on."""
+    from retention.commands.report import main
+
+    folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
+    _run("report", main, [*map(str, folders), *_flags({
+        "out": out, "plots": plots, "analysis": analysis, "mixed_provenance": mixed_provenance,
+        "analysis_corpus": "null" if analysis_corpus is None else analysis_corpus})])

@@ -171,6 +171,12 @@ def finite(obj: Any) -> Any:
     return obj
 
 
+def nan_for_null(obj: dict, fields: Iterable[str]) -> dict:
+    """``obj`` with those of ``fields`` that hold null (a non-finite number, as :func:`finite` writes it) as NaN,
+    for a reader that computes with them."""
+    return {**obj, **{name: math.nan for name in fields if name in obj and obj[name] is None}}
+
+
 def json_text(obj: Any, indent: int | None = None, sort_keys: bool = False) -> str:
     """``obj`` as strict JSON (non-finite numbers as ``null``, see :func:`finite`; other objects as ``str``).
     ``allow_nan=False``: a NaN that reaches the encoder some other way is an error, never a bare ``NaN``."""

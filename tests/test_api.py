@@ -92,3 +92,84 @@ def test_readme_example_runs_on_the_default_model(capsys, monkeypatch):
     assert before.rate("edit", "top1") == 0.0  # the model knew the true answers
     assert after.rate("edit", "top1") >= 2 / 3 and after.rate("edit", "prob") >= 2 / 3  # measured: 3/3 and 3/3
     assert not namespace["result"].applied  # the example reverts the edit at the end
+
+
+def test_results_print_short_and_read_as_tables(tiny_llama, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    model, tokenizer = tiny_llama
+    facts = retention.load_facts("builtin", n=3)
+    result = retention.edit(model, tokenizer, facts, editor=BYO)
+    try:
+        after = retention.score(model, tokenizer, facts, protocols=("top1", "prob"))
+    finally:
+        result.revert(model)
+    (name, delta), = result.deltas.items()
+    assert repr(result) == (f"EditResult(editor='rank-one', requests=3, layers=[1], deltas={{{name!r}: "
+                            f"{tuple(delta.shape)}}}, seconds={result.seconds:.3g}, applied=False)")
+    assert repr(after) == ("Scores(facts=3, probes=%d, protocols=('top1', 'prob'), groups=['edit', 'edit_paraphrase', "
+                           "'edit_neighborhood'], edit={'top1': '3/3', 'prob': '3/3'})" % len(after.results))
+    records = after.to_records()
+    assert len(records) == len(after.results) and set(records[0]) >= {"case_id", "group", "passed_top1", "alt_logprob"}
+    frame = after.to_pandas()
+    assert list(frame.columns) == list(records[0]) and str(frame["passed_prob"].dtype) == "boolean"
+    for group, by_protocol in after.rates.items():
+        rows = frame[frame["group"] == group]
+        for protocol, rate in by_protocol.items():
+            assert rows[f"passed_{protocol}"].sum() == rate["count"]
+            assert rows[f"passed_{protocol}"].notna().sum() == rate["denominator"]
+
+
+def test_the_api_docstring_examples_run():
+    import doctest
+
+    from retention import api
+
+    outcome = doctest.testmod(api)
+    assert outcome.attempted >= 3 and outcome.failed == 0
+
+
+def test_study_and_report_take_the_commands_options(monkeypatch, tmp_path):
+    from retention import cli
+    from retention.commands import report as report_command
+    from retention.commands import study as study_command
+
+    calls = {}
+    monkeypatch.setattr(study_command, "main", lambda argv: calls.setdefault("study", argv) and 0)
+    monkeypatch.setattr(report_command, "main", lambda argv: calls.setdefault("report", argv) and 0)
+    retention.run_study("s.yaml", out_dir=tmp_path, dry_run=True, jobs=2, deadline=60)
+    retention.report(["runs/a", Path("runs/b")], out="r", plots=False, analysis_corpus=None)
+    study = cli.build_parser("study").parse_args(["study", *calls["study"]])["study"]
+    assert (study.config, study.out_dir, study.dry_run, study.jobs, study.deadline, study.report) == (
+        "s.yaml", str(tmp_path), True, 2, 60, True)
+    report = cli.build_parser("report").parse_args(["report", *calls["report"]])["report"]
+    assert (report.folders, report.out, report.plots, report.analysis_corpus) == (["runs/a", "runs/b"], "r", False, None)
+    monkeypatch.undo()
+    with pytest.raises(retention.CommandError, match="retention report exited with status 2") as failed:
+        retention.report(tmp_path / "absent")
+    assert failed.value.status == 2
+    with pytest.raises(retention.CommandError, match="retention study exited with status 2"):
+        retention.run_study(tmp_path / "absent.yaml")
+
+
+def test_saved_edit_results_are_readable_strict_and_load_back(tmp_path):
+    import json
+    import os
+    import stat
+
+    from retention.editing.base import RequestDiagnostics
+
+    result = retention.EditResult("rome", {"w": torch.arange(6.0).view(2, 3)}, [1], ["7"],
+                                  [RequestDiagnostics("7", losses=[1.5, 0.5])])
+    umask = os.umask(0o022)
+    try:
+        folder = result.save(tmp_path / "edit")
+    finally:
+        os.umask(umask)
+    assert sorted(p.name for p in folder.iterdir()) == ["deltas.safetensors", "edit.json"]
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {"deltas.safetensors": 0o644,
+                                                                                  "edit.json": 0o644}
+    meta = json.loads((folder / "edit.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert meta["diagnostics"][0]["delta_norm"] is None  # not computed: NaN in memory
+    loaded = retention.EditResult.load(folder)
+    assert torch.equal(loaded.deltas["w"], result.deltas["w"]) and loaded.case_ids == ["7"]
+    assert math.isnan(loaded.diagnostics[0].delta_norm) and loaded.diagnostics[0].losses == [1.5, 0.5]

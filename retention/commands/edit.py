@@ -194,7 +194,7 @@ def run(args: EditArgs) -> dict:
             with atomic_path(out / EDITED_WEIGHTS) as tmp:
                 save_file({n: base.get_parameter(n).detach().cpu().contiguous() for n in sorted(merged.deltas)},
                           str(tmp))
-            atomic_write_text(out / FACTS, "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n"
+            atomic_write_text(out / FACTS, "".join(json.dumps(r.to_dict(), ensure_ascii=False, allow_nan=False) + "\n"
                                                    for r in records))
         if args.save_model:
             model.save_pretrained(out / "model")

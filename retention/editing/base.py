@@ -27,7 +27,7 @@ from torch import nn
 
 from retention.arch import unwrap_model
 from retention.corpus import anchor
-from retention.io import atomic_write_json
+from retention.io import atomic_path, atomic_write_json, nan_for_null
 from retention.records import KnowledgeRecord
 
 log = logging.getLogger(__name__)
@@ -176,28 +176,40 @@ class EditResult:
 
     @classmethod
     def merge(cls, results: Sequence[EditResult]) -> EditResult:
-        """One result whose deltas are the sums of ``results``' deltas (e.g. a sequential run, for saving)."""
+        """One result whose deltas are the sums of ``results``' deltas (e.g. a sequential run, for saving). When
+        every result is applied (in order), so is the merged one: its :meth:`revert` restores the weights as they
+        were before the first."""
         if not results:
             raise ValueError("no edit results to merge")
         deltas: dict[str, torch.Tensor] = {}
         for r in results:
             for name, d in r.deltas.items():
                 deltas[name] = deltas[name] + d if name in deltas else d.clone()
-        return cls(
+        merged = cls(
             results[0].editor, deltas, sorted({i for r in results for i in r.layers}),
             [c for r in results for c in r.case_ids], [d for r in results for d in r.diagnostics],
             results[0].hparams, sum(r.seconds for r in results),
         )
+        if all(r.applied for r in results):
+            for r in results:
+                for name, original in r._originals.items():
+                    merged._originals.setdefault(name, original)
+        return merged
+
+    def __repr__(self) -> str:
+        shapes = {name: tuple(d.shape) for name, d in self.deltas.items()}
+        shown = dict(list(shapes.items())[:4])
+        more = f" and {len(shapes) - len(shown)} more" if len(shapes) > len(shown) else ""
+        return (f"EditResult(editor={self.editor!r}, requests={len(self.case_ids)}, layers={self.layers}, "
+                f"deltas={shown}{more}, seconds={self.seconds:.3g}, applied={self.applied})")
 
     def save(self, folder: str | Path) -> Path:
         """Write ``deltas.safetensors`` and ``edit.json`` (everything else) into ``folder``."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".deltas.safetensors.tmp{id(self)}"
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in self.deltas.items()}, str(tmp))
-        tmp.replace(folder / "deltas.safetensors")
+        with atomic_path(folder / "deltas.safetensors") as tmp:
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in self.deltas.items()}, str(tmp))
         meta = {
             "editor": self.editor, "layers": self.layers, "case_ids": self.case_ids, "hparams": self.hparams,
             "seconds": self.seconds, "diagnostics": [asdict(d) for d in self.diagnostics],
@@ -215,7 +227,8 @@ class EditResult:
                 raise FileNotFoundError(f"{folder} is not a saved edit result: {name} is missing")
         meta = json.loads((folder / "edit.json").read_text(encoding="utf-8"))
         deltas = load_file(str(folder / "deltas.safetensors"))
-        diagnostics = [RequestDiagnostics(**d) for d in meta.pop("diagnostics")]
+        diagnostics = [RequestDiagnostics(**nan_for_null(d, ("delta_norm", "relative_update")))
+                       for d in meta.pop("diagnostics")]
         return cls(deltas=deltas, diagnostics=diagnostics, **meta)
 
 
