@@ -281,7 +281,7 @@ def fit(*configs: str | Path | dict[str, Any], **options: Any) -> None:
 
 
 def run_study(config: str | Path, out_dir: str | Path | None = None, dry_run: bool = False, jobs: int = 1,
-          deadline: int | None = None, redo_changed: bool = False, report: bool = True) -> None:
+              deadline: int | None = None, redo_changed: bool = False, report: bool = True) -> None:
     """``retention study -c config``: run a whole study (resumable) and write its report; the options are the
     command's (``retention study --help``). Raises :class:`CommandError` when a run fails or an option is bad."""
     from retention.commands.study import main
