@@ -95,6 +95,15 @@ def test_the_conclusion_says_which_intervals_exclude_zero_and_which_do_not(study
         text.split("\n")
 
 
+def test_the_conclusion_of_single_runs_rests_on_pooled_counts(study):
+    results, baselines, _ = load_results([study / "runs" / "baseline__seed0", study / "runs" / "frozen__seed0"])
+    aggregates = aggregate(results)
+    text = "\n".join(conclusion(rate_rows(aggregates), comparisons(aggregates, baselines)))
+    # Two run folders are two conditions without a baseline: E − I under two protocols each, Newcombe's interval.
+    assert re.search(r"- 4 differences at the final step \(Newcombe \(pooled\), n = \d+(–\d+)?\); 1 of them has", text)
+    assert "  - baseline__seed0: E − I (top1) +0.50 [" in text and "- 3 include 0 and are inconclusive" in text
+
+
 def test_report_html_is_one_page_that_names_no_external_resource(study, tmp_path):
     out = tmp_path / "out"
     assert _report([study], out) == 0

@@ -32,7 +32,7 @@ def _true(value: Any) -> bool:
 
 def _name(row: Mapping[str, Any], one_study: bool) -> str:
     """``editor=rome, freeze_window, top1: E − I``: what a comparison row compares, as short as it stays clear."""
-    where = [row["study"]] if not one_study else []
+    where = [row["study"]] if not one_study and row["study"] != row["arm"] else []  # a run folder: study = arm
     where += [row["cell"]] if row["cell"] != "all" else []
     if row["comparison"] == "edited - intrinsic":
         what = f"{row['arm']}: E − I"
@@ -46,9 +46,9 @@ def _interval(row: Mapping[str, Any]) -> str:
     return f"{_number(row['estimate']):+.2f} [{_number(row['ci_low']):+.2f}, {_number(row['ci_high']):+.2f}]"
 
 
-def _span(values: Sequence[float]) -> str:
-    low, high = min(values), max(values)
-    return f"{low:.2f}" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}–{high:.2f}"
+def _span(values: Sequence[float], fmt: str = "{:.2f}") -> str:
+    low, high = fmt.format(min(values)), fmt.format(max(values))
+    return low if low == high else f"{low}–{high}"
 
 
 def _final_rates(rates: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -83,7 +83,10 @@ def conclusion(rates: Sequence[Mapping[str, Any]], comparisons: Sequence[Mapping
                 else "zero" if estimate == low == high == 0 else "open")
         kinds[kind].append(r)
     excluding, zero, open_, unestimated = kinds.values()
-    methods = ", ".join(sorted({f"{r['method']}, n = {r['n']}" for r in comparisons}))
+    sizes: dict[str, list[int]] = {}
+    for r in comparisons:
+        sizes.setdefault(r["method"], []).append(int(r["n"]))
+    methods = "; ".join(f"{m}, n = {_span(v, '{:d}')}" for m, v in sorted(sizes.items()))
     n, k = len(comparisons), len(excluding)
     lines.append(f"- {n} differences at the final step ({methods}); {k} of them {'has' if k == 1 else 'have'} a "
                  f"{LEVEL:.0%} interval that excludes 0" + (":" if excluding else "."))
