@@ -5,7 +5,7 @@ STAMP := $(VENV)/.setup-done
 LOCK := requirements.lock
 LOCK_VENV := .lock-venv
 
-.PHONY: setup lock demo test test-fast bench lint wheelhouse clean
+.PHONY: setup lock demo browser test test-fast bench lint wheelhouse clean
 
 setup: $(STAMP)
 
@@ -30,10 +30,20 @@ lock:
 demo: setup
 	$(VENV)/bin/retention fit --config configs/demo.yaml --run.overwrite true
 
-test: setup
+# Chromium for the browser test of report.html (tests/test_webpage.py): Debian's package, installed where we may
+# (root with apt-get); elsewhere the test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium (apt-get, ~120 MB) for the browser test of report.html"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+	    >/dev/null) || echo "chromium could not be installed: the browser test will be skipped"; \
+	else echo "chromium is not installed and cannot be here (needs root and apt-get): the browser test will be skipped"; fi
+
+test: setup browser
 	$(PY) -m pytest -q -ra
 
-test-fast: setup
+test-fast: setup browser
 	$(PY) -m pytest -q -ra -m "not slow"
 
 bench: setup

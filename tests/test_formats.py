@@ -18,7 +18,7 @@ from retention.editing.memit import MemitHParams
 from retention.editing.registry import build_editor
 from retention.editing.rome import RomeHParams
 from retention.records import GROUPS, KnowledgeRecord, PortabilityPrompt, RecordError, probe_group
-from retention.reporting import format_table
+from retention.summary import format_table
 
 # KnowEdit, WikiData_counterfact layout: ground truths as strings, alias lists in portability.
 KNOWEDIT_CF = {

@@ -35,8 +35,8 @@ from retention.editing.ft import FtHParams
 from retention.editing.rome import RomeEditor, RomeHParams
 from retention.editing.targets import TargetConfig, optimise_targets
 from retention.records import KnowledgeRecord
-from retention.reporting import collapse, format_table
 from retention.scoring import top1_blind
+from retention.summary import collapse, format_table
 
 # -- non-finite v*/z losses and updates ---------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from retention.callbacks.probing import Measurement
 from retention.io import atomic_write_json, atomic_write_jsonl
 from retention.provenance import provenance
 from retention.records import GROUPS, probe_group
-from retention.reporting import collapse, format_table, plot_curves, summarize
+from retention.summary import collapse, format_table, plot_curves, summarize
 
 TABLE_COLUMNS = ["protocol", "group", "retention", "kept", "passing_t0", "accuracy_t0", "probes"]
 """The columns of :func:`table_rows`: retention (kept / passing at t=0) and accuracy at t=0 (passing / probes)."""
@@ -148,7 +148,7 @@ class RunReport(PipelineCallback):
     @staticmethod
     def _downstream(pl_module: LightningModule) -> dict:
         """Validation metrics before and after fine-tuning (the FineTuneModule's ``validations``), and whether
-        they say the model collapsed (:func:`retention.reporting.collapse`)."""
+        they say the model collapsed (:func:`retention.summary.collapse`)."""
         validations = getattr(pl_module, "validations", [])
         out = {"train_tokens": getattr(pl_module, "train_tokens", 0)}
         if validations:

@@ -60,7 +60,7 @@ from retention.data.datamodule import TaskDataModule
 from retention.io import LOCK, atomic_write_json, atomic_write_text, empty_folder, lock_folder
 from retention.models import model_num_layers
 from retention.modules.finetune import FineTuneModule
-from retention.reporting import INCOMPLETE
+from retention.summary import INCOMPLETE
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "accelerator": "auto",
@@ -511,7 +511,7 @@ class FitCLI(LightningCLI):
         """The run in a few lines: what was trained, how fast, validation before/after, and a warning when the
         validation loss says fine-tuning collapsed the model."""
         from retention.arch import unwrap_model
-        from retention.reporting import collapse, collapse_warning
+        from retention.summary import collapse, collapse_warning
 
         module, trainer, task = self.model, self.trainer, self.datamodule.task_config
         tokens_per_s = module.train_tokens / self.fit_seconds if self.fit_seconds > 0 else float("nan")

@@ -3,7 +3,8 @@
     retention report runs/studies/paper_smollm2_cpu
     retention report runs/demo runs/demo_freeze --out runs/report
 
-Writes report.md, report.csv, comparisons.csv and PNGs (see docs/studies.md for the statistics).
+Writes report.md, report.csv, comparisons.csv and PNGs (see docs/studies.md for the statistics), and with --html
+report.html, all of it in one page that opens offline.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class ReportArgs:
     analysis: bool = False
     """Also write <out>/analysis/: per-fact survival (Kaplan-Meier), its predictors (logistic regression),
     edited vs intrinsic matched on t=0 confidence, top1-vs-prob disagreements (docs/analysis.md)."""
+    html: bool = False
+    """Also write report.html: the tables, figures, definitions, conclusion and the provenance of every run in one
+    self-contained page that opens offline."""
     mixed_provenance: str = "refuse"
     """Runs made by different code, lock, Python, corpora or base model (their summaries' provenance):
     ``refuse`` to pool them (an error listing the groups), or ``label`` to report each group apart as
@@ -50,6 +54,7 @@ def parser():
 
 def execute(args: ReportArgs) -> int:
     from retention.study.report import ReportError, write_report
+    from retention.study.webpage import write_html
 
     folders = list(args.folders)
     if not folders:
@@ -58,6 +63,8 @@ def execute(args: ReportArgs) -> int:
     out = Path(args.out) if args.out else (Path(folders[0]) / "report" if len(folders) == 1 else Path("runs/report"))
     try:
         paths = write_report(folders, out, plots=args.plots, mixed_provenance=args.mixed_provenance)
+        if args.html:
+            paths["html"] = write_html(folders, out, mixed_provenance=args.mixed_provenance)
     except ReportError as err:
         print(f"retention report: {err}", file=sys.stderr)
         return 2

@@ -48,10 +48,10 @@ import yaml
 from scipy import stats
 
 from retention.io import atomic_write_text
-from retention.reporting import save_figure
 from retention.study.report import RunResult, _csv, load_results
 from retention.study.spec import cell_label
 from retention.study.stats import LEVEL, newcombe, wilson
+from retention.summary import save_figure
 
 log = logging.getLogger(__name__)
 

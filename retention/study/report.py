@@ -31,10 +31,10 @@ from retention.diskcache import digest
 from retention.io import atomic_write_text
 from retention.provenance import describe, digest_conflicts, environment_key, pooling_key
 from retention.records import GROUP_LABELS, GROUPS
-from retention.reporting import INCOMPLETE, save_figure
 from retention.study.runner import DONE
 from retention.study.spec import cell_label
 from retention.study.stats import Interval, newcombe, paired_interval, t_interval, wilson
+from retention.summary import INCOMPLETE, save_figure
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Run reports: the summary, the retention table, the curve plot.
+"""A run's summary: its ``summary.json``, its retention table, its curve plot, and whether fine-tuning collapsed.
 
 Rates come with their denominators (``retention.metrics.Rate``), per probe group (``retention.records.GROUPS``:
 what a probe measures). The table puts edited (``edit``) and intrinsic (``control``) retention side by side
