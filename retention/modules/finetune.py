@@ -15,9 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -35,6 +33,7 @@ from retention.arch import ArchAdapter, unwrap_model
 from retention.callbacks.pipeline import PipelineState, check_order
 from retention.distributed import all_reduce_sum
 from retention.models import DEFAULT_MODEL, load_model
+from retention.modules.export import write_model
 from retention.scoring import gathered_root, is_sharded
 
 log = logging.getLogger(__name__)
@@ -485,10 +484,10 @@ class FineTuneModule(LightningModule):
         return None if model is None else unwrap_model(model).eval()
 
     def export(self, path: str | Path) -> Path:
-        """Save the fine-tuned (merged) model and its tokenizer as a folder that ``load_model`` reads; with
-        LoRA/DoRA also the peft adapter alone in ``<path>/adapter`` (``PeftModel.from_pretrained(base, that)``,
-        where ``base`` is the model fine-tuning started from: the base model after the edits). Call it on every
-        rank: rank 0 writes, a sharded (FSDP2) model is gathered first."""
+        """Save the fine-tuned (merged) model and its tokenizer as a folder that ``load_model`` and transformers
+        read; with LoRA/DoRA also the model fine-tuning started from (after the edits) in ``<path>/base`` and the
+        peft adapter over it in ``<path>/adapter`` (:mod:`retention.modules.export`). Call it on every rank: rank 0
+        writes, a sharded (FSDP2) model is gathered first."""
         t0 = time.perf_counter()
         path = Path(path)
         if self.global_rank != 0 and not is_sharded(self.model):
@@ -496,14 +495,6 @@ class FineTuneModule(LightningModule):
         model = self._plain_copy()
         if model is None:
             return path
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if hasattr(model, "merge_and_unload"):
-            model.save_pretrained(tmp / "adapter")
-            model = model.merge_and_unload()
-        unwrap_model(model).eval().save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        write_model(model, self.tokenizer, path)
         log.info("exported the fine-tuned model to %s (%.1f s)", path, time.perf_counter() - t0)
         return path
