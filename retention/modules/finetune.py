@@ -3,7 +3,7 @@
 Gradient clipping, precision, max steps/epochs and the validation cadence are Trainer flags
 (``--trainer.gradient_clip_val 1.0``, ``--trainer.max_steps 50``, ``--trainer.val_check_interval 25``).
 
-The module follows the pipeline contract (:mod:`retention.callbacks.pipeline`): ``configure_model`` checks the
+The module follows the pipeline contract (:mod:`retention.pipeline_contract`): ``configure_model`` checks the
 order of the pipeline callbacks, loads the base model (unless one was given), calls their
 ``on_base_model_ready(trainer, pl_module)`` in callback order (ApplyEdits edits and writes the edited layers to
 ``self.pipeline``, FreezeLayers adds the frozen layers), adds adapters on the layers that are not frozen, and
@@ -30,10 +30,10 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from retention.arch import ArchAdapter, unwrap_model
-from retention.callbacks.pipeline import PipelineState, check_order
 from retention.distributed import all_reduce_sum
 from retention.models import DEFAULT_MODEL, load_model
 from retention.modules.export import write_model
+from retention.pipeline_contract import PipelineState, check_order
 from retention.scoring import gathered_root, is_sharded
 
 log = logging.getLogger(__name__)
