@@ -32,6 +32,9 @@ def test_only_protocols_with_a_probe_passing_at_t0_get_a_panel(tmp_path):
     kept, empty = drawable_curves(CURVES)
     assert kept == {"edit": {"prob": CURVES["edit"]["prob"]}, "control": {"prob": CURVES["control"]["prob"]}}
     assert empty == ["top1", "gen"]
+    control_top1 = {**CURVES, "control": {**CURVES["control"], "top1": [[0, 1.0], [3, 0.7]]}}
+    kept, empty = drawable_curves(control_top1)
+    assert list(kept["edit"]) == list(kept["control"]) == ["top1", "prob"] and empty == ["gen"]
     one = plot_run_curves(CURVES, tmp_path / "one.png", "run")
     both = {g: {p: c for p, c in by.items() if p != "gen"} for g, by in CURVES.items()}
     both["edit"]["top1"] = [[0, 1.0], [3, 1.0]]

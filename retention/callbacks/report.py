@@ -94,19 +94,19 @@ def collapse_reason(pl_module: LightningModule) -> str | None:
 
 
 def drawable_curves(curves: dict[str, dict[str, list]]) -> tuple[dict[str, dict[str, list]], list[str]]:
-    """The retention curves (``{group: {protocol: [[step, value], ...]}}``) that have a point to draw, and the
-    protocols left with none: a retention is undefined (NaN, or None) where no probe of the group passed at t=0."""
+    """The retention curves (``{group: {protocol: [[step, value], ...]}}``) of the protocols under which some
+    group has a point to draw, and the protocols left with none: a retention is undefined (NaN, or None) where no
+    probe of the group passed at t=0. The protocols keep their order, and the groups all their curves (the
+    figure's legend lists every group)."""
     def defined(value) -> bool:
         return value is not None and not math.isnan(value)
 
-    kept: dict[str, dict[str, list]] = {}
-    for group, by_protocol in curves.items():
-        for protocol, points in by_protocol.items():
-            if any(defined(v) for _, v in points):
-                kept.setdefault(group, {})[protocol] = points
-    drawn = {p for by_protocol in kept.values() for p in by_protocol}
     protocols = dict.fromkeys(p for by_protocol in curves.values() for p in by_protocol)
-    return kept, [p for p in protocols if p not in drawn]
+    drawn = {p for by_protocol in curves.values() for p, points in by_protocol.items()
+             if any(defined(v) for _, v in points)}
+    kept = {group: {p: points for p, points in by_protocol.items() if p in drawn}
+            for group, by_protocol in curves.items()}
+    return {g: by_protocol for g, by_protocol in kept.items() if by_protocol}, [p for p in protocols if p not in drawn]
 
 
 def plot_run_curves(curves: dict[str, dict[str, list]], path: Path, title: str) -> Path | None:
