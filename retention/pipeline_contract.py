@@ -1,4 +1,5 @@
-"""The pipeline's contract: three hooks of its own, one typed state the callbacks share, and a checked order.
+"""The pipeline's contract: three hooks of its own, one typed state the callbacks share (with the measurements it
+holds), and a checked order.
 
 Besides Lightning's hooks, pipeline callbacks receive, in callback order:
 
@@ -22,9 +23,23 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 if TYPE_CHECKING:
-    from retention.callbacks.probing import Measurement
     from retention.data.selection import KnowledgeSets
+    from retention.metrics import Rates
     from retention.records import KnowledgeRecord
+    from retention.scoring import ProbeResult
+
+
+@dataclass
+class Measurement:
+    """One measurement of the probe sets: rates (all ranks) and per-probe results (rank 0 only)."""
+
+    step: int
+    rates: Rates
+    seconds: float
+    results: list[ProbeResult] | None = None
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "seconds": self.seconds, **self.rates}
 
 
 @dataclass

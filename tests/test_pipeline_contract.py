@@ -43,13 +43,16 @@ def test_pipeline_callbacks_keeps_their_order_without_checking_it():
 
 
 def test_the_module_and_the_callbacks_import_the_contract_from_below_both():
-    """modules.finetune reads the contract without importing retention.callbacks (a floor it is not below)."""
-    code = ("import sys, retention.modules.finetune as f, retention.pipeline_contract as c; "
+    """The contract imports nothing of the package; modules.finetune reads it without importing retention.callbacks
+    (a floor it is not below)."""
+    code = ("import sys, retention.pipeline_contract; "
+            "print(sorted(m for m in sys.modules if m.startswith('retention.'))); "
+            "import retention.modules.finetune as f, retention.pipeline_contract as c; "
             "assert f.PipelineState is c.PipelineState; "
             "print(sorted(m for m in sys.modules if m.startswith('retention.callbacks')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "[]"
+    assert proc.stdout.splitlines() == ["['retention.pipeline_contract']", "[]"]
     from retention.callbacks import PipelineCallback as exported
 
     assert exported is PipelineCallback

@@ -10,9 +10,9 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from retention.callbacks.probing import Measurement, ScoreSettings, measure
+from retention.callbacks.probing import ScoreSettings, measure
 from retention.data.selection import KnowledgeSets
-from retention.pipeline_contract import PipelineCallback
+from retention.pipeline_contract import Measurement, PipelineCallback
 from retention.records import Probe
 from retention.scoring import ProbeResult, check_protocols, top1_blind
 

@@ -28,9 +28,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from retention.arch import unwrap_model
-from retention.callbacks.probing import Measurement
 from retention.io import atomic_write_json, atomic_write_jsonl
-from retention.pipeline_contract import PipelineCallback
+from retention.pipeline_contract import Measurement, PipelineCallback
 from retention.provenance import provenance
 from retention.records import GROUPS, probe_group
 from retention.reporting import collapse, format_table, plot_curves, summarize
