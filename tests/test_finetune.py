@@ -11,10 +11,10 @@ from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader
 
 from retention.arch import ArchAdapter
-from retention.callbacks.pipeline import PipelineCallback
 from retention.callbacks.stopping import StopOnValLoss
 from retention.models import load_model
 from retention.modules.finetune import AdapterArgs, FineTuneModule, OptimizerArgs, lr_factor, token_nll
+from retention.pipeline_contract import PipelineCallback
 
 
 def _batches(vocab: int, n: int = 4, length: int = 16) -> list[dict[str, torch.Tensor]]:

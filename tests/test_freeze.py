@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader
 
 from retention.arch import ArchAdapter
 from retention.callbacks.freeze import FreezeLayers, frozen_layers
-from retention.callbacks.pipeline import PipelineCallback, PipelineState
 from retention.modules.finetune import AdapterArgs, FineTuneModule, OptimizerArgs
+from retention.pipeline_contract import PipelineCallback, PipelineState
 
 N_LAYERS = 6
 EDITED = [2, 3]
@@ -35,6 +35,17 @@ def test_policy_layer_sets():
         frozen_layers("list", 8, None, layers=[8])
     with pytest.raises(ValueError, match="policy 'list' needs layers"):
         FreezeLayers("list")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"policy": "bogus"}, r"^freeze\.policy='bogus': unknown; choose from none, edited"),
+    ({"policy": "list"}, r"^freeze\.layers: policy 'list' needs layers"),
+    ({"policy": "edited", "layers": [1]}, r"^freeze\.layers=\[1\]: layers are given only with freeze\.policy 'list'"),
+    ({"policy": "window", "window": -1}, r"^freeze\.window=-1: must be >= 0$"),
+])
+def test_option_errors_name_the_flag_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FreezeLayers(**kwargs)
 
 
 class _Edited(PipelineCallback):

@@ -1,6 +1,6 @@
 """The retention pipeline as Lightning callbacks, each one concern (see ``docs/pipeline.md``).
 
-Besides Lightning's hooks they share three of their own and one typed state: :mod:`retention.callbacks.pipeline`.
+Besides Lightning's hooks they share three of their own and one typed state: :mod:`retention.pipeline_contract`.
 """
 
 from lightning.pytorch import Callback
@@ -9,8 +9,8 @@ from retention.callbacks.apply_edits import ApplyEdits
 from retention.callbacks.augmentation import ParaphraseAugmentation
 from retention.callbacks.freeze import FreezeLayers
 from retention.callbacks.monitor import RetentionMonitor
-from retention.callbacks.pipeline import PipelineCallback, PipelineState
 from retention.callbacks.report import RunReport
+from retention.pipeline_contract import PipelineCallback, PipelineState
 
 PIPELINE: dict[str, type[Callback]] = {
     "edits": ApplyEdits,

@@ -26,8 +26,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from retention.arch import unwrap_model
-from retention.callbacks.pipeline import PipelineCallback
 from retention.data.relations import augmentation_phrasings, resembles
+from retention.pipeline_contract import PipelineCallback
 from retention.records import KnowledgeRecord
 
 Source = Literal["record", "relations", "model"]

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from retention.arch import ArchAdapter
-from retention.callbacks.pipeline import PipelineCallback
+from retention.pipeline_contract import PipelineCallback
 
 Policy = Literal["none", "edited", "window", "upto", "only_edited", "list", "located"]
 POLICIES = ("none", "edited", "window", "upto", "only_edited", "list", "located")
@@ -75,13 +75,14 @@ class FreezeLayers(PipelineCallback):
             layers: the layers of the ``list`` policy.
         """
         if policy not in POLICIES:
-            raise ValueError(f"FreezeLayers: policy {policy!r} unknown; choose from {', '.join(POLICIES)}")
+            raise ValueError(f"freeze.policy={policy!r}: unknown; choose from {', '.join(POLICIES)}")
         if policy == "list" and not layers:
-            raise ValueError("FreezeLayers: policy 'list' needs layers, e.g. layers: [3, 4, 5]")
+            raise ValueError("freeze.layers: policy 'list' needs layers, e.g. --freeze.layers '[3, 4, 5]'")
         if layers is not None and policy != "list":
-            raise ValueError(f"FreezeLayers: layers are given only with policy 'list' (policy is {policy!r})")
+            raise ValueError(f"freeze.layers={layers}: layers are given only with freeze.policy 'list' "
+                             f"(it is {policy!r})")
         if window < 0:
-            raise ValueError(f"FreezeLayers: window={window}: must be >= 0")
+            raise ValueError(f"freeze.window={window}: must be >= 0")
         self.policy = policy
         self.window = window
         self.layers = layers

@@ -10,9 +10,9 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from retention.callbacks.pipeline import PipelineCallback
-from retention.callbacks.probing import Measurement, ScoreSettings, measure
+from retention.callbacks.probing import ScoreSettings, measure
 from retention.data.selection import KnowledgeSets
+from retention.pipeline_contract import Measurement, PipelineCallback
 from retention.records import Probe
 from retention.scoring import ProbeResult, check_protocols, top1_blind
 
@@ -25,7 +25,7 @@ class RetentionMonitor(PipelineCallback):
     then every ``every_n_steps`` optimizer steps and at the end of training. Logs, per probe group (``edit``,
     ``edit_paraphrase``, ``edit_neighborhood``, ``control``, ``control_paraphrase``) and protocol,
     ``retention/<group>_<protocol>`` (vs t=0) and ``accuracy/<group>_<protocol>``, and keeps the curves (in
-    the module's :class:`~retention.callbacks.pipeline.PipelineState` too, for the report).
+    the module's :class:`~retention.pipeline_contract.PipelineState` too, for the report).
     """
 
     def __init__(
@@ -47,10 +47,14 @@ class RetentionMonitor(PipelineCallback):
         if not protocols:
             raise ValueError("monitor.protocols is empty: retention is measured under at least one protocol "
                              "(top1, prob, token_acc, gen)")
-        if batch_size < 1 or max_new_tokens < 1:
-            raise ValueError(f"monitor.batch_size={batch_size}, monitor.max_new_tokens={max_new_tokens}: "
-                             "both must be >= 1")
-        self.settings = ScoreSettings(tuple(check_protocols(protocols)), batch_size, max_new_tokens)
+        for flag, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+            if value < 1:
+                raise ValueError(f"monitor.{flag}={value}: must be >= 1")
+        try:
+            protocols = check_protocols(protocols)
+        except ValueError as e:
+            raise ValueError(f"monitor.protocols: {e}") from None
+        self.settings = ScoreSettings(protocols, batch_size, max_new_tokens)
         self.every_n_steps = every_n_steps
         self.probes: list[Probe] = []
         self.baseline: list[ProbeResult] = []

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from retention.distributed import gather_shards, rank_and_world, shard, state_device
-from retention.metrics import ProbeCounts, Rates
+from retention.metrics import ProbeCounts
+from retention.pipeline_contract import Measurement
 from retention.records import Probe, probe_group
 from retention.scoring import ProbeResult, gathered_root, is_sharded, score_probes
 
@@ -58,19 +59,6 @@ def outcomes(
                                   dtype=torch.bool).reshape(shape) for results in (baseline, now))
     scored = torch.tensor([[p in r.passed for p in protocols] for r in now], dtype=torch.bool).reshape(shape)
     return group, before, after, scored
-
-
-@dataclass
-class Measurement:
-    """One measurement of the probe sets: rates (all ranks) and per-probe results (rank 0 only)."""
-
-    step: int
-    rates: Rates
-    seconds: float
-    results: list[ProbeResult] | None = None
-
-    def to_dict(self) -> dict:
-        return {"step": self.step, "seconds": self.seconds, **self.rates}
 
 
 def measure(

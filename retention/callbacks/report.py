@@ -7,7 +7,8 @@ The folder (``out_dir``, default the trainer's ``default_root_dir``) gets, all w
   accuracy at t=0 (edit success), the curves, downstream metrics (flagged ``collapsed`` when the validation loss
   says fine-tuning destroyed the model), timings, and what produced it (``provenance``:
   :mod:`retention.provenance`);
-- ``retention_curves.png``: retention against fine-tuning steps, one panel per protocol;
+- ``retention_curves.png``: retention against fine-tuning steps, one panel per protocol under which some probe
+  passed at t=0 (:func:`plot_run_curves`);
 - ``config.yaml`` is LightningCLI's resolved configuration (its SaveConfigCallback writes it to the log dir).
 
 With a W&B logger attached, the final table (:func:`table_rows`, key ``retention/table``), the curve PNG
@@ -27,9 +28,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from retention.arch import unwrap_model
-from retention.callbacks.pipeline import PipelineCallback
-from retention.callbacks.probing import Measurement
 from retention.io import atomic_write_json, atomic_write_jsonl
+from retention.pipeline_contract import Measurement, PipelineCallback
 from retention.provenance import provenance
 from retention.records import GROUPS, probe_group
 from retention.summary import collapse, format_table, plot_curves, summarize
@@ -85,6 +85,41 @@ def table_rows(summary: dict) -> list[list]:
     return rows
 
 
+def collapse_reason(pl_module: LightningModule) -> str | None:
+    """Why the module's validation history says fine-tuning collapsed the model, or None
+    (:func:`retention.summary.collapse` over ``pl_module.validations``, judged against its vocabulary size)."""
+    vocab_size = unwrap_model(pl_module.model).get_output_embeddings().weight.shape[0]
+    return collapse(getattr(pl_module, "validations", []), vocab_size)
+
+
+def drawable_curves(curves: dict[str, dict[str, list]]) -> tuple[dict[str, dict[str, list]], list[str]]:
+    """The retention curves (``{group: {protocol: [[step, value], ...]}}``) of the protocols under which some
+    group has a point to draw, and the protocols left with none: a retention is undefined (NaN, or None) where no
+    probe of the group passed at t=0. The protocols keep their order, and the groups all their curves (the
+    figure's legend lists every group)."""
+    def defined(value) -> bool:
+        return value is not None and not math.isnan(value)
+
+    protocols = dict.fromkeys(p for by_protocol in curves.values() for p in by_protocol)
+    drawn = {p for by_protocol in curves.values() for p, points in by_protocol.items()
+             if any(defined(v) for _, v in points)}
+    kept = {group: {p: points for p, points in by_protocol.items() if p in drawn}
+            for group, by_protocol in curves.items()}
+    return {g: by_protocol for g, by_protocol in kept.items() if by_protocol}, [p for p in protocols if p not in drawn]
+
+
+def plot_run_curves(curves: dict[str, dict[str, list]], path: Path, title: str) -> Path | None:
+    """``retention_curves.png``: a panel for each protocol under which some probe passed at t=0 (the others are
+    named in the title); None, and no file, when no probe passed at t=0 under any protocol."""
+    kept, empty = drawable_curves(curves)
+    if not kept:
+        rank_zero_info(f"no retention curve to draw: no probe passed at t=0 under {', '.join(empty)}")
+        return None
+    if empty:
+        title += f"\nno probe passed at t=0 under {', '.join(empty)}"
+    return plot_curves(kept, path, title=title)
+
+
 def probe_rows(m: Measurement) -> list[dict]:
     return [{"step": m.step, "group": probe_group(r.probe.kind), **r.to_dict()} for r in m.results or []]
 
@@ -92,7 +127,7 @@ def probe_rows(m: Measurement) -> list[dict]:
 class RunReport(PipelineCallback):
     """Writes per-probe results, ``summary.json`` and the curve PNG of a run; prints the retention table.
 
-    It reads everything from the module's :class:`~retention.callbacks.pipeline.PipelineState`."""
+    It reads everything from the module's :class:`~retention.pipeline_contract.PipelineState`."""
 
     def __init__(self, out_dir: str | None = None, plot: bool = True):
         """
@@ -106,6 +141,8 @@ class RunReport(PipelineCallback):
         self._t_start = time.perf_counter()
         self._t_train: float | None = None
         self.summary: dict | None = None
+        self._png: Path | None = None
+        """The curve PNG once written."""
 
     def folder(self, trainer: Trainer) -> Path:
         return Path(self.out_dir or trainer.default_root_dir)
@@ -148,13 +185,12 @@ class RunReport(PipelineCallback):
     @staticmethod
     def _downstream(pl_module: LightningModule) -> dict:
         """Validation metrics before and after fine-tuning (the FineTuneModule's ``validations``), and whether
-        they say the model collapsed (:func:`retention.summary.collapse`)."""
+        they say the model collapsed (:func:`collapse_reason`)."""
         validations = getattr(pl_module, "validations", [])
         out = {"train_tokens": getattr(pl_module, "train_tokens", 0)}
         if validations:
             out["first"], out["last"] = validations[0], validations[-1]
-            vocab_size = unwrap_model(pl_module.model).get_output_embeddings().weight.shape[0]
-            reason = collapse(validations, vocab_size)
+            reason = collapse_reason(pl_module)
             out["collapsed"] = reason is not None
             if reason is not None:
                 out["collapse_reason"] = reason
@@ -188,9 +224,10 @@ class RunReport(PipelineCallback):
         folder = self.folder(trainer)
         atomic_write_json(folder / "summary.json", self.summary)
         if self.plot:
-            plot_curves(self.summary["curves"], folder / "retention_curves.png",
-                        title=f"{run['model']}: {run.get('editor')} ({run.get('mode')}), {run['n_edit']} edits, "
-                        f"{run['n_control']} controls, frozen {run['frozen_layers'] or 'none'}")
+            self._png = plot_run_curves(
+                self.summary["curves"], folder / "retention_curves.png",
+                title=f"{run['model']}: {run.get('editor')} ({run.get('mode')}), {run['n_edit']} edits, "
+                f"{run['n_control']} controls, frozen {run['frozen_layers'] or 'none'}")
         self.log_to_wandb(trainer)
         return self.summary
 
@@ -198,22 +235,21 @@ class RunReport(PipelineCallback):
         """Log the final table (``retention/table``) and the curve PNG (``retention/curves``) to every W&B logger."""
         from lightning.pytorch.loggers import WandbLogger
 
-        png = self.folder(trainer) / "retention_curves.png"
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.config.update({"provenance": self.summary["provenance"]}, allow_val_change=True)
                 logger.log_table(key="retention/table", columns=TABLE_COLUMNS, data=table_rows(self.summary),
                                  step=trainer.global_step)
-                if self.plot and png.is_file():
-                    logger.log_image(key="retention/curves", images=[str(png)], step=trainer.global_step,
+                if self._png is not None:
+                    logger.log_image(key="retention/curves", images=[str(self._png)], step=trainer.global_step,
                                      caption=[f"retention after {self.summary['final_step']} steps"])
 
     def describe(self, trainer: Trainer) -> str:
         """The final table and where the files are."""
         folder, t = self.folder(trainer), self.summary["timings"]
         lines = [format_table(self.summary), "", f"summary: {folder / 'summary.json'}"]
-        if self.plot:
-            lines.append(f"curves:  {folder / 'retention_curves.png'}")
+        if self._png is not None:
+            lines.append(f"curves:  {self._png}")
         lines.append(f"time: {t['total_s']:.0f} s (select {t.get('select_s', 0):.0f} s, edit {t.get('edit_s', 0):.0f} s, "
                      f"fine-tune {t['fine_tune_s']:.0f} s, measure {t['measure_s']:.0f} s)")
         return "\n".join(lines)

@@ -3,7 +3,7 @@
 Gradient clipping, precision, max steps/epochs and the validation cadence are Trainer flags
 (``--trainer.gradient_clip_val 1.0``, ``--trainer.max_steps 50``, ``--trainer.val_check_interval 25``).
 
-The module follows the pipeline contract (:mod:`retention.callbacks.pipeline`): ``configure_model`` checks the
+The module follows the pipeline contract (:mod:`retention.pipeline_contract`): ``configure_model`` checks the
 order of the pipeline callbacks, loads the base model (unless one was given), calls their
 ``on_base_model_ready(trainer, pl_module)`` in callback order (ApplyEdits edits and writes the edited layers to
 ``self.pipeline``, FreezeLayers adds the frozen layers), adds adapters on the layers that are not frozen, and
@@ -15,9 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,9 +30,10 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from retention.arch import ArchAdapter, unwrap_model
-from retention.callbacks.pipeline import PipelineState, check_order
 from retention.distributed import all_reduce_sum
 from retention.models import DEFAULT_MODEL, load_model
+from retention.modules.export import write_model
+from retention.pipeline_contract import PipelineState, check_order
 from retention.scoring import gathered_root, is_sharded
 
 log = logging.getLogger(__name__)
@@ -485,10 +484,10 @@ class FineTuneModule(LightningModule):
         return None if model is None else unwrap_model(model).eval()
 
     def export(self, path: str | Path) -> Path:
-        """Save the fine-tuned (merged) model and its tokenizer as a folder that ``load_model`` reads; with
-        LoRA/DoRA also the peft adapter alone in ``<path>/adapter`` (``PeftModel.from_pretrained(base, that)``,
-        where ``base`` is the model fine-tuning started from: the base model after the edits). Call it on every
-        rank: rank 0 writes, a sharded (FSDP2) model is gathered first."""
+        """Save the fine-tuned (merged) model and its tokenizer as a folder that ``load_model`` and transformers
+        read; with LoRA/DoRA also the model fine-tuning started from (after the edits) in ``<path>/base`` and the
+        peft adapter over it in ``<path>/adapter`` (:mod:`retention.modules.export`). Call it on every rank: rank 0
+        writes, a sharded (FSDP2) model is gathered first."""
         t0 = time.perf_counter()
         path = Path(path)
         if self.global_rank != 0 and not is_sharded(self.model):
@@ -496,14 +495,6 @@ class FineTuneModule(LightningModule):
         model = self._plain_copy()
         if model is None:
             return path
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if hasattr(model, "merge_and_unload"):
-            model.save_pretrained(tmp / "adapter")
-            model = model.merge_and_unload()
-        unwrap_model(model).eval().save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        write_model(model, self.tokenizer, path)
         log.info("exported the fine-tuned model to %s (%.1f s)", path, time.perf_counter() - t0)
         return path

@@ -1,0 +1,100 @@
+"""The pipeline's contract: three hooks of its own, one typed state the callbacks share (with the measurements it
+holds), and a checked order.
+
+Besides Lightning's hooks, pipeline callbacks receive, in callback order:
+
+- ``on_base_model_ready(trainer, pl_module)``: the FineTuneModule calls it from ``configure_model`` after loading
+  the base model, before adapters, freezing and the strategy's wrap (ApplyEdits edits here, FreezeLayers decides);
+- ``on_before_edits(trainer, pl_module, records) -> records | None``: ApplyEdits calls it with the edit set before
+  editing, while the model is still the base model (ParaphraseAugmentation adds phrasings here);
+- ``on_edits_applied(trainer, pl_module, sets)``: ApplyEdits calls it after editing (RetentionMonitor measures t=0).
+
+They hand each other data only through the module's :class:`PipelineState`. This module sits below both the
+callbacks (``retention.callbacks``) and the module that calls them (``retention.modules.finetune``); it imports
+Lightning only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+if TYPE_CHECKING:
+    from retention.data.selection import KnowledgeSets
+    from retention.metrics import Rates
+    from retention.records import KnowledgeRecord
+    from retention.scoring import ProbeResult
+
+
+@dataclass
+class Measurement:
+    """One measurement of the probe sets: rates (all ranks) and per-probe results (rank 0 only)."""
+
+    step: int
+    rates: Rates
+    seconds: float
+    results: list[ProbeResult] | None = None
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "seconds": self.seconds, **self.rates}
+
+
+@dataclass
+class PipelineState:
+    """What the pipeline callbacks hand each other; the FineTuneModule owns it (``pl_module.pipeline``)."""
+
+    sets: KnowledgeSets | None = None
+    """The edit and control sets, once ApplyEdits has selected them."""
+    edited_layers: list[int] = field(default_factory=list)
+    """Decoder layers the edits changed (set by ApplyEdits)."""
+    frozen_layers: set[int] = field(default_factory=set)
+    """Decoder layers kept frozen during fine-tuning (set by FreezeLayers)."""
+    edit: dict[str, Any] = field(default_factory=dict)
+    """What was edited and how, for the run summary (set by ApplyEdits: knowledge, editor, resolved
+    hyperparameters, mode, case ids, per-edit diagnostics, cache reuse)."""
+    stats: dict[str, int] = field(default_factory=dict)
+    """Counts for the run summary (records read and skipped, candidates, known facts, top1-blind edits)."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds of the pipeline's steps before fine-tuning (``select_s``, ``edit_s``)."""
+    protocols: tuple[str, ...] = ()
+    """The protocols the measurements score (set by RetentionMonitor)."""
+    measurements: list[Measurement] = field(default_factory=list)
+    """t=0 and every later measurement, in step order (RetentionMonitor appends; on resume it refills the list)."""
+
+
+class PipelineCallback(Callback):
+    """A callback of the retention pipeline: the three pipeline hooks as no-ops, and the callbacks it must follow."""
+
+    runs_after: ClassVar[tuple[str, ...]] = ()
+    """Names of pipeline callback classes that, when present, must come earlier in ``trainer.callbacks``."""
+
+    def on_base_model_ready(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The base model is loaded (not yet wrapped, adapted or frozen)."""
+
+    def on_before_edits(self, trainer: Trainer, pl_module: LightningModule,
+                        records: list[KnowledgeRecord]) -> list[KnowledgeRecord] | None:
+        """The edit set, before editing; return a replacement list, or ``None`` to keep it."""
+        return None
+
+    def on_edits_applied(self, trainer: Trainer, pl_module: LightningModule, sets: KnowledgeSets) -> None:
+        """The edits are in the model."""
+
+
+def pipeline_callbacks(callbacks: Sequence[Callback]) -> list[PipelineCallback]:
+    """The pipeline callbacks among ``callbacks``, in their order (the order their hooks are called in)."""
+    return [cb for cb in callbacks if isinstance(cb, PipelineCallback)]
+
+
+def check_order(callbacks: Sequence[Callback]) -> list[PipelineCallback]:
+    """:func:`pipeline_callbacks`, after checking each comes after those it names in ``runs_after``."""
+    pipeline = pipeline_callbacks(callbacks)
+    position = {type(cb).__name__: i for i, cb in enumerate(pipeline)}
+    for i, cb in enumerate(pipeline):
+        for before in cb.runs_after:
+            if position.get(before, -1) > i:
+                raise ValueError(f"{before} must come before {type(cb).__name__} in trainer.callbacks "
+                                 f"({type(cb).__name__} reads what {before} sets); reorder the callbacks")
+    return pipeline
