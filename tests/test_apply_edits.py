@@ -1,11 +1,11 @@
-"""ApplyEdits without a model: selection, the single protocol's run index, task exclusion terms, argument errors."""
+"""ApplyEdits on its own: selection, the single protocol's run index, the state it writes (and the task exclusion terms),
+argument errors."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
-
 from editing_models import edit_model
 
 from retention.callbacks.apply_edits import ApplyEdits
