@@ -171,7 +171,7 @@ class EditHere(EditSource):
         mode = "batch" if args.mode == "single" else args.mode
         store = DiskCache(cache_dir() / "edits")
         key = {"version": EDIT_CACHE_VERSION, "model": fingerprint, "editor": args.editor,
-               "hparams": editor.hparams.to_dict(), "mode": mode, "batch_size": args.batch_size,
+               "hparams": hparams, "mode": mode, "batch_size": args.batch_size,
                "requests": [dataclasses.asdict(r) for r in requests]}
         hit = store.get(key) if self.cache else None
         base = unwrap_model(pl_module.model)
