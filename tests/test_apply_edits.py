@@ -1,18 +1,23 @@
-"""ApplyEdits without a model: selection, the single protocol's run index, task exclusion terms, argument errors."""
+"""ApplyEdits on its own: selection, the single protocol's run index, the state it writes (and the task exclusion terms),
+argument errors."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
+from editing_models import edit_model
 
 from retention.callbacks.apply_edits import ApplyEdits
+from retention.callbacks.pipeline import PipelineState
 from retention.callbacks.probing import shard
+from retention.data.readers import load_records
 from retention.data.selection import KnowledgeSets
+from retention.models import model_fingerprint
 
 
 def _select(**kw) -> KnowledgeSets:
-    return ApplyEdits(known_protocol="none", **kw).select(pl_module=None)
+    return ApplyEdits(known_protocol="none", **kw).select(pl_module=None).sets
 
 
 def test_selection_is_seeded_and_disjoint():
@@ -33,12 +38,23 @@ def test_single_protocol_run_edits_one_fact_of_the_same_selection():
         assert single.edit == [full.edit[i]] and single.control == full.control
 
 
-def test_exclusion_terms_reach_the_datamodule():
+def test_controls_only_run_writes_the_pipeline_state_and_the_task_exclusions():
+    """Without edits (n_edit 0) the controls are still selected: the state, the summary and the datamodule get
+    them; nothing is edited, so no layers, diagnostics or edit timing."""
     datamodule = SimpleNamespace(exclude_terms=[])
-    edits = ApplyEdits(n_edit=2, n_control=2, known_protocol="none")
-    edits.sets = edits.select(None)
-    edits._exclude_from_task(SimpleNamespace(datamodule=datamodule))
-    assert datamodule.exclude_terms == edits.sets.terms()
+    edits = ApplyEdits(n_control=3, known_protocol="none", max_candidates=40, hparams={"layer": 1})
+    trainer = SimpleNamespace(callbacks=[edits], datamodule=datamodule)
+    pl_module = SimpleNamespace(model=edit_model("llama", 64), tokenizer=None, pipeline=PipelineState())
+    edits.on_base_model_ready(trainer, pl_module)
+    state = pl_module.pipeline
+    assert len(state.sets.control) == 3 and state.sets.edit == [] and state.edited_layers == []
+    assert datamodule.exclude_terms == state.sets.terms()
+    read = len(load_records("builtin"))
+    assert state.stats == {"candidates": 40, "known": 40, "read_records": read, "skipped_records": 0}
+    assert list(state.timings) == ["select_s"]
+    assert state.edit["editor"] is None and state.edit["hparams"] == {"layer": 1} and state.edit["reused"] == {}
+    assert state.edit["control_case_ids"] == [r.case_id for r in state.sets.control]
+    assert state.edit["base_fingerprint"] == model_fingerprint(pl_module.model)
 
 
 def test_rank_shards_cover_every_probe_once():

@@ -23,6 +23,7 @@ from retention.callbacks.augmentation import ParaphraseAugmentation
 from retention.commands.edit import EditArgs, run
 from retention.data.readers import load_records
 from retention.data.selection import split_edit_control
+from retention.models import model_fingerprint
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -115,8 +116,9 @@ def test_edited_model_and_its_facts_give_the_run_that_edits(one_rank, edit_folde
 
 def test_precomputed_edit_of_another_base_model_is_refused(edit_folder, tiny_llama):
     edits = ApplyEdits(precomputed=str(edit_folder), n_control=1)
+    model = SimpleNamespace(model=tiny_llama[0])
     with pytest.raises(ValueError, match="edited another base model"):
-        edits._load_precomputed(tiny_llama[0])
+        edits.source.apply(model, edits.source.edit_set, model_fingerprint(tiny_llama[0]))
 
 
 def test_edited_model_identical_to_the_base_is_refused(one_rank, tmp_path):
@@ -125,8 +127,9 @@ def test_edited_model_identical_to_the_base_is_refused(one_rank, tmp_path):
     edits = ApplyEdits(edited_model=str(model), knowledge="builtin")
     from retention.models import load_model
 
+    base = load_model(str(model))[0]
     with pytest.raises(ValueError, match="no weight differs from the base model's"):
-        edits._load_edited_model(load_model(str(model))[0])
+        edits.source.apply(SimpleNamespace(model=base), edits.source.edit_set, model_fingerprint(base))
 
 
 def test_options_of_an_earlier_edit_are_checked_at_construction(edit_folder, tmp_path):
@@ -159,9 +162,10 @@ def test_options_of_an_earlier_edit_are_checked_at_construction(edit_folder, tmp
 
 def test_edited_model_without_controls_keeps_only_the_given_facts(edit_folder):
     edits = ApplyEdits(edited_model=str(edit_folder / "model"), knowledge=str(edit_folder / "facts.jsonl"))
-    sets = edits.select(SimpleNamespace())  # nothing to score: no model needed
-    assert [r.case_id for r in sets.edit] == [r.case_id for r in edits.given] and sets.control == []
-    assert edits.stats["read_records"] == N_EDIT
+    selection = edits.select(SimpleNamespace())  # nothing to score: no model needed
+    sets = selection.sets
+    assert [r.case_id for r in sets.edit] == [r.case_id for r in edits.source.edit_set] and sets.control == []
+    assert selection.stats["read_records"] == N_EDIT
 
 
 def test_augmentation_with_an_earlier_edit_is_refused(edit_folder, tiny_llama):

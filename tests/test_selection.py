@@ -126,9 +126,20 @@ def test_select_known_stops_scoring_once_n_known_facts_are_found(monkeypatch):
         return [ProbeResult(p, passed={"top1": int(p.case_id) % 3 == 0}) for p in probes]
 
     monkeypatch.setattr(selection, "score_probes", fake_score)
-    known = select_known(None, None, records, "top1", n=5, batch_size=4)
+    known = select_known(None, None, records, 5, "top1", batch_size=4)
     assert [r.case_id for r in known] == ["0", "3", "6", "9", "12"]
     assert len(scored) < 30 and scored == [str(i) for i in range(len(scored))]
-    assert [r.case_id for r in select_known(None, None, records, "top1")] == [str(i) for i in range(0, 100, 3)]
-    assert [r.case_id for r in select_known(None, None, records, "none", n=2)] == ["0", "1"]
-    assert len(select_known(None, None, records[:6], "top1", n=5)) == 2
+    assert [r.case_id for r in select_known(None, None, records, protocol="top1")] == [str(i) for i in range(0, 100, 3)]
+    assert [r.case_id for r in select_known(None, None, records, 2, "none")] == ["0", "1"]
+    assert len(select_known(None, None, records[:6], 5, "top1")) == 2
+
+
+def test_select_known_takes_its_arguments_in_the_order_of_the_api():
+    """``select_known(model, tokenizer, records, n, protocol, batch_size)`` in both places: a positional call
+    means the same thing whichever one it reaches."""
+    from inspect import signature
+
+    from retention import api
+
+    ours = list(signature(select_known).parameters)
+    assert ours[: len(signature(api.select_known).parameters)] == list(signature(api.select_known).parameters)

@@ -55,8 +55,8 @@ def select_known(
     model: nn.Module,
     tokenizer,
     records: Sequence[KnowledgeRecord],
-    protocol: str = "top1",
     n: int | None = None,
+    protocol: str = "top1",
     batch_size: int = 16,
     progress: bool = False,
 ) -> list[KnowledgeRecord]:

@@ -1,0 +1,124 @@
+"""ApplyEdits' first step: which facts a run edits and which it keeps as controls.
+
+The candidates are read from the knowledge source, sampled (seeded) down to ``max_candidates``, filtered to the
+facts the base model knows (cached on disk by the model's weight fingerprint and the candidates) and split,
+seeded and disjoint by subject and object, into the edit set and the control set. An edit made earlier brings
+its own edit set; only the controls are drawn then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from retention.data.readers import ReadReport, read_records
+from retention.data.selection import KnowledgeSets, select_known, split_edit_control
+from retention.diskcache import DiskCache, digest
+from retention.models import cache_dir
+from retention.records import KnowledgeRecord
+from retention.scoring import check_protocols
+
+SELECTION_CACHE_VERSION = 1
+"""Bump when selection changes what it computes, so cached entries are recomputed."""
+
+
+@dataclass
+class FactSelectionArgs:
+    """Which facts a run edits (the edit set E) and keeps untouched (the intrinsic control set I)."""
+
+    knowledge: str = "builtin"
+    """A knowledge file (CounterFact, zsRE, our records) or a built-in set name (``builtin``)."""
+    n_edit: int = 0
+    """Facts to edit. With ``n_edit`` and ``n_control`` both 0 (the default) the callback does nothing: plain
+    fine-tuning."""
+    n_control: int = 0
+    """Known facts left untouched (the intrinsic control set I)."""
+    known_protocol: str = "top1"
+    """Keep facts the base model answers correctly under this protocol (top1, prob, token_acc, gen); ``none``
+    keeps every fact (random test models know nothing)."""
+    max_candidates: int | None = None
+    """Score at most this many records (a seeded sample) when selecting known facts."""
+    seed: int = 0
+    """Seed of the sample and of the edit/control split."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Malformed knowledge records: ``raise`` (an error naming file, record and field) or ``skip`` (skipped and
+    counted)."""
+
+    def __post_init__(self) -> None:
+        if self.n_edit < 0 or self.n_control < 0:
+            raise ValueError(f"ApplyEdits: n_edit={self.n_edit}, n_control={self.n_control} must be >= 0")
+        if self.known_protocol != "none":
+            check_protocols([self.known_protocol])
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"ApplyEdits: on_error {self.on_error!r} unknown; choose raise or skip")
+        if self.max_candidates is not None and self.max_candidates < self.n_edit + self.n_control:
+            raise ValueError(f"ApplyEdits: max_candidates={self.max_candidates} cannot give n_edit + n_control = "
+                             f"{self.n_edit + self.n_control} known facts")
+
+
+@dataclass
+class Selection:
+    """What the selection step produced."""
+
+    sets: KnowledgeSets
+    stats: dict[str, int]
+    """``candidates`` (after ``max_candidates``), ``known``, ``read_records`` and ``skipped_records`` (malformed,
+    under ``on_error: skip``)."""
+    seconds: float
+    cache_hit: bool | None
+    """Whether the known facts came from the selection cache (None: nothing was scored)."""
+
+
+def known_facts(model: nn.Module, tokenizer, records: list[KnowledgeRecord], protocol: str, fingerprint: str,
+                cache: bool) -> tuple[list[KnowledgeRecord], bool]:
+    """The records the model knows under ``protocol``, and whether they came from the selection cache (keyed by
+    the model's weight fingerprint, the protocol and the records)."""
+    store = DiskCache(cache_dir() / "selection")
+    key = {"version": SELECTION_CACHE_VERSION, "model": fingerprint, "protocol": protocol,
+           "records": digest([dataclasses.asdict(r) for r in records])}
+    hit = store.get(key) if cache else None
+    if hit is not None:
+        known_ids = set(hit[0]["known"])
+        return [r for r in records if str(r.case_id) in known_ids], True
+    known = select_known(model, tokenizer, records, protocol=protocol)
+    if cache:
+        store.put(key, {"known": [str(r.case_id) for r in known]})
+    return known, False
+
+
+def select_facts(
+    args: FactSelectionArgs, pl_module, fingerprint: str | None, *, candidates: str | None,
+    edit_set: list[KnowledgeRecord] | None = None, edit_set_report: ReadReport | None = None,
+    single_index: int | None = None, cache: bool = True,
+) -> Selection:
+    """Read the ``candidates`` source (None: no candidates), keep the known facts and split them into
+    ``args.n_edit`` edit and ``args.n_control`` control facts; with ``edit_set`` (an edit made earlier, read
+    with ``edit_set_report``) that is the edit set and only controls are drawn. ``single_index`` keeps one edit
+    fact (a run of the single protocol). ``pl_module`` gives the model and tokenizer that score the candidates."""
+    t0 = time.perf_counter()
+    records, report = read_records(candidates, on_error=args.on_error) if candidates is not None else ([], None)
+    if args.max_candidates is not None and len(records) > args.max_candidates:
+        records = random.Random(args.seed).sample(records, args.max_candidates)
+    cache_hit = None
+    if args.known_protocol == "none" or not records:  # no records: edited_model without controls
+        known = list(records)
+    else:
+        known, cache_hit = known_facts(pl_module.model, pl_module.tokenizer, records, args.known_protocol,
+                                       fingerprint, cache)
+    n_edit = len(edit_set) if edit_set is not None else args.n_edit
+    edit, control = split_edit_control(known, n_edit, args.n_control, args.seed, edit=edit_set)
+    if single_index is not None:
+        edit = [edit[single_index]]
+    reports = [r for r in (report, edit_set_report) if r is not None]
+    stats = {"candidates": len(records), "known": len(known), "read_records": sum(r.read for r in reports),
+             "skipped_records": sum(r.skipped for r in reports)}
+    seconds = time.perf_counter() - t0
+    rank_zero_info(f"{args.knowledge}: {len(known)} of {len(records)} facts known under {args.known_protocol}; "
+                   f"{len(edit)} to edit, {len(control)} controls ({seconds:.1f} s)")
+    return Selection(KnowledgeSets(edit, control), stats, seconds, cache_hit)
