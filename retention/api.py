@@ -77,7 +77,7 @@ def select_known(
     ``none`` keeps all), in order; with ``n``, the first ``n`` of them (fewer, with a warning, if not found)."""
     from retention.data.selection import select_known as _select
 
-    return _select(model, tokenizer, list(records), protocol, n, batch_size)
+    return _select(model, tokenizer, list(records), n, protocol, batch_size)
 
 
 def edit(

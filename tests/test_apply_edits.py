@@ -9,11 +9,11 @@ import pytest
 from editing_models import edit_model
 
 from retention.callbacks.apply_edits import ApplyEdits
-from retention.callbacks.pipeline import PipelineState
 from retention.callbacks.probing import shard
 from retention.data.readers import load_records
 from retention.data.selection import KnowledgeSets
 from retention.models import model_fingerprint
+from retention.pipeline_contract import PipelineState
 
 
 def _select(**kw) -> KnowledgeSets:

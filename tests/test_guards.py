@@ -221,8 +221,8 @@ def test_a_quarter_of_the_shared_zsre_file_is_top1_blind(tiny_llama):
 
 def test_monitor_counts_and_warns_about_top1_blind_edits(tiny_llama, monkeypatch):
     from retention.callbacks import monitor as monitor_module
-    from retention.callbacks.pipeline import PipelineState
     from retention.callbacks.probing import Measurement
+    from retention.pipeline_contract import PipelineState
 
     sets = KnowledgeSets([_record("1", "English", "French"), _record("2", "Paris Hilton", "Paris")], [])
     monkeypatch.setattr(monitor_module, "measure", lambda *a, **k: (Measurement(0, {"accuracy": {}, "retention": {}},
@@ -258,5 +258,5 @@ def test_skipped_knowledge_records_are_counted_in_the_run_stats(tmp_path: Path):
     path = tmp_path / "facts.json"
     path.write_text(json.dumps([*good, bad]), encoding="utf-8")
     edits = ApplyEdits(knowledge=str(path), n_edit=1, n_control=1, known_protocol="none", on_error="skip")
-    edits.select(pl_module=None)
-    assert edits.stats["read_records"] == 4 and edits.stats["skipped_records"] == 1
+    stats = edits.select(pl_module=None).stats
+    assert stats["read_records"] == 4 and stats["skipped_records"] == 1

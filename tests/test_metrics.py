@@ -87,7 +87,7 @@ def _free_port() -> int:
 def _probes():
     from retention.callbacks.apply_edits import ApplyEdits
 
-    return ApplyEdits(known_protocol="none", n_edit=3, n_control=4).select(pl_module=None).probes()
+    return ApplyEdits(known_protocol="none", n_edit=3, n_control=4).select(pl_module=None).sets.probes()
 
 
 def _later(results, probes):

@@ -12,7 +12,7 @@ loaded and before adapters, freezing and the strategy's wrap/shard, so the edits
    returns the records with their editing phrasings; without it edits use no augmentation);
 3. apply the edit (:mod:`~retention.callbacks.edit_source`): made here in ``batch`` or ``sequential`` mode, or
    an edit made earlier (``precomputed``, ``edited_model``); write the sets, the edited layers, what was edited,
-   the counts and the timings to the module's :class:`~retention.callbacks.pipeline.PipelineState`;
+   the counts and the timings to the module's :class:`~retention.pipeline_contract.PipelineState`;
 4. call ``on_edits_applied(trainer, pl_module, sets)`` on the pipeline callbacks (the RetentionMonitor measures
    t=0 there).
 
@@ -53,8 +53,8 @@ from retention.callbacks.edit_source import (
     EditSource,
     PrecomputedEdit,
 )
-from retention.callbacks.pipeline import PipelineCallback, check_order
 from retention.models import model_fingerprint
+from retention.pipeline_contract import PipelineCallback, pipeline_callbacks
 from retention.records import KnowledgeRecord
 
 
@@ -163,7 +163,7 @@ class ApplyEdits(PipelineCallback):
     def on_base_model_ready(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.active:
             return
-        pipeline = check_order(trainer.callbacks)
+        pipeline = pipeline_callbacks(trainer.callbacks)
         fingerprint = model_fingerprint(unwrap_model(pl_module.model))
         selection = self.select(pl_module, fingerprint)
         sets = selection.sets
