@@ -29,7 +29,8 @@ COLLAPSE_GROWTH = 2.0
 def _fmt(r: Rate | None) -> str:
     if r is None:
         return "-"
-    value = "  n/a" if math.isnan(r["value"]) else f"{r['value']:.2f}"
+    undefined = r["value"] is None or math.isnan(r["value"])  # null in summary.json, NaN in memory
+    value = "  n/a" if undefined else f"{r['value']:.2f}"
     return f"{value} ({r['count']}/{r['denominator']})"
 
 

@@ -154,7 +154,7 @@ def run(args: EditArgs) -> dict:
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     from retention.data.selection import select_known
 
-    records = select_known(model, tokenizer, records, args.select_known, args.n, args.batch_size_scoring)
+    records = select_known(model, tokenizer, records, args.n, args.select_known, args.batch_size_scoring)
     if not records:
         raise ValueError(f"no facts to edit from {args.data}")
     if args.mode == "single":

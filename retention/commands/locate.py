@@ -82,7 +82,7 @@ def execute(args: LocateArgs) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     from retention.data.selection import select_known
 
-    facts = select_known(model, tokenizer, records, args.known, args.n)
+    facts = select_known(model, tokenizer, records, args.n, args.known)
     if len(facts) < args.n:
         print(f"only {len(facts)} of {len(records)} facts of {args.data} are known under {args.known}; tracing those")
     if not facts:
