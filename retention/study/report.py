@@ -14,9 +14,7 @@ interval bands) and ``final_retention.png`` (final retention per arm with interv
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -35,6 +33,7 @@ from retention.reporting import INCOMPLETE, save_figure
 from retention.study.runner import DONE
 from retention.study.spec import cell_label
 from retention.study.stats import Interval, newcombe, paired_interval, t_interval, wilson
+from retention.study.tables import csv_text
 
 log = logging.getLogger(__name__)
 
@@ -301,17 +300,6 @@ def rate_rows(aggregates: Sequence[Aggregate]) -> list[dict]:
     return rows
 
 
-def _csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    if rows:
-        fields = list(dict.fromkeys(k for row in rows for k in row))  # rows may lack columns: left empty
-        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    return buf.getvalue()
-
-
 def _cell(agg: Aggregate, step: int, group: str, protocol: str) -> str:
     mean, pooled = agg.rate(step, group, protocol)
     if pooled.n == 0:
@@ -487,7 +475,7 @@ def write_report(folders: Sequence[str | Path], out: str | Path, plots: bool = T
         "\n".join(provenance_markdown(results))
     return {
         "markdown": atomic_write_text(out / "report.md", text),
-        "csv": atomic_write_text(out / "report.csv", _csv(rate_rows(aggregates))),
-        "comparisons": atomic_write_text(out / "comparisons.csv", _csv(comparison_rows)),
+        "csv": atomic_write_text(out / "report.csv", csv_text(rate_rows(aggregates))),
+        "comparisons": atomic_write_text(out / "comparisons.csv", csv_text(comparison_rows)),
         **paths,
     }
