@@ -281,7 +281,7 @@ def test_dose_studies_parse(path):
 
 def test_probes_that_lost_top1_but_kept_prob_are_classified():
     from retention.study.analysis.decomposition import sensitivity_rows, sensitivity_summary
-    from retention.study.report import Condition, RunResult
+    from retention.study.results import Condition, RunResult
 
     def row(case, top1, prob, token, rank, group="control"):
         return {"group": group, "case_id": case, "kind": group, "prompt": f"{case} is in", "target": "Paris",

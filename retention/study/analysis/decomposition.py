@@ -16,7 +16,7 @@ from statistics import median
 from typing import Any
 
 from retention.study.analysis.facts import SETS, Fact, Probes, by_condition, protocols_of
-from retention.study.report import RunResult
+from retention.study.results import RunResult
 from retention.study.stats import LEVEL, wilson
 
 FUNCTION_WORDS = frozenset("""
@@ -35,7 +35,11 @@ LOSS_CLASSES = ("kept", "format shift", "displaced", "buried", "overturned")
 
 def token_category(token: str, alternative: str | None = None) -> str:
     """``function word``, ``punctuation/space``, ``alternative`` (the probe's alternative starts with it) or
-    ``other``."""
+    ``other``.
+
+    >>> [token_category(" the"), token_category(","), token_category(" Par", "Paris"), token_category(" Rome")]
+    ['function word', 'punctuation/space', 'alternative', 'other']
+    """
     word = token.strip().lower()
     if word in FUNCTION_WORDS:
         return "function word"
@@ -120,7 +124,14 @@ def loss_class(t0: dict, final: dict) -> str:
     ``format shift`` (the new top-1 is a function word or punctuation, the target still beats the alternative
     and is within the top 10); ``displaced`` (the same, but the new top-1 is another content word);
     ``buried`` (the target still beats the alternative but fell out of the top 10); ``overturned`` (the
-    alternative now beats the target: for an edit, the original object is back)."""
+    alternative now beats the target: for an edit, the original object is back).
+
+    >>> t0 = {"passed": {"top1": True}, "target_logprob": -1.0, "alt_logprob": -3.0}
+    >>> end = {"passed": {"top1": False}, "target_logprob": -2.0, "alt_logprob": -3.0, "target_rank": 1,
+    ...        "top1_token": " the"}
+    >>> loss_class(t0, end), loss_class(t0, {**end, "alt_logprob": -1.5})
+    ('format shift', 'overturned')
+    """
     if final["passed"].get("top1"):
         return "kept"
     if final["target_logprob"] <= final["alt_logprob"]:

@@ -17,7 +17,7 @@ import yaml
 
 from retention.data.phrasings import TEMPLATE_SOURCES, template_phrasings
 from retention.study.analysis.facts import Fact, Probes, read_probes, run_facts
-from retention.study.report import RunResult, load_results
+from retention.study.results import RunResult, load_results
 
 
 def count_terms(text: str, terms: Sequence[str]) -> dict[str, int]:

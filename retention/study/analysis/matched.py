@@ -19,7 +19,11 @@ MATCH_BY = ("target_logprob_t0", "margin_t0")
 
 
 def quantile_edges(values: Sequence[float], bins: int) -> list[float]:
-    """Edges of up to ``bins`` quantile bins (repeated quantiles merged)."""
+    """Edges of up to ``bins`` quantile bins (repeated quantiles merged).
+
+    >>> quantile_edges([1, 2, 3, 4, 5], 2), quantile_edges([1, 1, 1], 4)
+    ([1.0, 3.0, 5.0], [1.0, 1.0])
+    """
     xs = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
     if not len(xs):
         return []

@@ -10,16 +10,13 @@ from pathlib import Path
 
 from retention.reporting import save_figure
 from retention.study.analysis.facts import group_rows, ordered_protocols
+from retention.study.figures import note_empty, pyplot
 
 
 def plot_survival(rows: Sequence[dict], path: Path, title: str) -> Path:
     """Rows: arms; columns: protocols; Kaplan–Meier step curves of edited (red) and intrinsic (blue) facts with
-    their log-log interval bands."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    their log-log interval bands; a panel where no fact passed at t=0 says so."""
+    plt = pyplot()
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     protocols = ordered_protocols(r["protocol"] for r in rows)
     fig, axes = plt.subplots(len(arms), len(protocols), figsize=(3.6 * len(protocols), 2.6 * len(arms)),
@@ -27,10 +24,12 @@ def plot_survival(rows: Sequence[dict], path: Path, title: str) -> Path:
     curves = group_rows(rows, ("arm", "protocol", "set"))
     for row, arm in zip(axes, arms):
         for ax, protocol in zip(row, protocols):
+            drawn = False
             for name, color in (("edited", "C3"), ("intrinsic", "C0")):
                 pts = curves.get((arm, protocol, name), [])
                 if not pts:
                     continue
+                drawn = True
                 xs = [p["step"] for p in pts]
                 n = pts[0]["n_facts"]
                 ax.step(xs, [p["survival"] for p in pts], where="post", color=color, label=f"{name} (n={n})")
@@ -39,7 +38,10 @@ def plot_survival(rows: Sequence[dict], path: Path, title: str) -> Path:
             ax.set_ylim(-0.03, 1.03)
             ax.grid(alpha=0.3)
             ax.set_title(f"{arm} · {protocol}", fontsize=9)
-            ax.legend(fontsize=6, loc="lower left")
+            if drawn:
+                ax.legend(fontsize=6, loc="lower left")
+            else:
+                note_empty(ax, f"no fact passed {protocol} at t=0")
         row[0].set_ylabel("share never lost")
     for ax in axes[-1]:
         ax.set_xlabel("fine-tuning step")
@@ -49,11 +51,7 @@ def plot_survival(rows: Sequence[dict], path: Path, title: str) -> Path:
 
 
 def _panels(n: int):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 3.5, 3.4), squeeze=False, sharey=True)
     return fig, axes[0]
 

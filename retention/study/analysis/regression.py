@@ -53,11 +53,14 @@ class Coefficient:
 
     @property
     def excludes_zero(self) -> bool:
+        """Whether the interval lies wholly above or below zero."""
         return not math.isnan(self.low) and (self.low > 0 or self.high < 0)
 
 
 @dataclass
 class LogitFit:
+    """A logistic regression's coefficients and what limits them."""
+
     coefficients: list[Coefficient]
     n: int
     events: int
@@ -72,6 +75,49 @@ class LogitFit:
     """Clusters of the cluster-robust standard errors (0: model-based standard errors)."""
 
 
+def _complete_rows(x, y, names: Sequence[str], groups: Sequence | None,
+                   ) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray | None, dict[str, str]]:
+    """``x`` without the features missing for more than half the rows, then without the rows holding a NaN;
+    with ``y``, the kept names, the rows' group codes (None without groups) and the features left out."""
+    x = np.asarray(x, dtype=float).reshape(len(y), -1)
+    y = np.asarray(y, dtype=float)
+    missing = np.isnan(x).mean(axis=0) if len(y) else np.zeros(x.shape[1])
+    dropped: dict[str, str] = {name: f"not recorded for {missing[j]:.0%} of the facts"
+                               for j, name in enumerate(names) if missing[j] > 0.5}
+    use = [j for j, name in enumerate(names) if name not in dropped]
+    x, names = x[:, use], [names[j] for j in use]
+    keep = ~np.isnan(x).any(axis=1) & ~np.isnan(y)
+    codes = None
+    if groups is not None:
+        if len(groups) != len(keep):
+            raise ValueError(f"logistic_regression: {len(groups)} groups for {len(keep)} rows")
+        codes = np.unique([str(g) for g in groups], return_inverse=True)[1].reshape(-1)[keep]
+    return x[keep], y[keep], names, codes, dropped
+
+
+def _independent_columns(x: np.ndarray, names: Sequence[str], sds: np.ndarray, means: np.ndarray,
+                         dropped: dict[str, str]) -> list[int]:
+    """The columns that vary and are not collinear with the columns kept before them; the others are named in
+    ``dropped`` with the reason."""
+    n, cols = len(x), []
+    for j, name in enumerate(names):
+        if not n or sds[j] == 0 or not np.isfinite(sds[j]):
+            dropped[name] = "constant"
+            continue
+        z = (x[:, cols + [j]] - means[cols + [j]]) / sds[cols + [j]]
+        if np.linalg.matrix_rank(np.column_stack([np.ones(n), z]), tol=1e-8 * math.sqrt(n)) < len(cols) + 2:
+            dropped[name] = "collinear with " + ", ".join(names[c] for c in cols)
+            continue
+        cols.append(j)
+    return cols
+
+
+def _unfitted(labels: Sequence[str], n: int, events: int, dropped: dict[str, str], clusters: int) -> LogitFit:
+    """A fit without estimates: no rows, no variation in the outcome, or a singular design."""
+    nan = [Coefficient(lbl, math.nan, math.nan, math.nan, math.nan, math.nan) for lbl in labels]
+    return LogitFit(nan, n, events, False, True, math.nan, dropped, clusters)
+
+
 def logistic_regression(x: np.ndarray, y: np.ndarray, names: Sequence[str], standardize: bool = True,
                         level: float = LEVEL, max_iter: int = 100, tol: float = 1e-10,
                         groups: Sequence | None = None) -> LogitFit:
@@ -82,34 +128,19 @@ def logistic_regression(x: np.ndarray, y: np.ndarray, names: Sequence[str], stan
     than parameters, leave no interval). With ``standardize`` the fit runs on z-scored columns (better
     conditioned) and slopes are reported per unit and, through ``sd``, per standard deviation; the intercept is
     then the log-odds at the features' means. A feature missing (NaN) for more than half the rows is left out
-    (runs that did not record it); then rows with a NaN are left out."""
-    x = np.asarray(x, dtype=float).reshape(len(y), -1)
-    y = np.asarray(y, dtype=float)
-    missing = np.isnan(x).mean(axis=0) if len(y) else np.zeros(x.shape[1])
-    dropped: dict[str, str] = {name: f"not recorded for {missing[j]:.0%} of the facts"
-                               for j, name in enumerate(names) if missing[j] > 0.5}
-    use = [j for j, name in enumerate(names) if name not in dropped]
-    x, names = x[:, use], [names[j] for j in use]
-    keep = ~np.isnan(x).any(axis=1) & ~np.isnan(y)
-    x, y = x[keep], y[keep]
-    codes = None
-    if groups is not None:
-        if len(groups) != len(keep):
-            raise ValueError(f"logistic_regression: {len(groups)} groups for {len(keep)} rows")
-        codes = np.unique([str(g) for g in groups], return_inverse=True)[1].reshape(-1)[keep]
+    (runs that did not record it); then rows with a NaN are left out.
+
+    On a two-by-two table the slope is the log odds ratio, log((1/3) / (3/1)) = -2.197:
+
+    >>> fit = logistic_regression([[0]] * 4 + [[1]] * 4, [1, 1, 1, 0, 1, 0, 0, 0], ["x"], standardize=False)
+    >>> [(c.name, round(c.estimate, 3)) for c in fit.coefficients]
+    [('(intercept)', 1.099), ('x', -2.197)]
+    """
+    x, y, names, codes, dropped = _complete_rows(x, y, names, groups)
     n = len(y)
-    cols: list[int] = []
     sds = x.std(axis=0, ddof=1) if n > 1 else np.zeros(x.shape[1])
     means = x.mean(axis=0) if n else np.zeros(x.shape[1])
-    for j, name in enumerate(names):
-        if not n or sds[j] == 0 or not np.isfinite(sds[j]):
-            dropped[name] = "constant"
-            continue
-        z = (x[:, cols + [j]] - means[cols + [j]]) / sds[cols + [j]]
-        if np.linalg.matrix_rank(np.column_stack([np.ones(n), z]), tol=1e-8 * math.sqrt(n)) < len(cols) + 2:
-            dropped[name] = "collinear with " + ", ".join(names[c] for c in cols)
-            continue
-        cols.append(j)
+    cols = _independent_columns(x, names, sds, means, dropped)
     scale = sds[cols] if standardize else np.ones(len(cols))
     shift = means[cols] if standardize else np.zeros(len(cols))
     design = np.column_stack([np.ones(n), (x[:, cols] - shift) / scale]) if n else np.zeros((0, len(cols) + 1))
@@ -117,8 +148,7 @@ def logistic_regression(x: np.ndarray, y: np.ndarray, names: Sequence[str], stan
     labels = ["(intercept)" + (" at the means" if standardize else "")] + [names[j] for j in cols]
     clusters = len(np.unique(codes)) if codes is not None else 0
     if n == 0 or events in (0, n):
-        nan = [Coefficient(lbl, math.nan, math.nan, math.nan, math.nan, math.nan) for lbl in labels]
-        return LogitFit(nan, n, events, False, True, math.nan, dropped, clusters)
+        return _unfitted(labels, n, events, dropped, clusters)
     # The small-sample factor G / (G - 1) * (n - 1) / (n - k) needs two clusters and more rows than parameters.
     clustered = clusters >= 2 and n > design.shape[1]
     robust = {"cov_type": "cluster", "cov_kwds": {"groups": codes}} if clustered else {}
@@ -129,8 +159,7 @@ def logistic_regression(x: np.ndarray, y: np.ndarray, names: Sequence[str], stan
         except np.linalg.LinAlgError:
             res = None
     if res is None:
-        nan = [Coefficient(lbl, math.nan, math.nan, math.nan, math.nan, math.nan) for lbl in labels]
-        return LogitFit(nan, n, events, False, True, math.nan, dropped, clusters)
+        return _unfitted(labels, n, events, dropped, clusters)
     beta, converged = np.asarray(res.params), bool(res.mle_retvals["converged"])
     # Under (quasi-)separation Newton's steps run off to ever larger slopes instead of converging.
     separated = not converged or bool(np.max(np.abs(beta[1:]), initial=0) > 15) or bool(
@@ -150,7 +179,13 @@ def auc(scores: Sequence[float], outcomes: Sequence[bool], level: float = LEVEL)
     """Area under the ROC curve of ``scores`` for ``outcomes``: the Mann–Whitney probability that a random
     positive scores above a random negative, ties counting half (``scipy.stats.mannwhitneyu``'s U / (n1 n0)),
     with Hanley & McNeil's (1982) interval (no library has their standard error; its formula is here); NaN
-    when either class is empty."""
+    when either class is empty.
+
+    >>> auc([1, 2, 3, 4], [False, False, True, True])
+    (1.0, 1.0, 1.0)
+    >>> print(", ".join(f"{v:.3f}" for v in auc([2, 3, 1, 3], [True, True, False, False])))
+    0.625, 0.014, 1.000
+    """
     pos = [s for s, o in zip(scores, outcomes) if o]
     neg = [s for s, o in zip(scores, outcomes) if not o]
     if not pos or not neg:

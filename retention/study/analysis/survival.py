@@ -43,7 +43,14 @@ class KMStep:
 def kaplan_meier(times: Sequence[int], lost: Sequence[bool], level: float = LEVEL) -> list[KMStep]:
     """Kaplan–Meier survival at t=0 and at every step where a fact was lost or censored (events before
     censorings at a shared step; ``scipy.stats.ecdf``), with Greenwood's standard error and the log-log
-    interval."""
+    interval.
+
+    >>> curve = kaplan_meier([10, 20, 20, 30], [True, True, False, False])
+    >>> [(k.step, k.at_risk, k.events, k.survival) for k in curve]
+    [(0, 4, 0, 1.0), (10, 4, 1, 0.75), (20, 3, 1, 0.5), (30, 1, 0, 0.5)]
+    >>> print(f"{curve[-1].low:.3f} {curve[-1].high:.3f}")
+    0.058 0.845
+    """
     if len(times) != len(lost):
         raise ValueError(f"kaplan_meier: {len(times)} times and {len(lost)} event flags")
     t, e = np.asarray(times, dtype=float), np.asarray(lost, dtype=bool)
@@ -74,7 +81,12 @@ def kaplan_meier(times: Sequence[int], lost: Sequence[bool], level: float = LEVE
 def logrank(times_a: Sequence[int], lost_a: Sequence[bool], times_b: Sequence[int],
             lost_b: Sequence[bool]) -> tuple[float, float]:
     """The log-rank test of two samples (Mantel 1966; ``scipy.stats.logrank``): (chi-square with 1 degree of
-    freedom, p-value); NaN when no fact was lost or a sample is empty."""
+    freedom, p-value); NaN when no fact was lost or a sample is empty.
+
+    >>> chi2, p = logrank([10, 20, 30], [True, True, False], [30, 30, 30], [False, False, False])
+    >>> print(f"{chi2:.3f} {p:.3f}")
+    2.469 0.116
+    """
     if not len(times_a) or not len(times_b) or not (any(lost_a) or any(lost_b)):
         return math.nan, math.nan
     samples = []

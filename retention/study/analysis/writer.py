@@ -22,14 +22,13 @@ from retention.study.analysis.markdown import (
     matched_markdown,
     predictors_markdown,
     sensitivity_markdown,
-    single_feature_markdown,
     survival_markdown,
 )
 from retention.study.analysis.matched import matched_rows
 from retention.study.analysis.plots import plot_curves, plot_dose, plot_survival
 from retention.study.analysis.regression import predictor_rows, relation_rows, single_feature_rows
 from retention.study.analysis.survival import logrank_rows, survival_rows
-from retention.study.report import load_results
+from retention.study.results import load_results
 from retention.study.stats import LEVEL
 from retention.study.tables import csv_text
 
@@ -88,8 +87,7 @@ def write_analysis(folders: Sequence[str | Path], out: str | Path, corpus: str |
         "models": ("models.csv", csv_text(models)),
         "relations": ("relations.csv", csv_text(relations)),
         "single_features": ("single_features.csv", csv_text(singles)),
-        "predictors_md": ("predictors.md", predictors_markdown(coef, models, relations)
-                          + single_feature_markdown(singles)),
+        "predictors_md": ("predictors.md", predictors_markdown(coef, models, relations, singles)),
         "dose": ("dose.csv", csv_text(doses)),
         "curves": ("curves.csv", csv_text(curves)),
         "dose_md": ("dose.md", dose_markdown(doses, curves, dose_images)),
