@@ -39,7 +39,8 @@ def test_predictors_page_leads_with_the_answer_and_keeps_warnings_in_a_column():
     # The one slope whose interval excludes zero, with its interval; its model's warning in the caution column.
     assert "`margin_t0`: the interval excludes zero in 1 of the 2 fits that estimate it" in answer
     assert "| s: base | edited | top1 | margin_t0 | +0.90 [+0.30, +1.50] | 2.00 | 60/80 | EPV 3.0 |" in answer
-    assert "subject_tokens" not in answer and "intercept" not in answer
+    assert "- In no fit: `subject_tokens`." in answer and "| subject_tokens |" not in answer
+    assert "intercept" not in answer
     assert "2 of 3 models could be fitted (1 separated" in answer
     # One row per model, warnings compact; no paragraph of warnings per model.
     assert "| s: frozen | edited | top1 | 80 (40) | 60 | n/a | separated | constant: k; collinear: lr |" in page
