@@ -17,17 +17,13 @@ from tiny_runs import fit_config, prepare
 
 from retention.cli import main as cli_main
 from retention.study import StudySpec
-from retention.study.analysis import (
-    count_terms,
-    first_loss,
-    kaplan_meier,
-    logistic_regression,
-    logrank,
-    quantile_edges,
-    read_probes,
-    token_category,
-    write_analysis,
-)
+from retention.study.analysis import write_analysis
+from retention.study.analysis.decomposition import token_category
+from retention.study.analysis.facts import first_loss, read_probes
+from retention.study.analysis.features import count_terms
+from retention.study.analysis.matched import quantile_edges
+from retention.study.analysis.regression import logistic_regression
+from retention.study.analysis.survival import kaplan_meier, logrank
 
 DOSE_STUDIES = sorted((Path(__file__).resolve().parents[1] / "configs" / "studies").glob("dose_*.yaml"))
 
@@ -284,8 +280,8 @@ def test_dose_studies_parse(path):
 
 
 def test_probes_that_lost_top1_but_kept_prob_are_classified():
-    from retention.study.analysis import sensitivity_rows, sensitivity_summary
-    from retention.study.report import Condition, RunResult
+    from retention.study.analysis.decomposition import sensitivity_rows, sensitivity_summary
+    from retention.study.results import Condition, RunResult
 
     def row(case, top1, prob, token, rank, group="control"):
         return {"group": group, "case_id": case, "kind": group, "prompt": f"{case} is in", "target": "Paris",
@@ -334,7 +330,7 @@ def _fact(cell: str, run: str, name: str, passes: dict, t0: dict | None = None, 
 
 
 def test_auc_by_hand():
-    from retention.study.analysis import auc
+    from retention.study.analysis.regression import auc
 
     assert auc([1, 2, 3, 4], [False, False, True, True])[0] == 1.0
     assert auc([1, 2, 3, 4], [True, True, False, False])[0] == 0.0
@@ -345,7 +341,7 @@ def test_auc_by_hand():
 
 
 def test_dose_rows_pool_facts_per_dose_value_and_fit_a_trend():
-    from retention.study.analysis import dose_rows
+    from retention.study.analysis.dose import dose_rows
     from retention.study.spec import cell_label
 
     facts = []
@@ -374,19 +370,19 @@ def test_dose_rows_pool_facts_per_dose_value_and_fit_a_trend():
 
 
 def test_tokens_per_step_of_packed_text_only():
-    from retention.study.analysis import _tokens_per_step
+    from retention.study.analysis.features import tokens_per_step
 
     text = {"data": {"batch_size": 4, "task": {"family": "text", "block_size": 64}},
             "trainer": {"devices": 2, "num_nodes": 1, "accumulate_grad_batches": 3}}
-    assert _tokens_per_step(text) == 4 * 64 * 2 * 3
-    assert _tokens_per_step(text, world_size=8) == 4 * 64 * 8 * 3  # the run's recorded world size wins
+    assert tokens_per_step(text) == 4 * 64 * 2 * 3
+    assert tokens_per_step(text, world_size=8) == 4 * 64 * 8 * 3  # the run's recorded world size wins
     text["trainer"]["devices"] = "auto"  # not resolved in the config and no world size recorded: one rank
-    assert _tokens_per_step(text) == 4 * 64 * 3
-    assert math.isnan(_tokens_per_step({"data": {"task": {"family": "instruct"}}}))
+    assert tokens_per_step(text) == 4 * 64 * 3
+    assert math.isnan(tokens_per_step({"data": {"task": {"family": "instruct"}}}))
 
 
 def test_curve_rows_count_the_facts_passing_at_each_step():
-    from retention.study.analysis import curve_rows
+    from retention.study.analysis.dose import curve_rows
 
     facts = [_fact("all", "r", "edited", {"prob": (True, True, False)}, tokens_per_step=256.0),
              _fact("all", "r", "edited", {"prob": (True, None, True)}, tokens_per_step=256.0),
@@ -397,7 +393,7 @@ def test_curve_rows_count_the_facts_passing_at_each_step():
 
 
 def test_single_feature_rows_rank_a_perfect_and_a_useless_predictor():
-    from retention.study.analysis import single_feature_rows
+    from retention.study.analysis.regression import single_feature_rows
 
     facts = []
     for i in range(12):
@@ -413,7 +409,7 @@ def test_single_feature_rows_rank_a_perfect_and_a_useless_predictor():
 
 
 def test_loss_classes_and_decomposition():
-    from retention.study.analysis import decomposition_rows, loss_class
+    from retention.study.analysis.decomposition import decomposition_rows, loss_class
 
     def rec(top1, tlp, alp, token, rank):
         return {"passed": {"top1": top1, "prob": tlp > alp}, "target_logprob": tlp, "alt_logprob": alp,

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 from conftest import DATA, needs_data
 
-from retention.callbacks.augmentation import ParaphraseAugmentation, allowed, phrasings, sampler
+from retention.callbacks.augmentation import ParaphraseAugmentation, phrasings, sampler
+from retention.data.phrasings import allowed
 from retention.data.readers import load_records
 from retention.data.relations import resembles
 from retention.records import KnowledgeRecord

@@ -10,15 +10,9 @@ import math
 import numpy as np
 import pytest
 
-from retention.study.analysis import (
-    Fact,
-    auc,
-    kaplan_meier,
-    logistic_regression,
-    logrank,
-    predictor_rows,
-    single_feature_rows,
-)
+from retention.study.analysis import Fact
+from retention.study.analysis.regression import auc, logistic_regression, predictor_rows, single_feature_rows
+from retention.study.analysis.survival import kaplan_meier, logrank
 from retention.study.stats import newcombe, paired_interval, t_interval, t_quantile, wilson
 
 Z = {0.9: 1.6448536, 0.95: 1.9599640, 0.99: 2.5758293}

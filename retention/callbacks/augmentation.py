@@ -16,7 +16,6 @@ is dropped: evaluation paraphrases measure generalisation and must never be seen
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -26,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from retention.arch import unwrap_model
-from retention.data.relations import augmentation_phrasings, resembles
+from retention.data.phrasings import kept_phrasings, template_phrasings
 from retention.pipeline_contract import PipelineCallback
 from retention.records import KnowledgeRecord
 
@@ -42,18 +41,6 @@ _FEW_SHOT = (
     "Original: [Toyota] is headquartered in\nRewrite: The head office of [Toyota] is in\n"
     "Original: {prompt}\nRewrite:"
 )
-
-
-def _norm(template: str) -> str:
-    return " ".join(re.findall(r"\w+|\{\}", template.casefold()))
-
-
-def allowed(record: KnowledgeRecord, template: str) -> bool:
-    """Whether a phrasing may be used while editing: a one-``{}`` template unlike the record's own prompt and
-    unlike every evaluation paraphrase."""
-    if template.count("{}") != 1 or _norm(template) == _norm(record.prompt):
-        return False
-    return not any(resembles(template, record.subject, p) for p in record.paraphrases)
 
 
 def _from_generations(record: KnowledgeRecord, generations: Sequence[str]) -> list[str]:
@@ -78,22 +65,8 @@ def phrasings(record: KnowledgeRecord, k: int, source: str = "record", seed: int
         if generate is None:
             raise ValueError("paraphrase source 'model' needs a generator")
         prompt = _FEW_SHOT.format(prompt=record.prompt.replace("{}", f"[{record.subject}]"))
-        candidates = _from_generations(record, generate(prompt, 4 * k))
-    elif source == "record":
-        candidates = list(record.augmentations)
-        missing = k - sum(allowed(record, t) for t in candidates)
-        if missing > 0:
-            try:
-                candidates += augmentation_phrasings(record, missing, seed)
-            except (KeyError, ValueError):
-                pass  # no (or too few) relation templates: the caller warns about short lists
-    else:
-        candidates = augmentation_phrasings(dataclasses.replace(record, augmentations=[]), k, seed)
-    kept: list[str] = []
-    for t in candidates:
-        if allowed(record, t) and _norm(t) not in {_norm(x) for x in kept}:
-            kept.append(t)
-    return kept[:k]
+        return kept_phrasings(record, _from_generations(record, generate(prompt, 4 * k)), k)
+    return template_phrasings(record, k, source, seed)
 
 
 def sampler(model: torch.nn.Module, tokenizer, seed: int, max_new_tokens: int = 24,

@@ -14,53 +14,33 @@ interval bands) and ``final_retention.png`` (final retention per arm with interv
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import io
-import json
 import logging
 import math
-import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from retention.diskcache import digest
-from retention.io import atomic_write_text
-from retention.provenance import describe, digest_conflicts, environment_key, pooling_key
+from retention.io import atomic_write_text, safe_name
+from retention.provenance import describe
 from retention.records import GROUP_LABELS, GROUPS
-from retention.study.runner import DONE
-from retention.study.spec import cell_label
+from retention.study.conclusion import conclusion
+from retention.study.figures import plot_final, plot_report_curves
+from retention.study.results import (
+    Condition,
+    ReportError,  # noqa: F401 (write_report raises it; callers catch it from here)
+    RunResult,
+    load_results,
+    provenance_groups,
+)
 from retention.study.stats import Interval, newcombe, paired_interval, t_interval, wilson
-from retention.summary import INCOMPLETE, save_figure
+from retention.study.tables import csv_text
 
 log = logging.getLogger(__name__)
 
 Counts = dict[int, dict[str, dict[str, tuple[int, int]]]]
 """step -> group -> protocol -> (count, denominator)."""
 COMPARED_GROUPS = ("edit", "control", "edit_paraphrase")
-
-
-class ReportError(ValueError):
-    """A folder that is not a finished study or run."""
-
-
-@dataclass(frozen=True)
-class Condition:
-    study: str
-    cell: str
-    arm: str
-
-
-@dataclass
-class RunResult:
-    condition: Condition
-    seed: int
-    fact: int | None
-    summary: dict
-    folder: Path
 
 
 def _counts(summary: dict) -> Counts:
@@ -75,99 +55,6 @@ def _counts(summary: dict) -> Counts:
         out[int(m["step"])] = {g: {p: (int(r["count"]), int(r["denominator"])) for p, r in by_p.items()}
                                for g, by_p in m["retention"].items() if by_p}
     return out
-
-
-def _read_summary(folder: Path) -> dict:
-    path = folder / "summary.json"
-    if (folder / INCOMPLETE).exists():
-        raise ReportError(f"{folder}: the run has not finished ({INCOMPLETE} is there); resume it with "
-                          "`retention fit --config <its config> --ckpt_path last` or run it again")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ReportError(f"{folder}: no summary.json (not a finished run)") from None
-    except json.JSONDecodeError as err:
-        raise ReportError(f"{path}: not valid JSON ({err})") from None
-
-
-MIXED_PROVENANCE = ("refuse", "label")
-
-
-def provenance_groups(results: Sequence[RunResult]) -> dict[tuple, list[RunResult]]:
-    """Runs grouped by what produced them (:func:`retention.provenance.pooling_key`), in first-seen order."""
-    groups: dict[tuple, list[RunResult]] = {}
-    for r in results:
-        groups.setdefault(pooling_key(r.summary.get("provenance")), []).append(r)
-    return groups
-
-
-def _check_provenance(results: list[RunResult], baselines: dict[str, str], mixed: str) -> list[RunResult]:
-    """The runs as they may be pooled: one environment (:func:`retention.provenance.environment_key`) and no
-    corpus or model name read as different bytes; else a ReportError (``refuse``) or, with ``label``, each
-    provenance group's studies renamed ``<study> [p<i>]`` so they are never pooled."""
-    if mixed not in MIXED_PROVENANCE:
-        raise ReportError(f"--mixed_provenance {mixed!r}: choose from {', '.join(MIXED_PROVENANCE)}")
-    blocks = [r.summary.get("provenance") for r in results]
-    conflicts = digest_conflicts(blocks)
-    if len({environment_key(b) for b in blocks}) == 1 and not conflicts:
-        return results
-    groups = provenance_groups(results)
-    lines = [f"  p{i}: {len(runs)} run(s), e.g. {runs[0].folder}: {describe(runs[0].summary.get('provenance'))}"
-             for i, runs in enumerate(groups.values(), 1)] + [f"  {c}" for c in conflicts]
-    if mixed == "refuse":
-        raise ReportError("the runs were produced by different code or environment, or read different bytes under "
-                          "one corpus or model name, and are not pooled:\n" + "\n".join(lines)
-                          + "\nreport them separately, or pass --mixed_provenance label to keep each group apart in "
-                          "one report")
-    log.warning("runs of %d provenances, kept apart:\n%s", len(groups), "\n".join(lines))
-    labelled = []
-    for i, runs in enumerate(groups.values(), 1):
-        for r in runs:
-            study = f"{r.condition.study} [p{i}]"
-            if r.condition.study in baselines:
-                baselines[study] = baselines[r.condition.study]
-            labelled.append(dataclasses.replace(r, condition=dataclasses.replace(r.condition, study=study)))
-    return labelled
-
-
-def load_results(folders: Sequence[str | Path], mixed_provenance: str = "refuse",
-                 ) -> tuple[list[RunResult], dict[str, str], list[str]]:
-    """Finished runs of the given study or run folders; the baseline arm of each study; what was left out.
-    Runs of different provenance are refused or labelled apart (``mixed_provenance``, :func:`_check_provenance`)."""
-    results, baselines, missing = [], {}, []
-    seen: dict[Any, Path] = {}
-    """Resolved run folder, and digest of its summary, -> the folder first given: a run given twice (two
-    spellings of one path, a study and one of its runs, or a copy of a run folder) counts once."""
-
-    def add(result: RunResult) -> None:
-        for key in (result.folder.resolve(), digest(result.summary)):
-            if key in seen:
-                log.warning("%s is the run %s, given already: counted once", result.folder, seen[key])
-                return
-        seen[result.folder.resolve()] = seen[digest(result.summary)] = result.folder
-        results.append(result)
-
-    for folder in map(Path, folders):
-        if (folder / "study.json").is_file():
-            state = json.loads((folder / "study.json").read_text(encoding="utf-8"))
-            name = state["spec"]["name"]
-            baselines[name] = state["spec"]["baseline"]
-            for run in state["runs"]:
-                run_dir = folder / "runs" / run["name"]
-                if run["state"] != "done" or not (run_dir / DONE).is_file():
-                    missing.append(f"{name}/{run['name']} ({run['state']})")
-                    continue
-                add(RunResult(Condition(name, cell_label(list(run["cell"].items())), run["arm"]), run["seed"],
-                              run["fact"], _read_summary(run_dir), run_dir))
-        elif (folder / "summary.json").is_file() or (folder / INCOMPLETE).is_file():
-            summary = _read_summary(folder)
-            add(RunResult(Condition(folder.resolve().name, "all", folder.resolve().name),
-                          int(summary["run"].get("seed", 0)), None, summary, folder))
-        else:
-            raise ReportError(f"{folder}: neither a study folder (study.json) nor a run folder (summary.json)")
-    if not results:
-        raise ReportError(f"no finished runs in {', '.join(map(str, folders))}")
-    return _check_provenance(results, baselines, mixed_provenance), baselines, missing
 
 
 def provenance_markdown(results: Sequence[RunResult]) -> list[str]:
@@ -191,14 +78,17 @@ class Aggregate:
 
     @property
     def steps(self) -> list[int]:
+        """The steps every seed measured."""
         common = set.intersection(*(set(c) for c in self.counts.values()))
         return sorted(common)
 
     @property
     def final_step(self) -> int:
+        """The last step every seed measured."""
         return self.steps[-1]
 
     def per_seed(self, step: int, group: str, protocol: str) -> list[float]:
+        """Each seed's rate (NaN where nothing passed at t=0)."""
         out = []
         for seed in self.seeds:
             k, n = self.counts[seed].get(step, {}).get(group, {}).get(protocol, (0, 0))
@@ -206,6 +96,7 @@ class Aggregate:
         return out
 
     def pooled(self, step: int, group: str, protocol: str) -> tuple[int, int]:
+        """(kept, passing at t=0), the seeds' counts summed."""
         pairs = [self.counts[s].get(step, {}).get(group, {}).get(protocol, (0, 0)) for s in self.seeds]
         return sum(k for k, _ in pairs), sum(n for _, n in pairs)
 
@@ -214,7 +105,14 @@ class Aggregate:
         return (t_interval(self.per_seed(step, group, protocol), bounds=(0.0, 1.0)),
                 wilson(*self.pooled(step, group, protocol)))
 
+    def band(self, step: int, group: str, protocol: str) -> Interval:
+        """The rate the plots draw: the mean over seeds with its t-interval, or with one seed the pooled rate
+        with its Wilson interval."""
+        mean, pooled = self.rate(step, group, protocol)
+        return mean if len(self.seeds) >= 2 else pooled
+
     def protocols(self) -> list[str]:
+        """The protocols recorded, in first-seen order."""
         seen: dict[str, None] = {}
         for by_step in self.counts.values():
             for by_group in by_step.values():
@@ -224,6 +122,7 @@ class Aggregate:
 
 
 def aggregate(results: Sequence[RunResult]) -> list[Aggregate]:
+    """One :class:`Aggregate` per condition: each seed's runs pooled at the steps they all measured."""
     by_condition: dict[Condition, dict[int, list[RunResult]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
         by_condition[r.condition][r.seed].append(r)
@@ -281,6 +180,7 @@ def _comparison_row(c: Condition, protocol: str, comparison: str, group: str, st
 
 
 def rate_rows(aggregates: Sequence[Aggregate]) -> list[dict]:
+    """report.csv: one row per condition, protocol, group and step."""
     rows = []
     for agg in aggregates:
         c = agg.condition
@@ -299,17 +199,6 @@ def rate_rows(aggregates: Sequence[Aggregate]) -> list[dict]:
                         "wilson_high": pooled.high,
                     })
     return rows
-
-
-def _csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    if rows:
-        fields = list(dict.fromkeys(k for row in rows for k in row))  # rows may lack columns: left empty
-        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    return buf.getvalue()
 
 
 def _cell(agg: Aggregate, step: int, group: str, protocol: str) -> str:
@@ -332,6 +221,7 @@ def _diff_cell(rows: dict, key: tuple) -> str:
 
 def markdown(aggregates: Sequence[Aggregate], comparison_rows: list[dict], baselines: dict[str, str],
              missing: list[str], images: Sequence[str] = ()) -> str:
+    """report.md without its provenance section."""
     by_key = {(r["study"], r["cell"], r["arm"], r["protocol"], r["comparison"], r["group"]): r
               for r in comparison_rows}
     lines = ["# Retention report", ""]
@@ -347,6 +237,8 @@ def markdown(aggregates: Sequence[Aggregate], comparison_rows: list[dict], basel
         "[95 % t-interval] (pooled kept/passing at t=0); with one seed, the pooled rate [95 % Wilson]. "
         "Differences: paired by seed [95 % paired t-interval], or Newcombe's interval from pooled counts with one "
         "seed; **bold** when the interval excludes zero.",
+        "",
+        *conclusion(rate_rows(aggregates), comparison_rows),
     ]
     for (study, cell), aggs in _by_cell(aggregates).items():
         step = aggs[0].final_step
@@ -392,78 +284,6 @@ def _by_cell(aggregates: Sequence[Aggregate]) -> dict[tuple[str, str], list[Aggr
     return dict(out)
 
 
-def _band(agg: Aggregate, step: int, group: str, protocol: str) -> Interval:
-    mean, pooled = agg.rate(step, group, protocol)
-    return mean if len(agg.seeds) >= 2 else pooled
-
-
-def plot_curves(aggs: Sequence[Aggregate], path: Path, title: str) -> Path:
-    """Rows: arms; columns: protocols; edited (red) and intrinsic (blue) retention with interval bands."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    protocols = aggs[0].protocols()
-    fig, axes = plt.subplots(len(aggs), len(protocols), figsize=(3.6 * len(protocols), 2.6 * len(aggs)),
-                             squeeze=False, sharex=True, sharey=True)
-    for row, agg in zip(axes, aggs):
-        for ax, protocol in zip(row, protocols):
-            for group, color in (("edit", "C3"), ("control", "C0")):
-                points = [(s, _band(agg, s, group, protocol)) for s in agg.steps]
-                points = [(s, i) for s, i in points if not math.isnan(i.estimate)]
-                if not points:
-                    continue
-                xs = [s for s, _ in points]
-                ax.plot(xs, [i.estimate for _, i in points], color=color, marker="o", markersize=3,
-                        label=GROUP_LABELS[group])
-                lows = [i.low if not math.isnan(i.low) else i.estimate for _, i in points]
-                highs = [i.high if not math.isnan(i.high) else i.estimate for _, i in points]
-                ax.fill_between(xs, lows, highs, color=color, alpha=0.18, linewidth=0)
-            ax.set_ylim(-0.03, 1.03)
-            ax.grid(alpha=0.3)
-            ax.set_title(f"{agg.condition.arm} · {protocol}", fontsize=9)
-        row[0].set_ylabel("retention")
-    for ax in axes[-1]:
-        ax.set_xlabel("fine-tuning step")
-    axes[0][-1].legend(fontsize=7, loc="lower left")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def plot_final(aggregates: Sequence[Aggregate], path: Path) -> Path:
-    """Final retention per condition, edited and intrinsic side by side, one panel per protocol."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    protocols = list(dict.fromkeys(p for a in aggregates for p in a.protocols()))
-    # "editor=rome-sequential, lr=0.001" -> "rome-sequential, 0.001": the axis names are in the report's tables.
-    labels = [a.condition.arm if a.condition.cell == "all" else
-              f"{a.condition.arm}\n{', '.join(part.split('=', 1)[-1] for part in a.condition.cell.split(', '))}"
-              for a in aggregates]
-    fig, axes = plt.subplots(len(protocols), 1, figsize=(max(6.0, 0.9 * len(aggregates) + 2), 2.8 * len(protocols)),
-                             squeeze=False)
-    for ax, protocol in zip(axes[:, 0], protocols):
-        for offset, (group, color) in zip((-0.2, 0.2), (("edit", "C3"), ("control", "C0"))):
-            bands = [_band(a, a.final_step, group, protocol) for a in aggregates]
-            xs = [i + offset for i in range(len(aggregates))]
-            ys = [b.estimate for b in bands]
-            err = [[max(0.0, b.estimate - b.low) if not math.isnan(b.low) else 0 for b in bands],
-                   [max(0.0, b.high - b.estimate) if not math.isnan(b.high) else 0 for b in bands]]
-            ax.bar(xs, ys, width=0.4, color=color, alpha=0.8, yerr=err, capsize=3, label=GROUP_LABELS[group])
-        ax.set_xticks(range(len(aggregates)))
-        ax.set_xticklabels(labels, fontsize=7, rotation=35, ha="right")
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel(f"retention ({protocol})")
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
 def write_report(folders: Sequence[str | Path], out: str | Path, plots: bool = True,
                  mixed_provenance: str = "refuse") -> dict[str, Path]:
     """Write the report files of ``folders`` into ``out``; returns their paths by kind."""
@@ -479,15 +299,15 @@ def write_report(folders: Sequence[str | Path], out: str | Path, plots: bool = T
         paths["final"] = plot_final(aggregates, out / "final_retention.png")
         images.append("![final retention per arm](final_retention.png)")
         for (study, cell), aggs in cells.items():
-            slug = re.sub(r"[^\w.=-]+", "_", cell if one_study else f"{study}_{cell}")
-            path = plot_curves(aggs, out / f"curves_{slug}.png", f"{study}: {cell}")
+            slug = safe_name(cell if one_study else f"{study}_{cell}")
+            path = plot_report_curves(aggs, out / f"curves_{slug}.png", f"{study}: {cell}")
             paths[f"curves {study} {cell}"] = path
             images.append(f"![retention curves, {study}: {cell}]({path.name})")
     text = markdown(aggregates, comparison_rows, baselines, missing, images) + "\n" + \
         "\n".join(provenance_markdown(results))
     return {
         "markdown": atomic_write_text(out / "report.md", text),
-        "csv": atomic_write_text(out / "report.csv", _csv(rate_rows(aggregates))),
-        "comparisons": atomic_write_text(out / "comparisons.csv", _csv(comparison_rows)),
+        "csv": atomic_write_text(out / "report.csv", csv_text(rate_rows(aggregates))),
+        "comparisons": atomic_write_text(out / "comparisons.csv", csv_text(comparison_rows)),
         **paths,
     }

@@ -37,9 +37,11 @@ class Interval:
 
     @property
     def excludes_zero(self) -> bool:
+        """Whether the interval lies wholly above or below zero."""
         return not math.isnan(self.low) and (self.low > 0 or self.high < 0)
 
     def fmt(self, digits: int = 2) -> str:
+        """``est [low, high]``, the estimate alone without an interval, ``n/a`` without an estimate."""
         if math.isnan(self.estimate):
             return "n/a"
         if math.isnan(self.low):
@@ -60,7 +62,11 @@ def t_quantile(p: float, df: int) -> float:
 def t_interval(values: Sequence[float], level: float = LEVEL,
                bounds: tuple[float, float] = (-math.inf, math.inf)) -> Interval:
     """Mean of ``values`` (NaNs dropped) with its Student-t interval, clipped to ``bounds`` (a rate's interval
-    to [0, 1], a difference of rates to [-1, 1]); no interval below two values."""
+    to [0, 1], a difference of rates to [-1, 1]); no interval below two values.
+
+    >>> t_interval([0.8, 0.9, 0.7], bounds=(0.0, 1.0)).fmt(), t_interval([0.8]).fmt()
+    ('0.80 [0.55, 1.00]', '0.80')
+    """
     xs = [float(v) for v in values if not math.isnan(v)]
     n = len(xs)
     if n == 0:
@@ -82,7 +88,11 @@ def paired_interval(a: Sequence[float], b: Sequence[float], level: float = LEVEL
 
 
 def wilson(count: int, n: int, level: float = LEVEL) -> Interval:
-    """``count / n`` with Wilson's score interval."""
+    """``count / n`` with Wilson's score interval.
+
+    >>> wilson(8, 10).fmt(), wilson(0, 10).fmt()
+    ('0.80 [0.49, 0.94]', '0.00 [0.00, 0.28]')
+    """
     if n <= 0:
         return Interval(NAN, NAN, NAN, 0)
     if not 0 <= count <= n:
@@ -95,7 +105,11 @@ def wilson(count: int, n: int, level: float = LEVEL) -> Interval:
 
 
 def newcombe(k1: int, n1: int, k2: int, n2: int, level: float = LEVEL) -> Interval:
-    """``k1/n1 - k2/n2`` for independent samples with Newcombe's hybrid score interval."""
+    """``k1/n1 - k2/n2`` for independent samples with Newcombe's hybrid score interval.
+
+    >>> newcombe(8, 10, 5, 10).fmt()
+    '0.30 [-0.11, 0.60]'
+    """
     if n1 <= 0 or n2 <= 0:
         return Interval(NAN, NAN, NAN, 0)
     for k, n in ((k1, n1), (k2, n2)):

@@ -1,0 +1,139 @@
+"""The finished runs of study or run folders, as the report and the analysis read them: each run's condition
+(study, grid cell, arm), seed and summary; a run given twice counted once; runs of different provenance refused
+or labelled apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from retention.diskcache import digest
+from retention.provenance import describe, digest_conflicts, environment_key, pooling_key
+from retention.study.runner import DONE
+from retention.study.spec import cell_label
+from retention.summary import INCOMPLETE
+
+log = logging.getLogger(__name__)
+
+
+class ReportError(ValueError):
+    """A folder that is not a finished study or run."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What a run measures: its study, grid cell (``all`` outside a grid) and arm."""
+
+    study: str
+    cell: str
+    arm: str
+
+
+@dataclass
+class RunResult:
+    """A finished run: its condition, seed, fact (the ``single`` protocol) and summary.json."""
+
+    condition: Condition
+    seed: int
+    fact: int | None
+    summary: dict
+    folder: Path
+
+
+def _read_summary(folder: Path) -> dict:
+    path = folder / "summary.json"
+    if (folder / INCOMPLETE).exists():
+        raise ReportError(f"{folder}: the run has not finished ({INCOMPLETE} is there); resume it with "
+                          "`retention fit --config <its config> --ckpt_path last` or run it again")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReportError(f"{folder}: no summary.json (not a finished run)") from None
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path}: not valid JSON ({err})") from None
+
+
+MIXED_PROVENANCE = ("refuse", "label")
+
+
+def provenance_groups(results: Sequence[RunResult]) -> dict[tuple, list[RunResult]]:
+    """Runs grouped by what produced them (:func:`retention.provenance.pooling_key`), in first-seen order."""
+    groups: dict[tuple, list[RunResult]] = {}
+    for r in results:
+        groups.setdefault(pooling_key(r.summary.get("provenance")), []).append(r)
+    return groups
+
+
+def _check_provenance(results: list[RunResult], baselines: dict[str, str], mixed: str) -> list[RunResult]:
+    """The runs as they may be pooled: one environment (:func:`retention.provenance.environment_key`) and no
+    corpus or model name read as different bytes; else a ReportError (``refuse``) or, with ``label``, each
+    provenance group's studies renamed ``<study> [p<i>]`` so they are never pooled."""
+    if mixed not in MIXED_PROVENANCE:
+        raise ReportError(f"--mixed_provenance {mixed!r}: choose from {', '.join(MIXED_PROVENANCE)}")
+    blocks = [r.summary.get("provenance") for r in results]
+    conflicts = digest_conflicts(blocks)
+    if len({environment_key(b) for b in blocks}) == 1 and not conflicts:
+        return results
+    groups = provenance_groups(results)
+    lines = [f"  p{i}: {len(runs)} run(s), e.g. {runs[0].folder}: {describe(runs[0].summary.get('provenance'))}"
+             for i, runs in enumerate(groups.values(), 1)] + [f"  {c}" for c in conflicts]
+    if mixed == "refuse":
+        raise ReportError("the runs were produced by different code or environment, or read different bytes under "
+                          "one corpus or model name, and are not pooled:\n" + "\n".join(lines)
+                          + "\nreport them separately, or pass --mixed_provenance label to keep each group apart in "
+                          "one report")
+    log.warning("runs of %d provenances, kept apart:\n%s", len(groups), "\n".join(lines))
+    labelled = []
+    for i, runs in enumerate(groups.values(), 1):
+        for r in runs:
+            study = f"{r.condition.study} [p{i}]"
+            if r.condition.study in baselines:
+                baselines[study] = baselines[r.condition.study]
+            labelled.append(dataclasses.replace(r, condition=dataclasses.replace(r.condition, study=study)))
+    return labelled
+
+
+def load_results(folders: Sequence[str | Path], mixed_provenance: str = "refuse",
+                 ) -> tuple[list[RunResult], dict[str, str], list[str]]:
+    """Finished runs of the given study or run folders; the baseline arm of each study; what was left out.
+    Runs of different provenance are refused or labelled apart (``mixed_provenance``, :func:`_check_provenance`)."""
+    results, baselines, missing = [], {}, []
+    seen: dict[Any, Path] = {}
+    """Resolved run folder, and digest of its summary, -> the folder first given: a run given twice (two
+    spellings of one path, a study and one of its runs, or a copy of a run folder) counts once."""
+
+    def add(result: RunResult) -> None:
+        for key in (result.folder.resolve(), digest(result.summary)):
+            if key in seen:
+                log.warning("%s is the run %s, given already: counted once", result.folder, seen[key])
+                return
+        seen[result.folder.resolve()] = seen[digest(result.summary)] = result.folder
+        results.append(result)
+
+    for folder in map(Path, folders):
+        if (folder / "study.json").is_file():
+            state = json.loads((folder / "study.json").read_text(encoding="utf-8"))
+            name = state["spec"]["name"]
+            baselines[name] = state["spec"]["baseline"]
+            for run in state["runs"]:
+                run_dir = folder / "runs" / run["name"]
+                if run["state"] != "done" or not (run_dir / DONE).is_file():
+                    missing.append(f"{name}/{run['name']} ({run['state']})")
+                    continue
+                add(RunResult(Condition(name, cell_label(list(run["cell"].items())), run["arm"]), run["seed"],
+                              run["fact"], _read_summary(run_dir), run_dir))
+        elif (folder / "summary.json").is_file() or (folder / INCOMPLETE).is_file():
+            summary = _read_summary(folder)
+            add(RunResult(Condition(folder.resolve().name, "all", folder.resolve().name),
+                          int(summary["run"].get("seed", 0)), None, summary, folder))
+        else:
+            raise ReportError(f"{folder}: neither a study folder (study.json) nor a run folder (summary.json)")
+    if not results:
+        raise ReportError(f"no finished runs in {', '.join(map(str, folders))}")
+    return _check_provenance(results, baselines, mixed_provenance), baselines, missing
