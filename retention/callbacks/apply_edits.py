@@ -56,7 +56,8 @@ from retention.data.selection import KnowledgeSets, select_known, split_edit_con
 from retention.diskcache import DiskCache, digest
 from retention.editing.base import EditRequest, RequestDiagnostics, run_edits
 from retention.editing.registry import build_editor, editor_class, editor_hparams
-from retention.models import cache_dir, model_fingerprint
+from retention.models import model_fingerprint
+from retention.paths import cache_dir
 from retention.records import KnowledgeRecord
 from retention.scoring import check_protocols
 

@@ -28,7 +28,8 @@ from retention.corpus import corpus_text as read_corpus
 from retention.diskcache import DiskCache
 from retention.editing.base import EditorHParams
 from retention.editing.trace import capture, stop_after
-from retention.models import cache_dir, model_fingerprint
+from retention.models import model_fingerprint
+from retention.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
