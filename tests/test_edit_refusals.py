@@ -63,9 +63,17 @@ def test_v_settings_must_be_finite(field, value):
 
 
 @pytest.mark.parametrize(("field", "value", "match"), [
-    ("v_lr", 0.0, "v_lr=0.0: must be > 0"), ("v_steps", 0, "v_steps=0: must be >= 1"),
+    ("v_lr", 0.0, "v_lr=0.0: must be > 0"), ("v_steps", 1, "v_steps=1: must be >= 2"),
     ("kl_factor", -1.0, "kl_factor=-1.0: must be >= 0"), ("clamp_norm_factor", -2.0, "must be > 0"),
 ])
 def test_v_settings_out_of_range_are_refused(field, value, match):
     with pytest.raises(ValueError, match=match):
         RomeHParams(**{field: value})
+
+
+def test_a_fact_the_model_already_gives_is_no_failed_edit(tiny_llama, cache):
+    """δ stays zero when the loss is below early_stop_loss before the first step: nothing to write, no error."""
+    tokenizer = tiny_llama[1]
+    model = edit_model("llama", len(tokenizer))
+    (result,) = run_edits(EDITORS["rome"](early_stop_loss=1e9), model, tokenizer, [FACT], "batch")
+    assert all(d.abs().max() == 0 for d in result.deltas.values())

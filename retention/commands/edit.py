@@ -30,6 +30,7 @@ from typing import Any, Literal
 from jsonargparse.typing import PositiveInt
 
 from retention.cli import Device, OnError, UsageError, check_device, command_parser
+from retention.commands.probe import check_model
 from retention.data.edit_folder import EDITED_WEIGHTS, FACTS, SCORES
 from retention.editing.easyedit import PREFIX as EASYEDIT_PREFIX
 from retention.io import atomic_path, atomic_write_json, atomic_write_text, safe_name
@@ -101,6 +102,7 @@ def check(args: EditArgs) -> None:
     if hparams_file is not None and hparams_file.suffix in (".yaml", ".yml") and not hparams_file.is_file():
         raise UsageError(f"--hparams {args.hparams}: no such file")
     check_device(args.device)
+    check_model(args.model)
 
 
 def _accuracy(results) -> dict:

@@ -14,6 +14,7 @@ from typing import Literal
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
 
 from retention.cli import Device, OnError, Protocol, UsageError, check_device, command_parser
+from retention.commands.probe import check_model
 from retention.models import DEFAULT_MODEL, load_model
 
 
@@ -71,6 +72,7 @@ def execute(args: LocateArgs) -> int:
     if args.n < 1:
         raise UsageError(f"--n {args.n} must be at least 1")
     check_device(args.device)
+    check_model(args.model)
     try:
         config = TraceConfig(
             noise_scale=args.noise_scale, samples=args.samples, kinds=tuple(dict.fromkeys(args.kinds)),

@@ -194,7 +194,7 @@ class MemitEditor(LocateThenEditEditor):
                 update = self._solve(ctx, i, layer, keys, resid)
                 for req in requests:
                     check_finite(update, req, f"layer-{layer} update")
-                check_update(update, adapter.mlp_out_weight(layer), requests, f"layer-{layer} update", hp)
+                check_update(update, adapter.mlp_out_weight(layer), requests, f"layer-{layer} update", hp, targets)
                 name, delta = adapter.mlp_out_delta(layer, update)
                 step = EditResult(self.name, {name: delta}, [layer], [])
                 step.apply(base)

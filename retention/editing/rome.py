@@ -113,7 +113,8 @@ class RomeEditor(LocateThenEditEditor):
         denom = torch.dot(u, k)
         update = torch.outer(target.delta.double().cpu(), u) / denom  # [out, in]
         check_finite(update, request, "rank-one update")
-        check_update(update, ctx.adapter.mlp_out_weight(layer), request, f"layer-{layer} rank-one update", hp)
+        check_update(update, ctx.adapter.mlp_out_weight(layer), request, f"layer-{layer} rank-one update", hp,
+                     [target])
         name, delta = ctx.adapter.mlp_out_delta(layer, update)
         diag = RequestDiagnostics(
             request.case_id, time.perf_counter() - t0, target.losses, update.norm().item(),

@@ -132,12 +132,17 @@ are float32), added to the weight it changes almost no entry."""
 
 
 def check_update(update: torch.Tensor, weight: torch.Tensor, requests: EditRequest | Sequence[EditRequest],
-                 what: str, hparams: TargetHParams) -> None:
+                 what: str, hparams: TargetHParams, targets: Sequence[TargetVector]) -> None:
     """Refuse a zero (or numerically negligible) ``update`` of ``weight`` as a failed edit (:class:`EditError`
     naming the request(s)): the optimisation left δ at zero, so applying it would record an edit that did not
-    happen."""
+    happen. Not when every request's ``targets`` stopped before its first step because its loss was already
+    below ``early_stop_loss`` (the model already gives the new target: nothing to write)."""
     norm, scale = update.double().norm().item(), weight.detach().double().norm().item()
     if norm > NEGLIGIBLE_UPDATE * scale:
+        return
+    if all(t.steps == 0 and t.losses and t.losses[0] < hparams.early_stop_loss for t in targets):
+        log.info("%s: the model already gives the new target (loss below early_stop_loss): no update",
+                 describe_requests(requests))
         return
     raise EditError(
         f"{describe_requests(requests)}: the {what} is zero (‖ΔW‖ {norm:.3g}, ‖W‖ {scale:.3g}): the edit failed "
@@ -466,8 +471,9 @@ class TargetHParams(EditorHParams):
         for length, count in self.context_templates:
             if length < 1 or count < 0:
                 raise ValueError(f"context_templates: [{length}, {count}] needs length >= 1 and count >= 0")
-        if self.v_steps < 1:
-            raise ValueError(f"v_steps={self.v_steps}: must be >= 1")
+        if self.v_steps < 2:
+            raise ValueError(f"v_steps={self.v_steps}: must be >= 2 (the last step only measures the loss, so one "
+                             "step never changes δ)")
         for name in ("v_lr", "clamp_norm_factor", "v_weight_decay", "kl_factor", "early_stop_loss"):
             value = getattr(self, name)
             if not math.isfinite(value):
