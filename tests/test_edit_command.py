@@ -181,3 +181,17 @@ def test_single_mode_shows_one_bar_over_the_edits(records, tmp_path, capsys):
     run(_args(records, tmp_path / "run", mode="single"))
     err = capsys.readouterr().err
     assert "scoring each edit: 100%" in err and "2/2" in err
+
+
+def test_an_easyedit_file_given_without_its_prefix_gets_the_hint(records, tmp_path):
+    hparams = tmp_path / "ROME-tiny.yaml"
+    hparams.write_text("alg_name: ROME\nlayers: [0]\nv_num_grad_steps: 2\nmodel_name: tiny\nv_lr: 0.5\n")
+    with pytest.raises(UsageError, match=r"unknown RomeHParams field\(s\) alg_name, layers, model_name, "
+                                         r"v_num_grad_steps.*; .*ROME-tiny\.yaml holds EasyEdit fields \(alg_name, "
+                                         r"layers, model_name, v_num_grad_steps\): give it as easyedit:.*ROME-tiny"):
+        run(_args(records, tmp_path / "run", hparams=str(hparams), set=None))
+    own = tmp_path / "rome.yaml"  # a file of our own fields with a typo gets no EasyEdit hint
+    own.write_text("layer: 0\nv_stepz: 2\n")
+    with pytest.raises(UsageError) as err:
+        run(_args(records, tmp_path / "run", hparams=str(own), set=None))
+    assert "v_stepz" in str(err.value) and "EasyEdit" not in str(err.value)

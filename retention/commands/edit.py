@@ -105,6 +105,18 @@ def check(args: EditArgs) -> None:
     check_model(args.model)
 
 
+def _easyedit_hint(args: EditArgs) -> str | None:
+    """The hint to prefix ``--hparams`` with ``easyedit:`` when it names an EasyEdit file given as ours."""
+    from dataclasses import fields
+
+    from retention.editing.easyedit import easyedit_hint
+    from retention.editing.registry import editor_class
+
+    if args.hparams is None or args.hparams.startswith(EASYEDIT_PREFIX) or not Path(args.hparams).is_file():
+        return None
+    return easyedit_hint(args.hparams, {f.name for f in fields(editor_class(args.editor)[0].hparams_class)})
+
+
 def _accuracy(results) -> dict:
     """``{group: {protocol: Rate}}`` over scored probes (the accuracy of :class:`~retention.metrics.ProbeCounts`)."""
     from retention.callbacks.probing import outcomes
@@ -156,7 +168,8 @@ def run(args: EditArgs) -> dict:
     try:
         editor = build_editor(args.editor, args.hparams, args.model, **(args.set or {}))
     except (ValueError, FileNotFoundError) as err:
-        raise UsageError(f"--hparams/--set: {err}") from None
+        hint = _easyedit_hint(args)
+        raise UsageError(f"--hparams/--set: {err}" + (f"; {hint}" if hint else "")) from None
     records = load_records(args.data, on_error=args.on_error)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     from retention.data.selection import select_known
