@@ -13,6 +13,7 @@ from dataclasses import replace
 import torch
 
 from bench.common import interleaved_medians
+from bench.reference import naive_targets
 
 REQUESTS = [
     ("bench-1", "Danielle Darrieux", "The mother tongue of {} is", "English", "French"),
@@ -47,18 +48,19 @@ def run() -> None:
           f"over {len(times)} edits")
 
     # A fixed number of steps, so both loops do the same work.
-    cfg = replace(hp.target_config(), steps=10, early_stop_loss=0.0)
+    fixed = replace(hp, v_steps=10, early_stop_loss=0.0)
     templates = editor.templates
     req = requests[0]
-    fast = optimise_targets(model, tokenizer, [req], templates, cfg)[0]
-    slow = optimise_targets(model, tokenizer, [req], templates, cfg, naive=True)[0]
+    fast = optimise_targets(model, tokenizer, [req], templates, fixed, hp.layer)[0]
+    slow = naive_targets(model, tokenizer, [req], templates, fixed, hp.layer)[0]
     diff = ((fast.delta - slow.delta).norm() / slow.delta.norm()).item()
     medians = interleaved_medians({
-        "cached prefix, no weight grads": lambda: optimise_targets(model, tokenizer, [req], templates, cfg),
-        "naive (all layers, weight grads)": lambda: optimise_targets(model, tokenizer, [req], templates, cfg,
-                                                                     naive=True),
+        "cached prefix, no weight grads": lambda: optimise_targets(model, tokenizer, [req], templates, fixed,
+                                                                   hp.layer),
+        "naive (all layers, weight grads)": lambda: naive_targets(model, tokenizer, [req], templates, fixed,
+                                                                  hp.layer),
     }, repeats=2)
     for name, t in medians.items():
-        print(f"v* loop, {name:<34} median {t:.2f} s ({cfg.steps} steps, {len(templates)} rewriting prompts)")
+        print(f"v* loop, {name:<34} median {t:.2f} s ({fixed.v_steps} steps, {len(templates)} rewriting prompts)")
     naive, ours = medians["naive (all layers, weight grads)"], medians["cached prefix, no weight grads"]
     print(f"v* loop speed-up: {naive / ours:.2f}x (target >= 1.5x); same delta: relative difference {diff:.1e}")

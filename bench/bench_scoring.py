@@ -12,9 +12,10 @@ import random
 import torch
 
 from bench.common import interleaved_medians
+from bench.reference import score_probes_unbatched
 from retention.data.readers import load_records
 from retention.models import load_model
-from retention.scoring import score_probes, score_probes_unbatched
+from retention.scoring import score_probes
 
 DATA = "../shared/data/counterfact/counterfact_preknown.json"
 SAMPLE = 200

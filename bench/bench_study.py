@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from retention.models import cache_dir
+from retention.paths import cache_dir
 from retention.study import Study, StudySpec
 
 ROOT = Path(__file__).resolve().parents[1]

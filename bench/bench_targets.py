@@ -27,19 +27,19 @@ REPEATS = 3
 def run() -> None:
     model, tok = load_model("smollm2-135m")
     hp: MemitHParams = build_editor("memit", None, "smollm2-135m").hparams
-    config = replace(hp.target_config(max(resolve_layers(hp.layers, model))), steps=STEPS)
+    fixed, layer = replace(hp, v_steps=STEPS), max(resolve_layers(hp.layers, model))
     templates = context_templates(model, tok, hp.context_templates, hp.context_seed, model_fingerprint(model))
     requests = [EditRequest.from_record(r) for r in load_records(DATA, limit=N_FACTS)]
-    print(f"{N_FACTS} facts, z at layer {config.layer}, {config.steps} steps at most, {len(templates)} context templates, "
+    print(f"{N_FACTS} facts, z at layer {layer}, {fixed.v_steps} steps at most, {len(templates)} context templates, "
           f"median of {REPEATS} interleaved runs")
 
     out = {}
 
     def batched():
-        out["batched"] = optimise_targets(model, tok, requests, templates, config)
+        out["batched"] = optimise_targets(model, tok, requests, templates, fixed, layer, "layer")
 
     def one_at_a_time():
-        out["alone"] = [optimise_targets(model, tok, [r], templates, config)[0] for r in requests]
+        out["alone"] = [optimise_targets(model, tok, [r], templates, fixed, layer, "layer")[0] for r in requests]
 
     med = interleaved_medians({"batched": batched, "one at a time": one_at_a_time}, repeats=REPEATS)
     together, alone = out["batched"], out["alone"]

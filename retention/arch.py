@@ -111,10 +111,6 @@ class ArchAdapter:
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()
 
-    @property
-    def tied_embeddings(self) -> bool:
-        return self.lm_head.weight is self.embed.weight
-
     def _check(self, i: int) -> int:
         if not -self.num_layers <= i < self.num_layers:
             raise IndexError(f"layer {i} out of range: the model has {self.num_layers} layers (0..{self.num_layers - 1})")

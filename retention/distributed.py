@@ -7,7 +7,8 @@ Every function that communicates is a collective: every rank must call it, in th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -64,3 +65,26 @@ def state_device(model: nn.Module) -> torch.device:
     if is_distributed() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return next(model.parameters()).device
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether the model holds FSDP2 shards (DTensors): then every forward is a collective of all ranks."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+@contextmanager
+def gathered_root(model: nn.Module) -> Iterator[None]:
+    """With an FSDP2 root, its own weights (embeddings, final norm, LM head) gathered for the duration: scoring
+    calls the decoder and the head past the root's forward (each decoder layer still gathers its own)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()

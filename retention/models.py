@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -14,6 +16,7 @@ from torch import nn
 
 from retention.diskcache import DiskCache
 from retention.io import atomic_path
+from retention.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +26,59 @@ TINY_MODELS = ("tiny-llama", "tiny-gpt2")
 BUILTIN_MODELS = (DEFAULT_MODEL, *TINY_MODELS)
 
 
+HUB_TIMEOUT = 3.0
+"""Seconds :func:`hub_problem` waits for the hub to answer (transformers itself retries for about a minute)."""
+
+
 class ModelNotFound(FileNotFoundError):
     pass
 
 
-def cache_dir() -> Path:
-    """Root of the on-disk cache: ``$RETENTION_CACHE`` or ``~/.cache/retention``."""
-    return Path(os.environ.get("RETENTION_CACHE", Path.home() / ".cache" / "retention"))
+def hub_problem(model_id: str) -> str | None:
+    """Why the Hugging Face hub cannot provide ``model_id`` now, or None when it can: ``HF_HUB_OFFLINE`` set, no
+    answer within :data:`HUB_TIMEOUT` seconds (one request, no retries), or no such public model."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE is set"
+    return _hub_answer(os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/"), model_id)
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_answer(endpoint: str, model_id: str) -> str | None:
+    """One HEAD request to the hub's page of ``model_id`` (cached for the process)."""
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    try:
+        status = get_session().head(f"{endpoint}/api/models/{model_id}", headers=build_hf_headers(),
+                                    timeout=HUB_TIMEOUT).status_code
+    except Exception as err:  # requests or httpx, by huggingface_hub's version: any failure means not reachable
+        return f"the hub {endpoint} could not be reached ({type(err).__name__}, timeout {HUB_TIMEOUT:g} s)"
+    if status in (401, 403, 404):
+        return f"the hub has no public model {model_id!r} (HTTP {status})"
+    if status >= 500:
+        return f"the hub {endpoint} answered HTTP {status}"
+    return None
+
+
+def check_model_name(name_or_path: str) -> None:
+    """Fail at once, with the built-in names, for a model that is neither built in, nor a local folder or
+    ``.gguf`` file, nor in the local hub cache, when the hub cannot provide it (:func:`hub_problem`)."""
+    if name_or_path in BUILTIN_MODELS or name_or_path.endswith(".gguf") or Path(name_or_path).exists():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(name_or_path, "config.json"), str)
+    except ValueError:  # not a valid hub id
+        cached = False
+    problem = None if cached else hub_problem(name_or_path)
+    if problem is not None:
+        close = difflib.get_close_matches(name_or_path, BUILTIN_MODELS, n=1)
+        raise ModelNotFound(
+            f"model '{name_or_path}' not found: it is not a built-in name ({', '.join(BUILTIN_MODELS)}), a local "
+            f"folder or a .gguf file, nor in the hub cache, and {problem}"
+            + (f"; did you mean '{close[0]}'?" if close else ""))
 
 
 def _smollm2_gguf() -> Path:
@@ -170,6 +219,7 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = 
 
     if name_or_path in TINY_MODELS:
         return default_tokenizer()
+    check_model_name(name_or_path)
     folder = _folder_of(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -201,6 +251,7 @@ def load_model(
         tokenizer = default_tokenizer()
         model = _tiny_model(name_or_path, len(tokenizer))
     else:
+        check_model_name(name_or_path)
         folder = _folder_of(name_or_path)
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)

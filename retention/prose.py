@@ -25,7 +25,7 @@ from pathlib import Path
 
 from retention.diskcache import DiskCache
 from retention.io import atomic_write_text
-from retention.models import cache_dir
+from retention.paths import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -7,22 +7,30 @@
 
 One forward per batch: each probe contributes a ``prompt + target`` row (and a ``prompt + alternative`` row
 for ``prob``), right-padded; logits are computed only at the positions that predict target tokens.
+
+A row longer than the model's positions (``max_position_embeddings``) has its prompt cut from the left, keeping
+BOS and the prompt's end, which the target continues; so does a ``gen`` prompt, to leave room for
+``max_new_tokens``. The cut probes are counted in a warning and each records how many tokens it lost
+(``ProbeResult.prompt_cut``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from retention.arch import unwrap_model
+from retention.distributed import is_sharded
 from retention.records import KnowledgeRecord, Probe
 from retention.tokens import prompt_ids, right_pad, target_ids
+
+log = logging.getLogger(__name__)
 
 PROTOCOLS = ("top1", "prob", "token_acc", "gen")
 RANK_CAP = 100
@@ -45,6 +53,8 @@ class ProbeResult:
     argmax), capped at :data:`RANK_CAP`. Recorded for the analysis of protocol disagreements (docs/analysis.md);
     decides no protocol."""
     generation: str | None = None
+    prompt_cut: int = 0
+    """Prompt tokens cut from the left so that the probe fits the model's positions (module docstring)."""
 
     @property
     def margin(self) -> float:
@@ -56,7 +66,7 @@ class ProbeResult:
             "case_id": p.case_id, "kind": p.kind, "prompt": p.prompt, "target": p.target,
             "alternative": p.alternative, "passed": self.passed, "target_logprob": self.target_logprob,
             "alt_logprob": self.alt_logprob, "top1_token": self.top1_token, "target_rank": self.target_rank,
-            "generation": self.generation,
+            "generation": self.generation, **({"prompt_cut": self.prompt_cut} if self.prompt_cut else {}),
         }
 
 
@@ -72,6 +82,21 @@ def top1_blind(tokenizer, records: Sequence[KnowledgeRecord]) -> list[str]:
     or fails them alike edited or not (e.g. " Paris" and " Paris Hilton"), so only ``prob``/``gen`` can tell."""
     return [str(r.case_id) for r in records
             if r.target_true.strip() and target_ids(tokenizer, r.target_new)[0] == target_ids(tokenizer, r.target_true)[0]]
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model has positions for (``max_position_embeddings``), or None when its config
+    names none."""
+    value = getattr(getattr(unwrap_model(model), "config", None), "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def fit_prompt(prompt: list[int], room: int, bos: int | None) -> list[int]:
+    """``prompt`` cut from the left to at most ``room`` tokens, keeping a leading BOS."""
+    if len(prompt) <= room:
+        return prompt
+    keep_bos = bos is not None and prompt[:1] == [bos] and room > 1
+    return [bos, *prompt[len(prompt) - room + 1 :]] if keep_bos else prompt[len(prompt) - room :]
 
 
 def _hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -112,18 +137,25 @@ def score_rows(model: nn.Module, rows: list[ScoreRow], pad_id: int, ranks: bool 
 
 @torch.no_grad()
 def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of a batch of prompts (left-padded for generation).
+    """Greedy continuations of a batch of prompts (left-padded for generation), each prompt cut from the left to
+    leave ``max_new_tokens`` of the model's positions.
 
     A sharded model (FSDP2) generates ``max_new_tokens`` steps on every rank, past EOS, so that ranks whose
     prompts end early still take part in the others' forwards; the rows are then cut at EOS as ``generate``
     does, so the text is the same."""
     device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    limit = max_positions(model)
+    room = None if limit is None else limit - max_new_tokens
+    if room is not None and room < 2:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's {limit} "
+                         "positions")
+    sides = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
     try:
-        enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True, truncation=room is not None,
+                        max_length=room).to(device)
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = sides
     base = unwrap_model(model)
     fixed = is_sharded(model)
     eos = base.generation_config.eos_token_id if fixed else None
@@ -134,29 +166,6 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence[str], max_new
     if fixed and eos is not None:
         out = pad_after_eos(out, eos, tokenizer.pad_token_id)
     return tokenizer.batch_decode(out, skip_special_tokens=True)
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether the model holds FSDP2 shards (DTensors): then every forward is a collective of all ranks."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-@contextmanager
-def gathered_root(model: nn.Module) -> Iterator[None]:
-    """With an FSDP2 root, its own weights (embeddings, final norm, LM head) gathered for the duration: scoring
-    calls the decoder and the head past the root's forward (each decoder layer still gathers its own)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if not isinstance(model, FSDPModule):
-        yield
-        return
-    model.unshard()
-    try:
-        yield
-    finally:
-        model.reshard()
 
 
 def pad_after_eos(tokens: torch.Tensor, eos: int | list[int], pad_id: int) -> torch.Tensor:
@@ -187,11 +196,27 @@ def score_probes(
     model.eval()
     t0 = time.perf_counter()
     results = [ProbeResult(p) for p in probes]
+    limit = max_positions(model)
     encoded = []
-    for p in probes:
+    for p, res in zip(probes, results):
         pids = prompt_ids(tokenizer, p.prompt)
+        tids = target_ids(tokenizer, p.target)
         alt = target_ids(tokenizer, p.alternative) if p.alternative is not None and "prob" in protocols else None
-        encoded.append((pids, target_ids(tokenizer, p.target), alt))
+        if limit is not None:
+            room = limit - max(len(tids), len(alt or ()))
+            if room < 1:
+                raise ValueError(f"probe of case {p.case_id} ({p.kind}): its target or alternative is longer than "
+                                 f"the model's {limit} positions")
+            if "gen" in protocols:
+                room = min(room, limit - max_new_tokens)  # greedy_generate cuts its prompt alike
+            cut = fit_prompt(pids, room, tokenizer.bos_token_id)
+            res.prompt_cut, pids = len(pids) - len(cut), cut
+        encoded.append((pids, tids, alt))
+    cut = [r for r in results if r.prompt_cut]
+    if cut:
+        log.warning("%d of %d probes are longer than the model's %d positions: their prompts were cut from the left "
+                    "to fit (first: case %s, %s, %d tokens cut)", len(cut), len(results), limit,
+                    cut[0].probe.case_id, cut[0].probe.kind, cut[0].prompt_cut)
     # Sorting by length keeps padding small; results are written back by index.
     order = sorted(range(len(probes)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -234,41 +259,4 @@ def score_probes(
     if progress:
         print(f"scored {len(probes)} probes in {time.perf_counter() - t0:.1f} s")
     model.train(was_training)
-    return results
-
-
-@torch.no_grad()
-def score_probes_unbatched(
-    model: nn.Module, tokenizer, probes: Sequence[Probe], protocols: Sequence[str] = ("top1", "prob"),
-    max_new_tokens: int = 10,
-) -> list[ProbeResult]:
-    """Reference scorer: one full forward per prompt–target pair, no padding (as per-probe loops do)."""
-    protocols = check_protocols(protocols)
-    device = next(model.parameters()).device
-    results = []
-    for p in probes:
-        res = ProbeResult(p)
-        pids = prompt_ids(tokenizer, p.prompt)
-
-        def mean_lp(tids: list[int], pids: list[int] = pids):
-            ids = torch.tensor([pids + tids], device=device)
-            logits = model(input_ids=ids).logits[0, len(pids) - 1 : -1].float()
-            lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(tids, device=device)[:, None])[:, 0]
-            rank = min(int((logits[0] > logits[0, tids[0]]).sum()), RANK_CAP)
-            return lp.mean().item(), logits.argmax(-1).cpu(), torch.tensor(tids), rank
-
-        tids = target_ids(tokenizer, p.target)
-        res.target_logprob, argmax, tgt, res.target_rank = mean_lp(tids)
-        res.top1_token = tokenizer.decode(argmax[:1])
-        if "top1" in protocols:
-            res.passed["top1"] = bool(argmax[0] == tgt[0])
-        if "token_acc" in protocols:
-            res.passed["token_acc"] = bool((argmax == tgt).all())
-        if "prob" in protocols and p.alternative is not None:
-            res.alt_logprob = mean_lp(target_ids(tokenizer, p.alternative))[0]
-            res.passed["prob"] = res.target_logprob > res.alt_logprob
-        if "gen" in protocols:
-            res.generation = greedy_generate(model, tokenizer, [p.prompt], max_new_tokens)[0]
-            res.passed["gen"] = _gen_passed(res.generation, p.target)
-        results.append(res)
     return results

@@ -135,8 +135,9 @@ def test_counts_tokens_and_bins():
 
 
 def test_target_rank_is_recorded_alike_batched_and_unbatched(tiny_llama):
+    from bench.reference import score_probes_unbatched
     from retention.records import Probe
-    from retention.scoring import score_probes, score_probes_unbatched
+    from retention.scoring import score_probes
 
     model, tok = tiny_llama
     probes = [Probe("The capital of France is", "Paris", "London"), Probe("Toko Yasuda plays the", "guitar", "piano")]

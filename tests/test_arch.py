@@ -17,7 +17,7 @@ def test_llama_adapter(tiny_llama):
     assert a.mlp_out(1) is model.model.layers[1].mlp.down_proj
     assert a.mlp_out_name(1) == "model.layers.1.mlp.down_proj"
     assert not a.weight_is_in_out
-    assert a.final_norm is model.model.norm and a.tied_embeddings
+    assert a.final_norm is model.model.norm and a.lm_head.weight is a.embed.weight
     assert a.mlp_out_weight(0).shape == (64, 128)  # [out, in]
     assert a.layer_index_of("model.layers.1.self_attn.q_proj.weight") == 1
     assert a.layer_index_of("model.embed_tokens.weight") is None

@@ -44,6 +44,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from bench.reference import score_probes_unbatched
 from retention.arch import ArchAdapter, out_of_range
 from retention.editing.alphaedit import AlphaEditEditor, AlphaEditHParams
 from retention.editing.base import PRESETS, EditRequest
@@ -55,7 +56,7 @@ from retention.editing.rome import RomeEditor, RomeHParams
 from retention.editing.trace import capture
 from retention.modules.finetune import AdapterArgs, FineTuneModule, OptimizerArgs
 from retention.records import Probe
-from retention.scoring import PROTOCOLS, score_probes, score_probes_unbatched
+from retention.scoring import PROTOCOLS, score_probes
 
 LLAMA_BLOCK = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 MLP_WIDTH = 768
@@ -228,7 +229,7 @@ def test_published_shapes_lora_targets_and_presets(arch, monkeypatch):
     assert adapter.key_size(last) == mlp
     assert adapter.embed.weight.shape == (config.vocab_size, hidden)
     assert adapter.lm_head.weight.shape == (config.vocab_size, hidden)
-    assert adapter.tied_embeddings == config.tie_word_embeddings
+    assert (adapter.lm_head.weight is adapter.embed.weight) == config.tie_word_embeddings
     assert (adapter.lm_head.bias is not None) == (config.model_type == "gptj")
     assert hasattr(adapter.layer(last), "ln_2") == (config.model_type == "gpt2")  # GPT-J: attention || MLP
     assert adapter.final_norm.weight.shape == (hidden,)

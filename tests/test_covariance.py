@@ -9,7 +9,7 @@ from retention import corpus as corpora
 from retention.arch import ArchAdapter
 from retention.editing import covariance
 from retention.editing.base import PRESETS
-from retention.editing.covariance import CovarianceSpec, key_covariance, key_covariances
+from retention.editing.covariance import CovarianceSpec, key_covariances
 from retention.editing.rome import RomeHParams
 from retention.editing.trace import capture
 
@@ -22,6 +22,12 @@ def corpus(tmp_path, tiny_llama, monkeypatch):
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(30)) for _ in range(100)), encoding="utf-8")
     return path
+
+
+
+def key_covariance(model, tokenizer, layer: int, spec, fingerprint=None, cache=True):
+    """C of one layer."""
+    return key_covariances(model, tokenizer, [layer], spec, fingerprint, cache)[layer]
 
 
 def _spec(corpus, **kw):

@@ -80,6 +80,9 @@ def test_edit_command_errors(records, tmp_path):
         run(_args(records, tmp_path, editor="nope"))
     with pytest.raises(UsageError, match="--hparams/--set: .*unknown RomeHParams field.*lyer"):
         run(_args(records, tmp_path, set={"lyer": 1}))
+    with pytest.raises(UsageError, match="--model: model '.*nowhere' not found"):
+        run(_args(records, tmp_path, hparams=None, model=str(tmp_path / "nowhere")))
+    (tmp_path / "nowhere").mkdir()  # a local model folder with no preset of its name
     with pytest.raises(UsageError, match="--hparams/--set: .*no preset 'nowhere'"):
         run(_args(records, tmp_path, hparams=None, model=str(tmp_path / "nowhere")))
     with pytest.raises(UsageError, match="--n 0 must be at least 1"):
@@ -95,7 +98,7 @@ def test_edit_command_malformed_record_raises_or_is_skipped(records, tmp_path):
     with pytest.raises(RecordError, match=r"bad\.json: record 1 \(case_id \"9\"\): field 'target_new'") as err:
         run(_args(bad, tmp_path / "a"))
     assert "on_error='skip'" in "".join(getattr(err.value, "__notes__", []))
-    summary = run(_args(bad, tmp_path / "b", on_error="skip", set={**_args(bad, tmp_path).set, "v_steps": 1}))
+    summary = run(_args(bad, tmp_path / "b", on_error="skip", set={**_args(bad, tmp_path).set, "v_steps": 2}))
     assert summary["n_edits"] == 2
 
 
@@ -165,3 +168,30 @@ def test_single_mode_refuses_case_ids_that_share_an_edit_folder(records, tmp_pat
               "none", "--mode", "single", "--out", str(out), "--hparams", "smollm2-135m",
               "--set", "{layers: [1], steps: 1}"])
     assert not out.exists()
+
+
+def test_edit_command_shows_a_progress_bar_with_eta_while_scoring(records, tmp_path, capsys):
+    run(_args(records, tmp_path / "run", n=1))
+    err = capsys.readouterr().err
+    assert err.count("scoring:   0%") == 2 and "scoring: 100%" in err  # the unedited and the edited model
+    assert "[00:00<00:00" in err  # tqdm's elapsed<remaining
+
+
+def test_single_mode_shows_one_bar_over_the_edits(records, tmp_path, capsys):
+    run(_args(records, tmp_path / "run", mode="single"))
+    err = capsys.readouterr().err
+    assert "scoring each edit: 100%" in err and "2/2" in err
+
+
+def test_an_easyedit_file_given_without_its_prefix_gets_the_hint(records, tmp_path):
+    hparams = tmp_path / "ROME-tiny.yaml"
+    hparams.write_text("alg_name: ROME\nlayers: [0]\nv_num_grad_steps: 2\nmodel_name: tiny\nv_lr: 0.5\n")
+    with pytest.raises(UsageError, match=r"unknown RomeHParams field\(s\) alg_name, layers, model_name, "
+                                         r"v_num_grad_steps.*; .*ROME-tiny\.yaml holds EasyEdit fields \(alg_name, "
+                                         r"layers, model_name, v_num_grad_steps\): give it as easyedit:.*ROME-tiny"):
+        run(_args(records, tmp_path / "run", hparams=str(hparams), set=None))
+    own = tmp_path / "rome.yaml"  # a file of our own fields with a typo gets no EasyEdit hint
+    own.write_text("layer: 0\nv_stepz: 2\n")
+    with pytest.raises(UsageError) as err:
+        run(_args(records, tmp_path / "run", hparams=str(own), set=None))
+    assert "v_stepz" in str(err.value) and "EasyEdit" not in str(err.value)

@@ -17,12 +17,13 @@ from editing_models import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from bench.reference import naive_targets
 from retention import arch
 from retention.arch import ArchAdapter
 from retention.editing.base import PRESETS, EditError, EditRequest, EditResult, run_edits
 from retention.editing.registry import EDITORS, build_editor
 from retention.editing.rome import RomeEditor, RomeHParams
-from retention.editing.targets import TargetConfig, TargetVector, optimise_targets
+from retention.editing.targets import TargetHParams, TargetVector, optimise_targets
 from retention.scoring import score_probes
 
 WORDS = ("the of and a in to was is for on as by with he she it from at his her an which that were are city river "
@@ -146,9 +147,9 @@ def test_modes_sequential_batch_single(tiny_llama, corpus):
         run_edits(editor, model, tokenizer, [FACT], "parallel")
 
 
-def _targets(model, tokenizer, requests, naive=False):
-    cfg = TargetConfig(layer=0, steps=8, lr=0.5, weight_decay=0.0, clamp_norm_factor=1e4, early_stop_loss=0.0)
-    return optimise_targets(model, tokenizer, requests, ["{}", "Hello there. {}"], cfg, naive=naive)
+def _targets(model, tokenizer, requests, optimise=optimise_targets):
+    hp = TargetHParams(v_steps=8, v_lr=0.5, v_weight_decay=0.0, clamp_norm_factor=1e4, early_stop_loss=0.0)
+    return optimise(model, tokenizer, requests, ["{}", "Hello there. {}"], hp, 0)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -169,7 +170,7 @@ def test_batched_targets_equal_one_at_a_time(tiny_llama, kind):
 def test_cached_prefix_targets_equal_naive_loop(tiny_llama):
     tokenizer = tiny_llama[1]
     model = edit_model("llama", len(tokenizer))
-    fast, slow = _targets(model, tokenizer, [FACT]), _targets(model, tokenizer, [FACT], naive=True)
+    fast, slow = _targets(model, tokenizer, [FACT]), _targets(model, tokenizer, [FACT], naive_targets)
     assert torch.allclose(fast[0].delta, slow[0].delta, atol=1e-5 * slow[0].delta.norm().item())
     assert all(p.grad is None and p.requires_grad for p in model.parameters())  # flags restored, no stray grads
 
@@ -177,16 +178,16 @@ def test_cached_prefix_targets_equal_naive_loop(tiny_llama):
 def test_early_stop_is_per_fact(tiny_llama):
     tokenizer = tiny_llama[1]
     model = edit_model("llama", len(tokenizer))
-    cfg = TargetConfig(layer=0, steps=10, lr=0.5, weight_decay=0.0, clamp_norm_factor=1e4, early_stop_loss=1e9)
-    vecs = optimise_targets(model, tokenizer, [FACT, OTHER], ["{}"], cfg)
+    hp = TargetHParams(v_steps=10, v_lr=0.5, v_weight_decay=0.0, clamp_norm_factor=1e4, early_stop_loss=1e9)
+    vecs = optimise_targets(model, tokenizer, [FACT, OTHER], ["{}"], hp, 0)
     assert [v.steps for v in vecs] == [0, 0] and all(v.delta.abs().max() == 0 for v in vecs)
 
 
 def test_clamp_bounds_delta(tiny_llama):
     tokenizer = tiny_llama[1]
     model = edit_model("llama", len(tokenizer))
-    cfg = TargetConfig(layer=0, steps=5, lr=1.0, weight_decay=0.0, clamp_norm_factor=0.5, early_stop_loss=0.0)
-    (vec,) = optimise_targets(model, tokenizer, [FACT], ["{}"], cfg)
+    hp = TargetHParams(v_steps=5, v_lr=1.0, v_weight_decay=0.0, clamp_norm_factor=0.5, early_stop_loss=0.0)
+    (vec,) = optimise_targets(model, tokenizer, [FACT], ["{}"], hp, 0)
     assert vec.delta.norm() <= 0.5 * vec.init.norm() * (1 + 1e-5)
 
 
@@ -195,7 +196,7 @@ def test_non_finite_update_names_the_request(tiny_llama, corpus, monkeypatch):
     model = edit_model("llama", len(tokenizer))
     saved = state(model)
 
-    def broken(model, tokenizer, requests, templates, config):
+    def broken(model, tokenizer, requests, templates, hparams, layer, site):
         return [TargetVector(torch.full((64,), float("nan")), torch.ones(64)) for _ in requests]
 
     monkeypatch.setattr("retention.editing.rome.optimise_targets", broken)

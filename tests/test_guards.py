@@ -33,7 +33,7 @@ from retention.editing.base import (
 )
 from retention.editing.ft import FtHParams
 from retention.editing.rome import RomeEditor, RomeHParams
-from retention.editing.targets import TargetConfig, optimise_targets
+from retention.editing.targets import TargetHParams, optimise_targets
 from retention.records import KnowledgeRecord
 from retention.scoring import top1_blind
 from retention.summary import collapse, format_table
@@ -46,11 +46,11 @@ def test_a_non_finite_target_loss_names_the_request_and_the_step(tiny_llama):
     model = edit_model("llama", len(tokenizer)).train()
     with torch.no_grad():
         model.model.norm.weight.fill_(math.nan)  # above the edited layer: v₀ is finite, the loss is not
-    cfg = TargetConfig(layer=0, steps=5, weight_decay=0.0, clamp_norm_factor=1e4)
+    hp = TargetHParams(v_steps=5, v_weight_decay=0.0, clamp_norm_factor=1e4)
     # It used to count as converged (NaN < early_stop_loss is false), giving δ = 0 without a word.
     with pytest.raises(EditError, match=r"edit request 2 .*'The instrument played by Toko Yasuda' -> 'piano'.*"
                                         r"non-finite v\*/z loss nan at step 1 of 5.*lower v_lr"):
-        optimise_targets(model, tokenizer, [OTHER], ["{}"], cfg)
+        optimise_targets(model, tokenizer, [OTHER], ["{}"], hp, 0)
     assert model.training and all(p.requires_grad for p in model.parameters())  # flags restored
 
 

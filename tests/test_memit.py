@@ -1,4 +1,3 @@
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from retention.editing import causal_trace
 from retention.editing.base import PRESETS, EditRequest, run_edits
 from retention.editing.memit import MemitEditor, MemitHParams, keys_and_values, memit_delta
 from retention.editing.registry import build_editor
-from retention.editing.targets import TargetConfig, _chunks, _Row, optimise_targets
+from retention.editing.targets import TargetHParams, _chunks, _Row, optimise_targets
 
 
 @pytest.fixture
@@ -106,10 +105,10 @@ def test_target_optimisation_in_chunks_gives_the_same_vectors(tiny_llama):
     """A step over many facts runs in chunks of rows (bounded memory); the vectors do not change."""
     tokenizer = tiny_llama[1]
     model = edit_model("llama", len(tokenizer))
-    config = TargetConfig(layer=1, site="layer", steps=4, weight_decay=0.0, clamp_norm_factor=1e4)
+    hp = TargetHParams(v_steps=4, v_weight_decay=0.0, clamp_norm_factor=1e4)
     templates = ["{}", "A b c. {}"]
-    whole = optimise_targets(model, tokenizer, REQUESTS[:6], templates, replace(config, max_rows=1000))
-    chunked = optimise_targets(model, tokenizer, REQUESTS[:6], templates, replace(config, max_rows=5))
+    whole = optimise_targets(model, tokenizer, REQUESTS[:6], templates, hp, 1, "layer", max_rows=1000)
+    chunked = optimise_targets(model, tokenizer, REQUESTS[:6], templates, hp, 1, "layer", max_rows=5)
     for a, b in zip(whole, chunked):
         # Equal up to float noise: the padded widths of the forwards differ.
         assert ((a.delta - b.delta).norm() / b.delta.norm()).item() < 1e-5

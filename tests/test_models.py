@@ -40,3 +40,32 @@ def test_default_model_knows_paris(real_model):
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     out = greedy_generate(model, tok, ["The capital of France is"], max_new_tokens=5)[0]
     assert "Paris" in out
+
+
+def _unreachable_hub(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens, refused at once
+    from retention import models
+
+    models._hub_answer.cache_clear()
+
+
+def test_an_unknown_name_fails_at_once_when_the_hub_is_unreachable(monkeypatch):
+    """It used to spend about a minute on the hub's retries (51 s for `retention probe --model tiny-lama`)."""
+    import time
+
+    _unreachable_hub(monkeypatch)
+    t0 = time.perf_counter()
+    with pytest.raises(ModelNotFound, match=r"model 'tiny-lama' not found: it is not a built-in name \(smollm2-135m, "
+                                            r"tiny-llama, tiny-gpt2\).*could not be reached.*did you mean 'tiny-llama'"):
+        load_model("tiny-lama")
+    assert time.perf_counter() - t0 < 5
+
+
+def test_probe_refuses_an_unknown_model_in_one_line_with_exit_2_before_reading_data(monkeypatch, capsys):
+    from retention.cli import main
+
+    _unreachable_hub(monkeypatch)
+    assert main(["probe", "--model", "tiny-lama", "--data", "no-such-file.json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("retention probe: error: --model: model 'tiny-lama' not found") and err.count("\n") == 1

@@ -364,3 +364,62 @@ def test_missing_file_folder_and_bad_options(tmp_path):
         load_records(file, zsre_target="pred")
     with pytest.raises(ValueError, match="limit=-1"):
         load_records(file, limit=-1)
+
+
+def test_the_read_summary_names_the_format_once(tmp_path):
+    """It used to say "read 2 records records" for our own format."""
+    path = tmp_path / "own.json"
+    path.write_text(json.dumps([OWN, {**OWN, "case_id": "2"}]))
+    _, report = read_records(path)
+    assert report.summary().startswith(f"read 2 records (records format) from {path}")
+
+
+def _fake_datasets(monkeypatch, rows):
+    """A stand-in ``datasets`` module whose ``load_dataset`` returns ``rows`` (the real one needs the network)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    module = types.ModuleType("datasets")
+    module.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
+    calls = []
+
+    def load_dataset(name, config=None, split=None, streaming=False):
+        calls.append((name, config, split))
+        return list(rows)
+
+    module.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", module)
+    return calls
+
+
+def test_an_hf_knowledge_source_is_read_through_datasets(monkeypatch):
+    calls = _fake_datasets(monkeypatch, [ROME, {**ROME, "case_id": 2}])
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the local cache serves it: no hub check
+    records, report = read_records("hf:someone/counterfact:v2")
+    assert calls == [("someone/counterfact", "v2", "train")]
+    assert [r.case_id for r in records] == ["7", "2"] and report.format == "counterfact"
+    assert report.path == "hf:someone/counterfact:v2"
+
+
+def test_an_hf_knowledge_source_with_the_hub_unreachable_fails_at_once_naming_it(monkeypatch):
+    import time
+
+    _fake_datasets(monkeypatch, [ROME])
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    t0 = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"^hf:someone/counterfact: the hub http://127\.0\.0\.1:9 could not be "
+                                                r"reached .*connect to the network"):
+        read_records("hf:someone/counterfact")
+    assert time.perf_counter() - t0 < 10
+
+
+def test_an_hf_knowledge_source_without_datasets_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
+    with pytest.raises(ImportError, match=r"knowledge source hf:x/y needs the 'datasets' package: pip install "
+                                          r"'retention\[hf\]'"):
+        read_records("hf:x/y")

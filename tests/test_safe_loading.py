@@ -162,3 +162,45 @@ def test_a_truncated_real_checkpoint_is_named(tmp_path):
     path.write_bytes(buffer.getvalue()[:-200])
     with pytest.raises(CheckpointError, match=f"{path}: not a readable checkpoint"):
         load_checkpoint(path)
+
+
+def test_a_sharded_checkpoint_is_restored_from_the_copy_that_was_checked(tmp_path):
+    """The folder is read once into a private copy, which is checked and restored from: a payload planted in the
+    run folder after the check (a swap between check and restore) is never read."""
+    from retention.callbacks.checkpoint import open_checkpoint
+
+    marker = tmp_path / "PWNED"
+    folder = _sharded(tmp_path / "last.ckpt", {"w": torch.ones(2), "step": 5})
+    restore, meta = open_checkpoint(folder)
+    assert meta["global_step"] == 3 and restore != folder and restore.stat().st_mode & 0o077 == 0
+    (folder / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    (folder / "meta.pt").write_bytes(b"garbage")
+    state = {"w": torch.zeros(2), "step": 0}
+    dcp.load(state, checkpoint_id=restore, no_dist=True)
+    assert torch.equal(state["w"], torch.ones(2)) and state["step"] == 5 and not marker.exists()
+
+
+def test_a_checkpoint_file_is_restored_from_itself(tmp_path):
+    from retention.callbacks.checkpoint import open_checkpoint
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"global_step": 2}, path)
+    assert open_checkpoint(path) == (path, {"global_step": 2})
+
+
+def test_a_damaged_shard_names_the_checked_folder_not_the_copy(tmp_path):
+    folder = _sharded(tmp_path / "last.ckpt", {"w": torch.ones(2), "step": 5})
+    shard = folder / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-40])
+    with pytest.raises(CheckpointError, match=rf"^{folder}/__0_0\.distcp"):
+        load_checkpoint(folder)
+
+
+def test_last_checkpoint_overrides_no_private_lightning_method():
+    """It saves through public hooks and ``trainer.save_checkpoint`` (it used to override ModelCheckpoint's
+    private ``_save_checkpoint``)."""
+    from retention.callbacks.checkpoint import LastCheckpoint
+
+    private = [name for name in vars(LastCheckpoint) if name.startswith("_") and not name.startswith("__")
+               and any(hasattr(base, name) for base in LastCheckpoint.__mro__[1:])]
+    assert private == []

@@ -7,24 +7,27 @@ states (``FineTuneModule``), the monitor's curves (``RetentionMonitor``), and th
 edited weights that are not trained (``ApplyEdits``). ``--ckpt_path last`` resumes from it.
 
 :func:`load_checkpoint` reads a checkpoint without running code: a checkpoint is a pickle, and an unrestricted
-unpickler calls whatever a planted file names.
+unpickler calls whatever a planted file names. :func:`open_checkpoint` also gives the path to restore from: a
+sharded folder is first copied into a private folder, each file read once, and that copy is what is checked and
+what Lightning restores, so a file changed in the run folder after the check is never read.
 """
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import pickle
 import re
 import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
-from weakref import proxy
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint
 from typing_extensions import override
 
 from retention.diskcache import digest, file_digest
@@ -70,6 +73,8 @@ def _torch_load(source: Path | io.BytesIO, name: str) -> Any:
             "one") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
         raise CheckpointError(f"{name}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    except Exception as err:  # torch's unpickler and zip reader raise further types on damaged bytes
+        raise CheckpointError(f"{name}: not a readable checkpoint ({type(err).__name__}: {err})") from None
 
 
 class _Forbidden(pickle.UnpicklingError):
@@ -85,59 +90,100 @@ class _ShardIndexUnpickler(pickle.Unpickler):
         raise _Forbidden(f"{module}.{name}")
 
 
-def _shard_values(folder: Path) -> list[tuple[str, str, int, int]]:
-    """(name, shard file, offset, length) of every non-tensor value of a sharded checkpoint, from its index,
-    read with only torch.distributed.checkpoint's own records allowed."""
+def _shard_entries(folder: Path, shown: Path) -> list[tuple[str, str, int, int, bool]]:
+    """(name, shard file, offset, length, is a non-tensor value) of every entry of a sharded checkpoint, from its
+    index, read with only torch.distributed.checkpoint's own records allowed (errors name the folder ``shown``)."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
-    index = folder / SHARD_INDEX
+    index = shown / SHARD_INDEX
     try:
-        with open(index, "rb") as f:
+        with open(folder / SHARD_INDEX, "rb") as f:
             metadata = _ShardIndexUnpickler(f).load()
         if not isinstance(metadata, Metadata):
             raise TypeError(f"a {type(metadata).__name__}, not an index")
-        values = []
+        entries = []
         for key, info in metadata.storage_data.items():
-            if isinstance(metadata.state_dict_metadata.get(key.fqn), BytesStorageMetadata):
-                if Path(str(info.relative_path)).name != info.relative_path or info.transform_descriptors:
-                    raise ValueError(f"{key.fqn} is stored as {info.relative_path!r} with transforms "
-                                     f"{info.transform_descriptors}, not as a plain shard inside the folder")
-                values.append((key.fqn, info.relative_path, int(info.offset), int(info.length)))
-        return values
+            if Path(str(info.relative_path)).name != info.relative_path or info.transform_descriptors:
+                raise ValueError(f"{key.fqn} is stored as {info.relative_path!r} with transforms "
+                                 f"{info.transform_descriptors}, not as a plain shard inside the folder")
+            value = isinstance(metadata.state_dict_metadata.get(key.fqn), BytesStorageMetadata)
+            entries.append((key.fqn, info.relative_path, int(info.offset), int(info.length), value))
+        return entries
     except _Forbidden as err:
         raise CheckpointError(f"{index}: refused to load: it names {err}, which a shard index never holds; "
                               "this file was altered or is not one") from None
-    except (pickle.UnpicklingError, OSError, EOFError, ValueError, TypeError, AttributeError,
-            KeyError) as err:
+    except Exception as err:  # a well-formed pickle of allowed records can still hold anything in their fields
         raise CheckpointError(f"{index}: not a readable shard index ({type(err).__name__}: {err})") from None
 
 
-def _check_shards(folder: Path) -> None:
-    """Read every non-tensor value of a sharded checkpoint as :func:`load_checkpoint` reads a file:
-    torch.distributed.checkpoint, which Lightning restores the folder with, unpickles them (and the index)
-    unrestricted. Its tensors it reads with ``weights_only=True`` itself."""
-    for name, relative_path, offset, length in _shard_values(folder):
-        shard = folder / relative_path
+def _check_shards(folder: Path, shown: Path) -> None:
+    """Check that every entry of a sharded checkpoint lies inside its shard, and read every non-tensor value as
+    :func:`load_checkpoint` reads a file: torch.distributed.checkpoint, which Lightning restores the folder with,
+    unpickles them (and the index) unrestricted. Its tensors it reads with ``weights_only=True`` itself. Errors
+    name the folder ``shown``."""
+    for name, relative_path, offset, length, value in _shard_entries(folder, shown):
+        shard = shown / relative_path
         try:
-            with open(shard, "rb") as f:
+            size = (folder / relative_path).stat().st_size
+            if offset < 0 or length < 0 or offset + length > size:
+                raise OSError(f"it has {size} bytes, but the index places {name} at bytes {offset}..{offset + length}")
+            if not value:
+                continue
+            with open(folder / relative_path, "rb") as f:
                 f.seek(offset)
-                value = f.read(length)
+                data = f.read(length)
         except OSError as err:
             raise CheckpointError(f"{shard}: not a readable shard ({err})") from None
-        _torch_load(io.BytesIO(value), f"{shard} (value {name})")
+        _torch_load(io.BytesIO(data), f"{shard} (value {name})")
+
+
+def _private_copy(folder: Path) -> Path:
+    """The regular files of ``folder`` copied into a new folder only this user can open (removed at exit), each
+    file read once."""
+    copy = Path(tempfile.mkdtemp(prefix="retention-checkpoint-"))
+    atexit.register(shutil.rmtree, copy, True)
+    try:
+        for entry in os.scandir(folder):
+            if entry.is_file(follow_symlinks=False):
+                with open(entry.path, "rb") as src, open(copy / entry.name, "xb") as dst:
+                    shutil.copyfileobj(src, dst)
+    except OSError as err:
+        shutil.rmtree(copy, ignore_errors=True)
+        raise CheckpointError(f"{folder}: not a readable checkpoint folder ({err})") from None
+    return copy
+
+
+def _mapping(path: Path, shown: Path) -> dict[str, Any]:
+    checkpoint = _torch_load(path, str(shown))
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{shown}: not a checkpoint (a {type(checkpoint).__name__}, not a mapping)")
+    return checkpoint
+
+
+def open_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """``(restore from, content)`` of a checkpoint file or a sharded checkpoint folder, read without running code
+    (:func:`load_checkpoint`). A file is restored from itself (Lightning reads it with ``weights_only=True``
+    too). A folder is copied first (:func:`_private_copy`); the copy's index and shard values are checked, its
+    ``meta.pt`` is the content, and the copy is what to restore from. Errors name ``path``."""
+    path = Path(path)
+    if not path.is_dir():
+        return path, _mapping(path, path)
+    copy = _private_copy(path)
+    try:
+        _check_shards(copy, path)
+        return copy, _mapping(copy / "meta.pt", path / "meta.pt")
+    except BaseException:
+        shutil.rmtree(copy, ignore_errors=True)
+        raise
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint file, or a sharded checkpoint folder's ``meta.pt``, loaded without running code: tensors
     and plain values only (``torch.load(weights_only=True)``); a folder's index and shard values are checked
     first. Raises :class:`CheckpointError` naming the file."""
-    path = Path(path)
-    if path.is_dir():
-        _check_shards(path)
-        path = path / "meta.pt"
-    checkpoint = _torch_load(path, str(path))
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path}: not a checkpoint (a {type(checkpoint).__name__}, not a mapping)")
+    restore, checkpoint = open_checkpoint(path)
+    if restore != Path(path):
+        shutil.rmtree(restore, ignore_errors=True)
     return checkpoint
 
 
@@ -194,41 +240,61 @@ class RunIdentity(Callback):
         checkpoint[RUN_KEY] = self.record
 
 
-class LastCheckpoint(ModelCheckpoint):
-    """``<dirpath>/last.ckpt`` every ``every_n_train_steps`` optimizer steps, written to a temporary name and
-    renamed, so a kill while writing leaves the previous checkpoint intact.
+class LastCheckpoint(Checkpoint):
+    """``<dirpath>/last.ckpt`` every ``every_n_train_steps`` optimizer steps (and at the end of a fit that saved
+    none), written to a temporary name and renamed, so a kill while writing leaves the previous checkpoint intact.
 
     A strategy that saves a folder (FSDP2's sharded checkpoint: one file per rank and ``meta.pt``) writes
     ``last.ckpt.step<N>/``, and ``last.ckpt`` becomes a symbolic link to it, replaced in one rename; the folder
-    it pointed to before is deleted afterwards."""
+    it pointed to before is deleted afterwards.
+
+    Lightning's ``Checkpoint`` base, not ``ModelCheckpoint``: the trainer counts it as the run's checkpointing,
+    and it saves through public hooks and ``trainer.save_checkpoint`` (``ModelCheckpoint`` offers no public way
+    to change how its file is written)."""
 
     def __init__(self, dirpath: str | Path, every_n_train_steps: int):
-        super().__init__(dirpath=str(dirpath), save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps,
-                         enable_version_counter=False)
+        if every_n_train_steps < 1:
+            raise ValueError(f"every_n_train_steps={every_n_train_steps}: must be >= 1")
+        self.dirpath, self.every_n_train_steps = str(dirpath), every_n_train_steps
+        self.saved_step: int | None = None
+        """The optimizer step of this fit's last save (None: none yet)."""
 
     @property
     def path(self) -> Path:
         return Path(self.dirpath) / LAST
 
     @override
-    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        # A batch of an accumulation ends without an optimizer step: the step it shares is saved once.
+        if step > 0 and step % self.every_n_train_steps == 0 and step != self.saved_step:
+            self.save(trainer)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.saved_step is None:
+            self.save(trainer)
+
+    def save(self, trainer: Trainer) -> None:
+        """Write ``last.ckpt`` of the trainer's state now (every rank calls it)."""
+        if trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        filepath = str(self.path)
+        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
         partial = Path(f"{filepath}.step{trainer.global_step}")
         if partial.is_dir():  # a sharded checkpoint left by a run killed while writing this step
             if trainer.is_global_zero:
                 shutil.rmtree(partial)
             trainer.strategy.barrier("LastCheckpoint.clean")
-        trainer.save_checkpoint(partial, self.save_weights_only)
+        trainer.save_checkpoint(partial)
         if trainer.is_global_zero:
             if partial.is_dir():
                 self._link(Path(filepath), partial)
             else:
                 os.replace(partial, filepath)
         trainer.strategy.barrier("LastCheckpoint")
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.after_save_checkpoint(proxy(self))
+        self.saved_step = trainer.global_step
 
     @staticmethod
     def _link(last: Path, folder: Path) -> None:

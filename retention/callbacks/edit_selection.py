@@ -20,7 +20,7 @@ from torch import nn
 from retention.data.readers import ReadReport, read_records
 from retention.data.selection import KnowledgeSets, select_known, split_edit_control
 from retention.diskcache import DiskCache, digest
-from retention.models import cache_dir
+from retention.paths import cache_dir
 from retention.records import KnowledgeRecord
 from retention.scoring import check_protocols
 

@@ -29,7 +29,7 @@ from retention.data.readers import ReadReport, read_records
 from retention.diskcache import DiskCache
 from retention.editing.base import EditRequest, RequestDiagnostics, run_edits
 from retention.editing.registry import build_editor, editor_class, editor_hparams
-from retention.models import cache_dir
+from retention.paths import cache_dir
 from retention.records import KnowledgeRecord
 
 Mode = Literal["batch", "sequential", "single"]

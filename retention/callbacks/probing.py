@@ -17,11 +17,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from retention.distributed import gather_shards, rank_and_world, shard, state_device
+from retention.distributed import (
+    gather_shards,
+    gathered_root,
+    is_sharded,
+    rank_and_world,
+    shard,
+    state_device,
+)
 from retention.metrics import ProbeCounts
 from retention.pipeline_contract import Measurement
 from retention.records import Probe, probe_group
-from retention.scoring import ProbeResult, gathered_root, is_sharded, score_probes
+from retention.scoring import ProbeResult, score_probes
 
 
 @dataclass

@@ -41,7 +41,7 @@ def parser():
 
 def execute(args: CacheArgs) -> int:
     from retention.diskcache import remove_entry, verify_tree
-    from retention.models import cache_dir
+    from retention.paths import cache_dir
 
     folder = Path(args.folder) if args.folder else cache_dir()
     if not folder.is_dir():

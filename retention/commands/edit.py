@@ -30,10 +30,11 @@ from typing import Any, Literal
 from jsonargparse.typing import PositiveInt
 
 from retention.cli import Device, OnError, UsageError, check_device, command_parser
+from retention.commands.probe import check_model
 from retention.data.edit_folder import EDITED_WEIGHTS, FACTS, SCORES
 from retention.editing.easyedit import PREFIX as EASYEDIT_PREFIX
 from retention.io import atomic_path, atomic_write_json, atomic_write_text, safe_name
-from retention.metrics import rate
+from retention.metrics import ProbeCounts, count_rates, probe_counts
 from retention.models import DEFAULT_MODEL, load_model, model_fingerprint
 from retention.provenance import provenance
 from retention.records import GROUP_LABELS, probe_group
@@ -101,27 +102,45 @@ def check(args: EditArgs) -> None:
     if hparams_file is not None and hparams_file.suffix in (".yaml", ".yml") and not hparams_file.is_file():
         raise UsageError(f"--hparams {args.hparams}: no such file")
     check_device(args.device)
+    check_model(args.model)
+
+
+def _easyedit_hint(args: EditArgs) -> str | None:
+    """The hint to prefix ``--hparams`` with ``easyedit:`` when it names an EasyEdit file given as ours."""
+    from dataclasses import fields
+
+    from retention.editing.easyedit import easyedit_hint
+    from retention.editing.registry import editor_class
+
+    if args.hparams is None or args.hparams.startswith(EASYEDIT_PREFIX) or not Path(args.hparams).is_file():
+        return None
+    return easyedit_hint(args.hparams, {f.name for f in fields(editor_class(args.editor)[0].hparams_class)})
 
 
 def _accuracy(results) -> dict:
-    """``{group: {protocol: Rate}}`` over scored probes."""
-    out: dict = {}
-    for g in _GROUPS:
-        rs = [r for r in results if probe_group(r.probe.kind) == g]
-        out[g] = {p: rate(sum(bool(r.passed.get(p)) for r in rs), sum(p in r.passed for r in rs)) for p in PROTOCOLS}
-    return out
+    """``{group: {protocol: Rate}}`` over scored probes (the accuracy of :class:`~retention.metrics.ProbeCounts`)."""
+    from retention.callbacks.probing import outcomes
+
+    counts = ProbeCounts(_GROUPS, PROTOCOLS)
+    counts.update(*outcomes(results, results, _GROUPS, PROTOCOLS))
+    return counts.rates()["accuracy"]
 
 
 def _efficacy_by_call(results, after) -> list[dict]:
-    """Efficacy of each editor call's facts, scored after the last call (what sequential editing kept)."""
+    """Efficacy of each editor call's facts, scored after the last call (what sequential editing kept): the
+    accuracy of their rewrite probes, counted with the call as the probe group."""
+    import torch
+
+    from retention.callbacks.probing import outcomes
+
     rewrite = {r.probe.case_id: r for r in after if r.probe.kind == "rewrite"}
-    out = []
-    for i, result in enumerate(results):
-        rs = [rewrite[c] for c in map(str, result.case_ids) if c in rewrite]
-        out.append({"call": i + 1, "facts": len(rs),
-                    **{p: rate(sum(bool(r.passed.get(p)) for r in rs), sum(p in r.passed for r in rs))
-                       for p in PROTOCOLS}})
-    return out
+    owned = [(i, rewrite[c]) for i, result in enumerate(results) for c in map(str, result.case_ids) if c in rewrite]
+    scored = [r for _, r in owned]
+    _, _, passed, has = outcomes(scored, scored, [probe_group("rewrite")], PROTOCOLS)
+    calls = [str(i) for i in range(len(results))]
+    group = torch.tensor([i for i, _ in owned], dtype=torch.long)
+    rates = count_rates(probe_counts(group, passed, passed, has, len(calls)), calls, PROTOCOLS)["accuracy"]
+    return [{"call": i + 1, "facts": sum(owner == i for owner, _ in owned), **rates[c]} for i, c in enumerate(calls)]
 
 
 def format_edit_table(before: dict, after: dict) -> str:
@@ -149,7 +168,8 @@ def run(args: EditArgs) -> dict:
     try:
         editor = build_editor(args.editor, args.hparams, args.model, **(args.set or {}))
     except (ValueError, FileNotFoundError) as err:
-        raise UsageError(f"--hparams/--set: {err}") from None
+        hint = _easyedit_hint(args)
+        raise UsageError(f"--hparams/--set: {err}" + (f"; {hint}" if hint else "")) from None
     records = load_records(args.data, on_error=args.on_error)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     from retention.data.selection import select_known
@@ -168,7 +188,7 @@ def run(args: EditArgs) -> dict:
             folders[name] = case_id
     probes = [p for r in records for p in r.edit_probes()]
     score = dict(protocols=PROTOCOLS, batch_size=args.batch_size_scoring)
-    before = score_probes(model, tokenizer, probes, **score)
+    before = score_probes(model, tokenizer, probes, **score, progress=True)  # a bar with its ETA
     requests = [EditRequest.from_record(r) for r in records]
     base_fingerprint = model_fingerprint(unwrap_model(model))
     fingerprint = base_fingerprint if args.mode != "single" else None
@@ -179,14 +199,16 @@ def run(args: EditArgs) -> dict:
     edit_seconds = time.perf_counter() - t0
     out = Path(args.out)
     if args.mode == "single":
+        from tqdm.auto import tqdm
+
         after = []
-        for rec, result in zip(records, results):
+        for rec, result in tqdm(list(zip(records, results)), desc="scoring each edit", unit="edit"):
             result.apply(model)
             after += score_probes(model, tokenizer, rec.edit_probes(), **score)
             result.revert(model)
             result.save(out / "edits" / safe_name(rec.case_id))  # case ids come from data: never a path
     else:
-        after = score_probes(model, tokenizer, probes, **score)
+        after = score_probes(model, tokenizer, probes, **score, progress=True)
         merged = EditResult.merge(results)
         merged.save(out / "edit")
         if args.dtype == "float32":  # what `retention fit` (float32) can use as edits.precomputed

@@ -14,6 +14,7 @@ from typing import Literal
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
 
 from retention.cli import Device, OnError, Protocol, UsageError, check_device, command_parser
+from retention.commands.probe import check_model
 from retention.models import DEFAULT_MODEL, load_model
 
 
@@ -32,7 +33,8 @@ class LocateArgs:
     on_error: OnError = "raise"
     """Malformed records: raise (naming file, record and field), or skip and count."""
     k: PositiveInt = 5
-    """Size of the located window: the k contiguous MLP layers with the highest AIE at the subject's last token."""
+    """Size of the located window: the k contiguous MLP layers with the highest AIE at the subject's last token
+    (at most the model's layer count: a larger k is capped, with a note)."""
     samples: PositiveInt = 3
     """Noise draws per fact."""
     noise_scale: NonNegativeFloat = 3.0
@@ -70,6 +72,7 @@ def execute(args: LocateArgs) -> int:
     if args.n < 1:
         raise UsageError(f"--n {args.n} must be at least 1")
     check_device(args.device)
+    check_model(args.model)
     try:
         config = TraceConfig(
             noise_scale=args.noise_scale, samples=args.samples, kinds=tuple(dict.fromkeys(args.kinds)),
@@ -80,7 +83,12 @@ def execute(args: LocateArgs) -> int:
     t0 = time.perf_counter()
     records, _ = read_records(args.data, on_error=args.on_error)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    from retention.arch import ArchAdapter
     from retention.data.selection import select_known
+
+    k = min(args.k, ArchAdapter(model).num_layers)
+    if k < args.k:
+        print(f"--k {args.k}: {args.model} has {k} layers; locating a window of k={k} (all of them)")
 
     facts = select_known(model, tokenizer, records, args.n, args.known)
     if len(facts) < args.n:
@@ -89,9 +97,9 @@ def execute(args: LocateArgs) -> int:
         return 1
     result = trace_facts(model, tokenizer, facts, config, model_name=args.model, progress=True)
     out = Path(args.out)
-    summary = result.to_dict(args.k) | {"data": args.data, "known": args.known}
+    summary = result.to_dict(k) | {"data": args.data, "known": args.known}
     atomic_write_json(out / "causal_trace.json", summary)
-    plot_trace(result, out / "causal_trace.png", k=args.k if "mlp" in config.kinds else None)
+    plot_trace(result, out / "causal_trace.png", k=k if "mlp" in config.kinds else None)
 
     print(f"\n{args.model}: {len(facts)} facts, mean p(true object) clean {summary['mean_p_clean']:.3f}, "
           f"corrupted {summary['mean_p_corrupted']:.3f} (noise σ {result.noise_std:.3f})")
@@ -100,11 +108,11 @@ def execute(args: LocateArgs) -> int:
     for i in range(result.num_layers):
         print(f"{i:>5}" + "".join(f"{aie[kind][i]:>10.4f}" for kind in config.kinds))
     if "mlp" in config.kinds:
-        layers = result.located(args.k)
-        print(f"\nlocated MLP layers (k={args.k}): {layers}")
+        layers = result.located(k)
+        print(f"\nlocated MLP layers (k={k}): {layers}")
         if args.save:
             path = save_located(model, layers, {"model": args.model, "data": args.data, "n_facts": len(facts),
-                                                "k": args.k, "aie_mlp": aie["mlp"]})
+                                                "k": k, "aie_mlp": aie["mlp"]})
             print(f"stored for 'layers: located': {path}")
     print(f"wrote {out / 'causal_trace.json'} and {out / 'causal_trace.png'} in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -17,7 +17,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from retention.cli import Device, OnError, Protocol, UsageError, check_device, command_parser
 from retention.io import atomic_write_jsonl
-from retention.models import DEFAULT_MODEL, load_model
+from retention.models import DEFAULT_MODEL, ModelNotFound, check_model_name, load_model
 from retention.records import Probe
 
 Targets = Literal["true", "new", "both"]
@@ -63,6 +63,15 @@ def parser():
     return command_parser(ProbeArgs, __doc__)
 
 
+def check_model(name_or_path: str) -> None:
+    """``--model`` checked before any work: a name that is neither built in nor local, when the hub cannot
+    provide it, is a UsageError at once (:func:`~retention.models.check_model_name`)."""
+    try:
+        check_model_name(name_or_path)
+    except ModelNotFound as err:
+        raise UsageError(f"--model: {err}") from None
+
+
 def check(args: ProbeArgs) -> None:
     """What can be checked before loading the model."""
     from retention.scoring import check_protocols
@@ -78,6 +87,7 @@ def check(args: ProbeArgs) -> None:
     if bad:
         raise UsageError(f"--probes: unknown kind(s) {sorted(bad)}; choose from rewrite, paraphrase")
     check_device(args.device)
+    check_model(args.model)
 
 
 def select_probes(records, kinds, targets: str) -> dict[str, list[Probe]]:

@@ -33,7 +33,8 @@ The format is detected from the content, never from the file name:
 
 Files are UTF-8 (a leading BOM is dropped), a JSON array of records or JSONL (one JSON object per line), or a
 Parquet, CSV or Arrow table read through ``datasets`` (``pip install 'retention[hf]'``; null values are absent
-fields). Targets
+fields). ``hf:<dataset id>[:config]`` reads the ``train`` split of a Hugging Face dataset the same way (the
+``datasets`` extra and a reachable hub, checked first; with ``HF_DATASETS_OFFLINE`` set, its local cache). Targets
 are stripped of surrounding whitespace (the scorer adds the leading space itself). A malformed record, or a text
 longer than ``max_prompt_chars``, raises :class:`RecordError` naming the file, the record and the field;
 ``on_error="skip"`` skips it and counts it in the :class:`ReadReport` instead. Errors of the file itself (not
@@ -50,6 +51,7 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import os
 import re
 import reprlib
 import time
@@ -59,7 +61,14 @@ from pathlib import Path
 from string import Formatter
 from typing import Any
 
-from retention.corpus import TABLE_SUFFIXES, read_table_records
+from retention.corpus import (
+    HF_PREFIX,
+    TABLE_SUFFIXES,
+    corpus_problem,
+    import_datasets,
+    read_hub_records,
+    read_table_records,
+)
 from retention.records import KnowledgeRecord, NeighborhoodPrompt, PortabilityPrompt, RecordError
 
 log = logging.getLogger(__name__)
@@ -125,7 +134,7 @@ class ReadReport:
 
     def summary(self, reasons: int = 3) -> str:
         """One line: what was read, and how many records were skipped with the first ``reasons`` errors."""
-        text = f"read {self.read} {self.format} records from {self.path} in {self.seconds:.2f} s"
+        text = f"read {self.read} records ({self.format or 'no'} format) from {self.path} in {self.seconds:.2f} s"
         if self.dropped:
             text += f", left out {self.dropped} blank"
         if self.skipped:
@@ -658,6 +667,24 @@ def _table_items(path: str) -> list[tuple[int | str, Any]]:
     return [(i, {k: v for k, v in row.items() if v is not None}) for i, (_, row) in enumerate(read_table_records(path))]
 
 
+def _hub_items(spec: str) -> list[tuple[int | str, Any]]:
+    """(index, record) of the ``train`` split of the Hugging Face dataset ``hf:<id>[:config]``; an ImportError
+    (``datasets`` missing) or a FileNotFoundError (hub unreachable, no such dataset) naming ``spec`` and the fix."""
+    import_datasets(f"knowledge source {spec}")
+    name, _, config = spec[len(HF_PREFIX):].partition(":")
+    if not any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")):  # offline: the local cache may serve it
+        problem = corpus_problem(f"{HF_PREFIX}{name}", "knowledge source")
+        if problem is not None:
+            raise FileNotFoundError(f"{spec}: {problem[0]}; {problem[1]}")
+    try:
+        return [(i, record) for i, (_, record) in enumerate(read_hub_records(f"{HF_PREFIX}{name}", config or None,
+                                                                              "train"))]
+    except Exception as err:  # datasets raises its own types (DatasetNotFoundError, ConnectionError, ...)
+        raise FileNotFoundError(f"{spec}: the dataset's train split could not be read ({type(err).__name__}: "
+                                f"{err}); give hf:<dataset id>[:config] or a JSON/JSONL file") from None
+
+
 def read_records(
     path_or_name: str | Path,
     on_error: str = "raise",
@@ -680,7 +707,11 @@ def read_records(
     if max_prompt_chars < 1:
         raise ValueError(f"max_prompt_chars={max_prompt_chars}: must be >= 1")
     t0 = time.perf_counter()
-    if Path(str(path_or_name)).suffix in TABLE_SUFFIXES and Path(path_or_name).expanduser().is_file():
+    if str(path_or_name).startswith(HF_PREFIX):
+        path = str(path_or_name)
+        report = ReadReport(path, on_error=on_error)
+        items = _hub_items(path)
+    elif Path(str(path_or_name)).suffix in TABLE_SUFFIXES and Path(path_or_name).expanduser().is_file():
         path = str(Path(path_or_name).expanduser())
         report = ReadReport(path, on_error=on_error)
         items = _table_items(path)

@@ -28,7 +28,7 @@ from retention.diskcache import DiskCache
 from retention.editing.base import EditRequest
 from retention.editing.context import EditorContext
 from retention.editing.memit import MemitEditor, MemitHParams, keys_and_values
-from retention.models import cache_dir
+from retention.paths import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ from torch import nn
 from retention.arch import ArchAdapter, out_of_range, unwrap_model
 from retention.diskcache import DiskCache
 from retention.editing.trace import capture, patch_outputs, start_at_layer, subject_token_span
-from retention.models import cache_dir, model_fingerprint
+from retention.models import model_fingerprint
+from retention.paths import cache_dir
 from retention.records import KnowledgeRecord
 from retention.tokens import prompt_ids, target_ids
 

@@ -28,7 +28,8 @@ from retention.corpus import corpus_text as read_corpus
 from retention.diskcache import DiskCache
 from retention.editing.base import EditorHParams
 from retention.editing.trace import capture, stop_after
-from retention.models import cache_dir, model_fingerprint
+from retention.models import model_fingerprint
+from retention.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +184,4 @@ def key_covariances(
         log.info("covariance of layer(s) %s over %d tokens of %s in %.1f s", missing, tokens, spec.corpus,
                  time.perf_counter() - t0)
     return out
-
-
-def key_covariance(model: nn.Module, tokenizer, layer: int, spec: CovarianceSpec, fingerprint: str | None = None,
-                   cache: bool = True) -> torch.Tensor:
-    """C of one layer (see :func:`key_covariances`)."""
-    layer = layer % ArchAdapter.for_model(model).num_layers
-    return key_covariances(model, tokenizer, [layer], spec, fingerprint, cache)[layer]
 

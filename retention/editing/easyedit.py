@@ -72,6 +72,9 @@ IGNORED: dict[str, dict[str, str]] = {
 }
 """Per editor: EasyEdit fields read but not used, with why (logged as a list)."""
 
+EASYEDIT_FIELDS = frozenset({*(k for m in RENAMED.values() for k in m), *(k for m in IGNORED.values() for k in m)})
+"""Every EasyEdit field we know (some share their name with one of ours)."""
+
 FT_VARIANTS = {"prompt_last": "ft-l", "target_new": "ft-m"}
 """FT's ``objective_optimization`` -> our FT variant (FT-L: last-token loss; FT-M: masked loss on the target)."""
 
@@ -136,6 +139,25 @@ def map_easyedit(data: dict[str, Any], editor: str, own_fields: set[str] | froze
         if out.get("norm_constraint") is False:
             out["norm_constraint"] = None
     return out, ignored
+
+
+def easyedit_hint(path: str | Path, own_fields: set[str] | frozenset[str]) -> str | None:
+    """For a hyperparameter file given without :data:`PREFIX`: the hint to give it with the prefix when it holds
+    EasyEdit fields that are not among ``own_fields`` (the editor's dataclass's), else None."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    foreign = sorted(k for k in data if isinstance(k, str) and k in EASYEDIT_FIELDS and k not in own_fields)
+    if not foreign:
+        return None
+    shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+    return (f"{path} holds EasyEdit fields ({shown}): give it as {PREFIX}{path} to map them "
+            f"(--hparams {PREFIX}{path}; edits.hparams: {PREFIX}{path} in retention fit)")
 
 
 def load_easyedit(cls: type, editor: str, path: str | Path):

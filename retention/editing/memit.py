@@ -41,8 +41,8 @@ from retention.editing.context import EditorContext
 from retention.editing.covariance import KeyStatsHParams
 from retention.editing.targets import (
     LocateThenEditEditor,
-    TargetConfig,
     TargetHParams,
+    check_update,
     optimise_targets,
     rewriting_templates,
 )
@@ -79,9 +79,6 @@ class MemitHParams(TargetHParams, KeyStatsHParams):
             raise ValueError(f"mom2_update_weight={self.mom2_update_weight}: must be >= 0")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
-
-    def target_config(self, layer: int) -> TargetConfig:
-        return self.optimiser_config(layer, "layer")
 
 
 @torch.no_grad()
@@ -180,7 +177,7 @@ class MemitEditor(LocateThenEditEditor):
         ctx = self.prepare(model, tokenizer)
         base, adapter = ctx.model, ctx.adapter
         layers, z_layer = ctx.layers, ctx.layers[-1]
-        targets = optimise_targets(ctx, tokenizer, requests, ctx.templates, hp.target_config(z_layer))
+        targets = optimise_targets(ctx, tokenizer, requests, ctx.templates, hp, z_layer, "layer")
         for req, target in zip(requests, targets):
             check_finite(target.delta, req, "z delta")
         owner = torch.tensor([f for f, req in enumerate(requests) for _ in req.templates])
@@ -197,6 +194,7 @@ class MemitEditor(LocateThenEditEditor):
                 update = self._solve(ctx, i, layer, keys, resid)
                 for req in requests:
                     check_finite(update, req, f"layer-{layer} update")
+                check_update(update, adapter.mlp_out_weight(layer), requests, f"layer-{layer} update", hp, targets)
                 name, delta = adapter.mlp_out_delta(layer, update)
                 step = EditResult(self.name, {name: delta}, [layer], [])
                 step.apply(base)

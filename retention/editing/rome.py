@@ -39,8 +39,8 @@ from retention.editing.covariance import KeyStatsHParams
 from retention.editing.memit import keys_and_values
 from retention.editing.targets import (
     LocateThenEditEditor,
-    TargetConfig,
     TargetHParams,
+    check_update,
     optimise_targets,
 )
 
@@ -53,9 +53,6 @@ class RomeHParams(TargetHParams, KeyStatsHParams):
 
     layer: int = 5
     """The edited layer (its MLP output projection)."""
-
-    def target_config(self) -> TargetConfig:
-        return self.optimiser_config(self.layer, "mlp_out")
 
 
 @torch.no_grad()
@@ -111,11 +108,13 @@ class RomeEditor(LocateThenEditEditor):
         (layer,) = ctx.layers
         k = check_finite(average_key(ctx, ctx.tokenizer, layer, request, ctx.templates), request, "key")
         u = torch.linalg.lu_solve(*self._cov_lu, k[:, None])[:, 0] if self._cov_lu is not None else k
-        target = optimise_targets(ctx, ctx.tokenizer, [request], ctx.templates, hp.target_config())[0]
+        target = optimise_targets(ctx, ctx.tokenizer, [request], ctx.templates, hp, layer, "mlp_out")[0]
         check_finite(target.delta, request, "v* delta")
         denom = torch.dot(u, k)
         update = torch.outer(target.delta.double().cpu(), u) / denom  # [out, in]
         check_finite(update, request, "rank-one update")
+        check_update(update, ctx.adapter.mlp_out_weight(layer), request, f"layer-{layer} rank-one update", hp,
+                     [target])
         name, delta = ctx.adapter.mlp_out_delta(layer, update)
         diag = RequestDiagnostics(
             request.case_id, time.perf_counter() - t0, target.losses, update.norm().item(),

@@ -40,7 +40,7 @@ from typing_extensions import override
 
 from retention.arch import unwrap_model
 from retention.diskcache import DiskCache
-from retention.editing.base import EditError, Editor, EditorHParams, EditRequest
+from retention.editing.base import EditError, Editor, EditorHParams, EditRequest, describe_requests
 from retention.editing.causal_trace import resolve_layers
 from retention.editing.context import EditorContext
 from retention.editing.covariance import key_covariances
@@ -52,44 +52,19 @@ from retention.editing.trace import (
     start_at_layer,
     subject_last_token_index,
 )
-from retention.models import cache_dir
+from retention.paths import cache_dir
 from retention.tokens import prompt_ids, right_pad, target_ids
 
 log = logging.getLogger(__name__)
 
 SITES = ("mlp_out", "layer")
-
-
-@dataclass(frozen=True)
-class TargetConfig:
-    """Hyperparameters of the δ optimisation."""
-
-    layer: int
-    site: str = "mlp_out"
-    """Where δ is added: ``mlp_out`` (the MLP output projection's output, ROME) or ``layer`` (the layer's output,
-    MEMIT)."""
-    steps: int = 20
-    lr: float = 0.5
-    weight_decay: float = 0.5
-    kl_factor: float = 0.0625
-    clamp_norm_factor: float = 4.0
-    early_stop_loss: float = 0.05
-    """A fact stops when its loss falls below this."""
-    kl_prompts: tuple[str, ...] = ("{} is a",)
-    max_rows: int = 64
-    """Prompt rows per forward/backward: a step over more rows runs in chunks whose gradients add up (the memory
-    of a backward grows with the rows, about 30 MB per row on a 135M model)."""
-
-    def __post_init__(self):
-        if self.site not in SITES:
-            raise ValueError(f"site={self.site!r}: choose from {', '.join(SITES)}")
-        if self.steps < 1:
-            raise ValueError(f"steps={self.steps}: must be >= 1")
-        if self.max_rows < 1:
-            raise ValueError(f"max_rows={self.max_rows}: must be >= 1")
-        for name in ("lr", "clamp_norm_factor"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
+"""Where δ is added: the MLP output projection's output (ROME) or the decoder layer's output (MEMIT)."""
+MAX_ROWS = 64
+"""Prompt rows per forward/backward: a step over more rows runs in chunks whose gradients add up (the memory of a
+backward grows with the rows, about 30 MB per row on a 135M model)."""
+V_LR_WARN = 10.0
+"""A ``v_lr`` above this is warned about: the presets use 0.5, and Adam's steps are about ``v_lr`` per
+coordinate, so a far larger rate only jumps to the clamp."""
 
 
 @dataclass
@@ -136,7 +111,7 @@ class _Row:
 
 
 def _rows(tokenizer, requests: Sequence[EditRequest], context_templates: Sequence[str],
-          config: TargetConfig) -> list[_Row]:
+          kl_prompts: Sequence[str]) -> list[_Row]:
     rows = []
     for f, req in enumerate(requests):
         tgt = target_ids(tokenizer, req.target_new)
@@ -145,10 +120,35 @@ def _rows(tokenizer, requests: Sequence[EditRequest], context_templates: Sequenc
             ids = prompt_ids(tokenizer, t.format(req.subject)) + tgt[:-1]
             rows.append(_Row(f, ids, subject_last_token_index(tokenizer, t, req.subject), tgt, 1 / len(templates),
                              plain=k == 0))
-        for t in config.kl_prompts:
+        for t in kl_prompts:
             rows.append(_Row(f, prompt_ids(tokenizer, t.format(req.subject)),
-                             subject_last_token_index(tokenizer, t, req.subject), None, 1 / len(config.kl_prompts)))
+                             subject_last_token_index(tokenizer, t, req.subject), None, 1 / len(kl_prompts)))
     return rows
+
+
+NEGLIGIBLE_UPDATE = 2.0**-24
+"""An update with ``‖ΔW‖ ≤ NEGLIGIBLE_UPDATE · ‖W‖`` is no edit: below half of float32's resolution (the deltas
+are float32), added to the weight it changes almost no entry."""
+
+
+def check_update(update: torch.Tensor, weight: torch.Tensor, requests: EditRequest | Sequence[EditRequest],
+                 what: str, hparams: TargetHParams, targets: Sequence[TargetVector]) -> None:
+    """Refuse a zero (or numerically negligible) ``update`` of ``weight`` as a failed edit (:class:`EditError`
+    naming the request(s)): the optimisation left δ at zero, so applying it would record an edit that did not
+    happen. Not when every request's ``targets`` stopped before its first step because its loss was already
+    below ``early_stop_loss`` (the model already gives the new target: nothing to write)."""
+    norm, scale = update.double().norm().item(), weight.detach().double().norm().item()
+    if norm > NEGLIGIBLE_UPDATE * scale:
+        return
+    if all(t.steps == 0 and t.losses and t.losses[0] < hparams.early_stop_loss for t in targets):
+        log.info("%s: the model already gives the new target (loss below early_stop_loss): no update",
+                 describe_requests(requests))
+        return
+    raise EditError(
+        f"{describe_requests(requests)}: the {what} is zero (‖ΔW‖ {norm:.3g}, ‖W‖ {scale:.3g}): the edit failed "
+        f"and is not applied. The v*/z optimisation ended with δ = 0, as when v_lr (now {hparams.v_lr:g}) is so "
+        f"large that ‖δ‖ overflows and the clamp (clamp_norm_factor {hparams.clamp_norm_factor:g}) zeroes it: "
+        "lower v_lr (the presets use 0.5)")
 
 
 @contextmanager
@@ -181,19 +181,18 @@ def optimise_targets(
     tokenizer,
     requests: Sequence[EditRequest],
     context_templates: Sequence[str],
-    config: TargetConfig,
-    naive: bool = False,
+    hparams: TargetHParams,
+    layer: int,
+    site: str = "mlp_out",
+    max_rows: int = MAX_ROWS,
 ) -> list[TargetVector]:
-    """Optimise one δ per request, all together (see the module docstring and :class:`TargetOptimiser`); a
-    non-finite loss is an :class:`EditError` naming the request and the step. ``model`` may be the
-    :class:`EditorContext` of an editor call.
-
-    ``naive=True`` runs the same loop the slow way — every step a full forward and backward through all layers
-    with weight gradients — as the reference for tests and benchmarks.
-    """
+    """Optimise one δ per request at ``site`` of ``layer`` with the ``v_*`` fields of ``hparams``, all together
+    (see the module docstring and :class:`TargetOptimiser`); a non-finite loss is an :class:`EditError` naming the
+    request and the step. ``model`` may be the :class:`EditorContext` of an editor call."""
     if not requests:
         return []
-    return TargetOptimiser(EditorContext.of(model, tokenizer), requests, context_templates, config, naive).run()
+    context = EditorContext.of(model, tokenizer)
+    return TargetOptimiser(context, requests, context_templates, hparams, layer, site, max_rows).run()
 
 
 _CHUNK_COST = 32
@@ -225,23 +224,27 @@ class TargetOptimiser:
     """One batch of δ optimisations (the module docstring's loss, Adam, clamp and early stop per fact).
 
     Holds the model, its adapter, the site δ is added at and the prompt rows of all facts, and the state the steps
-    share: the cached input of layer ``L`` (none when ``naive``), the δs and their Adam optimiser, the KL
-    reference distributions of the first step and the :class:`TargetVector` results. :meth:`run` optimises;
-    :meth:`step` is one forward over a chunk of rows.
+    share: the cached input of layer ``L`` (:meth:`prefix`), the δs and their Adam optimiser, the KL reference
+    distributions of the first step and the :class:`TargetVector` results. :meth:`run` optimises; :meth:`step` is
+    one forward over a chunk of rows.
     """
 
     def __init__(self, context: EditorContext, requests: Sequence[EditRequest], context_templates: Sequence[str],
-                 config: TargetConfig, naive: bool = False):
-        self.ctx, self.requests, self.config, self.naive = context, list(requests), config, naive
+                 hparams: TargetHParams, layer: int, site: str = "mlp_out", max_rows: int = MAX_ROWS):
+        if site not in SITES:
+            raise ValueError(f"site={site!r}: choose from {', '.join(SITES)}")
+        if max_rows < 1:
+            raise ValueError(f"max_rows={max_rows}: must be >= 1")
+        self.ctx, self.requests, self.hparams, self.max_rows = context, list(requests), hparams, max_rows
         self.base, self.adapter = context.model, context.adapter
-        self.layer = config.layer % self.adapter.num_layers
-        self.site = self.adapter.mlp_out(self.layer) if config.site == "mlp_out" else self.adapter.layer(self.layer)
+        self.layer = layer % self.adapter.num_layers
+        self.site = self.adapter.mlp_out(self.layer) if site == "mlp_out" else self.adapter.layer(self.layer)
         self.device = context.device
         tokenizer = context.tokenizer
-        self.rows = _rows(tokenizer, self.requests, context_templates, config)
+        self.rows = _rows(tokenizer, self.requests, context_templates, hparams.kl_prompts)
         self.ids, self.mask = (t.to(self.device) for t in right_pad([r.ids for r in self.rows], tokenizer.pad_token_id))
         self.cached: torch.Tensor | None = None
-        """The rows' input of layer ``L`` (the frozen layers below run once); None for the naive loop."""
+        """The rows' input of layer ``L`` (:meth:`prefix`); None: every step runs all layers."""
         self.deltas: list[torch.Tensor] = []
         self.results: list[TargetVector] = []
         self.kl_init: dict[int, torch.Tensor] = {}
@@ -250,25 +253,34 @@ class TargetOptimiser:
         """Per row its weight in its fact's loss: a fact's loss is a weighted sum over its rows, so chunks of rows
         add up to it exactly."""
 
+    def prefix(self) -> torch.Tensor | None:
+        """The rows' input of layer ``L``, computed once: the layers below it are frozen, so every step starts there
+        (None would make every step run all layers)."""
+        return layer_input(self.base, self.layer, self.ids, self.mask, self.adapter)
+
+    def trained_weights(self) -> list[nn.Parameter]:
+        """Weights that get gradients while δ is optimised: none (their gradients are dropped after each step)."""
+        return []
+
     def run(self) -> list[TargetVector]:
         """Optimise every fact's δ; the results in the order of the requests."""
-        config, base = self.config, self.base
+        hp, base = self.hparams, self.base
         t0 = time.perf_counter()
-        params = list(base.parameters()) if self.naive else []
+        params = self.trained_weights()
         with evaluating(base), trainable_only(base, params):
-            self.cached = None if self.naive else layer_input(base, self.layer, self.ids, self.mask, self.adapter)
+            self.cached = self.prefix()
             self.deltas = [torch.zeros(self.adapter.hidden_size, device=self.device, requires_grad=True)
                            for _ in self.requests]
-            opt = torch.optim.Adam(self.deltas, lr=config.lr)
+            opt = torch.optim.Adam(self.deltas, lr=hp.v_lr)
             self.results = [TargetVector(torch.zeros(0), torch.zeros(0)) for _ in self.requests]
             self.kl_init = {}
             active = list(range(len(self.requests)))
-            self.weights = torch.tensor([r.share * (1.0 if r.targets else config.kl_factor) for r in self.rows],
+            self.weights = torch.tensor([r.share * (1.0 if r.targets else hp.kl_factor) for r in self.rows],
                                         device=self.device)
-            for step in range(config.steps):
+            for step in range(hp.v_steps):
                 opt.zero_grad(set_to_none=True)
                 losses = self._losses(step, active)
-                decays = {f: config.weight_decay * self.deltas[f].norm() / self.results[f].init.norm() ** 2
+                decays = {f: hp.v_weight_decay * self.deltas[f].norm() / self.results[f].init.norm() ** 2
                           for f in active}
                 stepping = self._record(step, active, *losses, decays)
                 if stepping:
@@ -289,9 +301,9 @@ class TargetOptimiser:
         their gradients are accumulated (but after the last step, when nothing is updated)."""
         n = len(self.requests)
         nll, kl, prob = [0.0] * n, [0.0] * n, [0.0] * n
-        for chunk in _chunks(self.rows, active, self.config.max_rows):
+        for chunk in _chunks(self.rows, active, self.max_rows):
             values = self.step(chunk, step == 0)
-            if step != self.config.steps - 1:
+            if step != self.hparams.v_steps - 1:
                 (self.weights[chunk] * values).sum().backward()
             for i, v in zip(chunk, values.tolist()):
                 r = self.rows[i]
@@ -306,21 +318,21 @@ class TargetOptimiser:
                 decays: dict[int, torch.Tensor]) -> list[int]:
         """Record each active fact's losses; the facts still above ``early_stop_loss`` (none after the last step).
         A non-finite loss is an :class:`EditError`."""
-        config = self.config
+        hp = self.hparams
         stepping = []
         for f in active:
             res = self.results[f]
             res.nll, res.kl, res.target_prob = nll[f], kl[f], prob[f]
-            res.losses.append(nll[f] + config.kl_factor * kl[f] + decays[f].item())
+            res.losses.append(nll[f] + hp.kl_factor * kl[f] + decays[f].item())
             if not math.isfinite(res.losses[-1]):
                 raise EditError(
                     f"{self.requests[f].describe()}: non-finite v*/z loss {res.losses[-1]} at step {step + 1} of "
-                    f"{config.steps} (NLL {nll[f]}, KL {kl[f]}, ‖δ‖ {self.deltas[f].norm().item():.3g}, "
-                    f"‖v₀‖ {res.init.norm().item():.3g}); the edit is not applied: lower v_lr (now {config.lr}) "
-                    f"or clamp_norm_factor (now {config.clamp_norm_factor}), or load the model in float32 or "
+                    f"{hp.v_steps} (NLL {nll[f]}, KL {kl[f]}, ‖δ‖ {self.deltas[f].norm().item():.3g}, "
+                    f"‖v₀‖ {res.init.norm().item():.3g}); the edit is not applied: lower v_lr (now {hp.v_lr}) "
+                    f"or clamp_norm_factor (now {hp.clamp_norm_factor}), or load the model in float32 or "
                     f"bfloat16 (it is {self.adapter.embed.weight.dtype}) and check that its weights are finite"
                 )
-            if res.losses[-1] >= config.early_stop_loss and step != config.steps - 1:
+            if res.losses[-1] >= hp.early_stop_loss and step != hp.v_steps - 1:
                 stepping.append(f)
         return stepping
 
@@ -335,7 +347,7 @@ class TargetOptimiser:
         with torch.no_grad():
             for f in stepping:
                 self.results[f].steps += 1
-                max_norm = self.config.clamp_norm_factor * self.results[f].init.norm()
+                max_norm = self.hparams.clamp_norm_factor * self.results[f].init.norm()
                 norm = self.deltas[f].norm()
                 if norm > max_norm:
                     self.deltas[f].mul_(max_norm / norm)
@@ -459,14 +471,23 @@ class TargetHParams(EditorHParams):
         for length, count in self.context_templates:
             if length < 1 or count < 0:
                 raise ValueError(f"context_templates: [{length}, {count}] needs length >= 1 and count >= 0")
-        self.optimiser_config(0, SITES[0])
-
-    def optimiser_config(self, layer: int, site: str) -> TargetConfig:
-        return TargetConfig(
-            layer=layer, site=site, steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
-            kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor,
-            early_stop_loss=self.early_stop_loss, kl_prompts=tuple(self.kl_prompts),
-        )
+        if self.v_steps < 2:
+            raise ValueError(f"v_steps={self.v_steps}: must be >= 2 (the last step only measures the loss, so one "
+                             "step never changes δ)")
+        for name in ("v_lr", "clamp_norm_factor", "v_weight_decay", "kl_factor", "early_stop_loss"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"{name}={value}: must be a finite number")
+        for name in ("v_lr", "clamp_norm_factor"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
+        for name in ("v_weight_decay", "kl_factor"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+        if self.v_lr > V_LR_WARN:
+            log.warning("v_lr=%g is far above the presets' 0.5: Adam then jumps δ to the clamp (clamp_norm_factor) "
+                        "at once, and a rate large enough to overflow leaves δ at zero (refused as a failed edit)",
+                        self.v_lr)
 
 
 class LocateThenEditEditor(Editor):

@@ -30,11 +30,10 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from retention.arch import ArchAdapter, unwrap_model
-from retention.distributed import all_reduce_sum
+from retention.distributed import all_reduce_sum, gathered_root, is_sharded
 from retention.models import DEFAULT_MODEL, load_model
 from retention.modules.export import write_model
 from retention.pipeline_contract import PipelineState, check_order
-from retention.scoring import gathered_root, is_sharded
 
 log = logging.getLogger(__name__)
 
