@@ -17,7 +17,8 @@ import yaml
 from tiny_runs import fit_config, prepare, prepare_distinct
 
 from retention.callbacks.checkpoint import load_checkpoint
-from retention.commands.fit import INCOMPLETE, main
+from retention.commands.fit import main
+from retention.reporting import INCOMPLETE
 from retention.study.report import ReportError, load_results
 
 TESTS = Path(__file__).resolve().parent

@@ -339,7 +339,7 @@ def test_jobs_run_as_subprocesses_with_their_logs(tiny_study, tmp_path):
 
 
 def test_runs_are_grouped_and_tagged_in_wandb(tmp_path, monkeypatch):
-    from retention.commands.fit import run_loggers
+    from retention.runlog import run_loggers
 
     for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR"):  # run_loggers sets them; restored afterwards
         monkeypatch.setenv(var, str(tmp_path))
