@@ -171,6 +171,23 @@ def check_choices(config: Namespace) -> None:
         check_learning_rate("--optimizer.lr", lr)
 
 
+PRINT_CONFIG_FLAGS = re.compile(r"^(comments|skip_null|skip_default)(,(comments|skip_null|skip_default))*$")
+
+
+def without_print_config(args: list[str]) -> list[str]:
+    """``args`` without ``--print_config`` (``--print_config=FLAGS``, or ``--print_config`` and its flags)."""
+    out: list[str] = []
+    skip_flags = False
+    for arg in args:
+        if skip_flags and PRINT_CONFIG_FLAGS.match(arg):
+            skip_flags = False
+            continue
+        skip_flags = arg == "--print_config"
+        if not arg.startswith("--print_config"):
+            out.append(arg)
+    return out
+
+
 class FitCLI(LightningCLI):
     """LightningCLI for :class:`FineTuneModule` on a :class:`TaskDataModule`, with run folders and a summary."""
 
@@ -276,9 +293,16 @@ class FitCLI(LightningCLI):
 
     @override
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        printing = without_print_config(args)
+        if printing != args:  # --print_config prints and exits inside the parse: check before it
+            self._check_choices(parser.parse_args(printing))
         super().parse_arguments(parser, args)
-        subcommand = self.config.get("subcommand")
-        check_choices(self.config[subcommand] if subcommand else self.config)
+        self._check_choices(self.config)
+
+    @staticmethod
+    def _check_choices(config: Namespace) -> None:
+        subcommand = config.get("subcommand")
+        check_choices(config[subcommand] if subcommand else config)
 
     @override
     def before_instantiate_classes(self) -> None:

@@ -157,3 +157,19 @@ def test_print_config_with_comments(config, capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "# Run folder name under ``out_dir``" in out and yaml.safe_load(out)["run"]["name"] == "x"
+
+
+@pytest.mark.parametrize("print_config", [["--print_config"], ["--print_config=skip_null"],
+                                          ["--print_config", "skip_null"]])
+def test_print_config_checks_the_choices_too(config, capsys, print_config):
+    assert main(["fit", "--config", str(config), "--monitor.protocols", "[top1, bogus]", *print_config]) == 2
+    assert "--monitor.protocols: unknown protocol(s) bogus" in capsys.readouterr().err
+
+
+def test_without_print_config():
+    from retention.fitting import without_print_config
+
+    args = ["-c", "x.yaml", "--print_config", "comments,skip_null", "--run.name", "skip_null"]
+    assert without_print_config(args) == ["-c", "x.yaml", "--run.name", "skip_null"]
+    assert without_print_config(["--print_config=comments", "-c", "x"]) == ["-c", "x"]
+    assert without_print_config(["--print_config", "-c", "x"]) == ["-c", "x"]
