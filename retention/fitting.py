@@ -24,7 +24,7 @@ import yaml
 from filelock import FileLock
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
@@ -50,7 +50,7 @@ from retention.runfolder import (
     resume_point,
     rewind_run_folder,
 )
-from retention.runlog import RunConfig, fit_summary, run_loggers
+from retention.runlog import RunConfig, StepProgressBar, fit_summary, run_loggers
 from retention.scoring import check_protocols
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -106,35 +106,6 @@ class RunArgs:
     def __post_init__(self) -> None:
         if self.checkpoint_every < 0:
             raise ValueError(f"run.checkpoint_every={self.checkpoint_every}: must be >= 0")
-
-
-class StepProgressBar(RichProgressBar):
-    """Lightning's rich progress bar, whose training task reads ``Epoch 0`` rather than ``Epoch 0/-2`` when
-    training is bounded by steps (``max_epochs`` -1: no epoch limit), and ``Epoch 0/2`` with 3 epochs."""
-
-    def epoch_description(self, epoch: int) -> str:
-        max_epochs = self.trainer.max_epochs
-        description = f"Epoch {epoch}" + (f"/{max_epochs - 1}" if max_epochs is not None and max_epochs > 0 else "")
-        return f"{description:{len(self.validation_description)}}"  # as wide as "Validation": no flicker
-
-    def _describe_training(self) -> None:
-        if self.progress is not None and self.train_progress_bar_id is not None:
-            description = self.epoch_description(self.trainer.current_epoch)
-            style = self.theme.description
-            self.progress.update(self.train_progress_bar_id,
-                                 description=f"[{style}]{description}" if style else description)
-
-    @override
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
-        self._describe_training()
-
-    @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        created = self.train_progress_bar_id is None  # the bar of a run resumed mid-epoch starts here
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if created:
-            self._describe_training()
 
 
 def default_run_name(data: TaskDataModule, model: FineTuneModule) -> str:

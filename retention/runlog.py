@@ -1,5 +1,6 @@
-"""What a ``retention fit`` run records besides its callbacks: the loggers (CSV, and W&B with its folders inside
-the run folder), the resolved ``config.yaml`` logged as the run's hyperparameters, and the closing summary."""
+"""What a ``retention fit`` run records and shows besides its callbacks: the loggers (CSV, and W&B with its folders
+inside the run folder), the resolved ``config.yaml`` logged as the run's hyperparameters, the progress bar and the
+closing summary."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import yaml
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from typing_extensions import override
@@ -60,6 +62,35 @@ class RunConfig(SaveConfigCallback):
                               "(run.resume_changes); the values above ran after the last change:\n" + notes)
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, whose training task reads ``Epoch 0`` rather than ``Epoch 0/-2`` when
+    training is bounded by steps (``max_epochs`` -1: no epoch limit), and ``Epoch 0/2`` with 3 epochs."""
+
+    def epoch_description(self, epoch: int) -> str:
+        max_epochs = self.trainer.max_epochs
+        description = f"Epoch {epoch}" + (f"/{max_epochs - 1}" if max_epochs is not None and max_epochs > 0 else "")
+        return f"{description:{len(self.validation_description)}}"  # as wide as "Validation": no flicker
+
+    def _describe_training(self) -> None:
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            description = self.epoch_description(self.trainer.current_epoch)
+            style = self.theme.description
+            self.progress.update(self.train_progress_bar_id,
+                                 description=f"[{style}]{description}" if style else description)
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._describe_training()
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        created = self.train_progress_bar_id is None  # the bar of a run resumed mid-epoch starts here
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if created:
+            self._describe_training()
 
 
 def fit_summary(module: Any, trainer: Trainer, datamodule: Any, seconds: float, run_dir: Path) -> str:

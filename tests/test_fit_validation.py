@@ -75,7 +75,7 @@ def test_the_progress_bar_of_a_step_bounded_run_has_no_negative_epoch_total(trai
     from lightning.pytorch import Callback, Trainer
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    from retention.fitting import StepProgressBar
+    from retention.runlog import StepProgressBar
 
     assert not [name for name in vars(StepProgressBar) if name.startswith("_get")]
     seen = []
@@ -96,7 +96,7 @@ def test_fit_adds_the_step_progress_bar(tmp_path, monkeypatch):
     from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
     import retention.fitting as fit
-    from retention.fitting import StepProgressBar
+    from retention.runlog import StepProgressBar
 
     seen = {}
 

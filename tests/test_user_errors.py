@@ -36,8 +36,8 @@ def config(tmp_path, monkeypatch):
     (["--edits.known_protocol", "topl"], "--edits.known_protocol: unknown protocol(s) topl"),
     (["--monitor.protocols", "[top1, bogus]"], "--monitor.protocols: unknown protocol(s) bogus"),
     (["--data.task.source", "/no/such/task.jsonl"], "--data.task.source /no/such/task.jsonl: no such file"),
-    (["--optimizer", "SGD", "--optimizer.lr", "0"], "--optimizer.lr: the learning rate must be a positive finite"),
-    (["--model.optimizer.lr", "-1"], "--model.optimizer.lr: the learning rate must be a positive finite"),
+    (["--optimizer", "SGD", "--optimizer.lr", "0"], "--optimizer.lr must be a positive finite number, got 0.0"),
+    (["--model.optimizer.lr", "-1"], "--model.optimizer.lr must be a positive finite number, got -1.0"),
 ])
 def test_a_user_error_of_fit_is_one_line_and_exit_2_before_any_work(config, capsys, flags, message):
     assert main(["fit", "--config", str(config), *flags]) == 2

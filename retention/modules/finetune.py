@@ -104,7 +104,7 @@ class OptimizerArgs:
 def check_learning_rate(flag: str, lr: float) -> None:
     """Raise ValueError naming ``flag`` unless ``lr`` is a positive finite number; warn above :data:`MAX_SANE_LR`."""
     if not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"{flag}: the learning rate must be a positive finite number, got {lr}")
+        raise ValueError(f"{flag} must be a positive finite number, got {lr}")
     if lr > MAX_SANE_LR:
         log.warning("%s=%g is above %g: optimizer steps that large usually wreck the model (NaN weights)", flag, lr,
                     MAX_SANE_LR)
