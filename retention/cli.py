@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentError, ArgumentParser
 
 # Device, OnError, Protocol, check_device and command_parser: importable from here too, for command modules
 # written against ``retention.cli``.
@@ -84,7 +84,9 @@ def run_command(name: str, call: Callable[[], int | None], debug: bool,
             raise
         before_work = started is not None and not started.is_set()
         if before_work:
-            print(f"retention {name}: error: {err}", file=sys.stderr)
+            # A parse error spreads "Parser key ...:" and its reason over lines.
+            message = " ".join(str(err).split()) if isinstance(err, ArgumentError) else err
+            print(f"retention {name}: error: {message}", file=sys.stderr)
             return 2
         print(f"retention {name}: error: {type(err).__name__}: {err}\n(--debug shows the traceback)", file=sys.stderr)
         return 1

@@ -187,8 +187,10 @@ class FitCLI(LightningCLI):
                 save_config_kwargs={"overwrite": True},
                 auto_configure_optimizers=False, args=args if parse_only else ["fit", *args],
                 run=not parse_only,
-                # No abbreviated flags: --trainer.max_step would set trainer.max_steps silently.
-                parser_kwargs={"allow_abbrev": False, **({"exit_on_error": False} if parse_only else {})},
+                # No abbreviated flags: --trainer.max_step would set trainer.max_steps silently. A parse error is
+                # raised, not printed under the full usage: `retention fit` prints it as one line.
+                parser_kwargs={"allow_abbrev": False, "exit_on_error": False,
+                               "fit": {"allow_abbrev": False, "exit_on_error": False}},
             )
         except BaseException:
             self.forget_failed_start()

@@ -47,6 +47,13 @@ def test_a_user_error_of_fit_is_one_line_and_exit_2_before_any_work(config, caps
     assert not (config.parent / "runs").exists()
 
 
+def test_a_parse_error_of_fit_is_one_line_without_the_usage(config, capsys):
+    assert main(["fit", "--config", str(config), "--freeze.policy", "sideways"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('retention fit: error: Parser key "freeze.policy": Expected a typing.Literal[')
+    assert err.count("\n") == 1 and "usage" not in err
+
+
 def test_debug_shows_the_traceback(config):
     with pytest.raises(ValueError, match="unknown editor 'memt'"):
         main(["fit", "--config", str(config), "--edits.editor", "memt", "--debug"])
@@ -59,10 +66,9 @@ def test_invalid_yaml_is_one_line_naming_the_file(tmp_path, capsys):
     assert f"retention fit: error: --config {bad.resolve()}: not valid YAML" in capsys.readouterr().err
 
 
-def test_abbreviated_flags_are_refused_by_fit_and_study(config, tmp_path):
-    with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", str(config), "--trainer.max_step", "5"])
-    assert exit_.value.code == 2
+def test_abbreviated_flags_are_refused_by_fit_and_study(config, tmp_path, capsys):
+    assert main(["fit", "--config", str(config), "--trainer.max_step", "5"]) == 2
+    assert capsys.readouterr().err == "retention fit: error: unrecognized arguments: --trainer.max_step 5\n"
     with pytest.raises(SystemExit) as exit_:
         main(["study", "-c", str(tmp_path / "s.yaml"), "--dry_ru", "true"])
     assert exit_.value.code == 2
