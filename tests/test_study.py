@@ -395,3 +395,12 @@ def test_a_deadline_leaves_the_runs_it_cannot_finish_pending(tiny_study, capsys)
     assert "--deadline 1 s: 3 run(s) not started, left pending" in out and "frozen__seed1" in out
     assert _study_main(tiny_study) == 0
     assert [r["state"] for r in _state(tiny_study)["runs"]] == ["done"] * 4
+
+
+def test_study_main_runs_without_the_console_script(tmp_path, capsys):
+    from retention.commands.study import main
+
+    (tmp_path / "base.yaml").write_text("trainer: {max_steps: 2}\n")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "out_dir": str(tmp_path / "o")}))
+    assert main(["--config", str(tmp_path / "s.yaml"), "--dry_run", "true"]) == 0
+    assert "study s: 1 runs" in capsys.readouterr().out and not (tmp_path / "o").exists()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from jsonargparse.typing import PositiveInt
 
-from retention.commands.options import command_parser
+from retention.commands.options import command_parser, to_args
 
 
 @dataclass
@@ -102,3 +102,8 @@ def execute(args: StudyArgs) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """``retention study ARGV`` in this process, without the console script (``retention.api.run_study``)."""
+    return execute(to_args(StudyArgs, parser().parse_args(argv)))
