@@ -22,6 +22,14 @@ def config_file_values(argv: list[str]) -> list[str]:
     return values + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
 
 
+def names_a_file(value: str) -> bool:
+    """Whether a ``--config`` value is a file's path (rather than YAML text, which may be too long for a path)."""
+    try:
+        return Path(value).is_file()
+    except OSError:
+        return False
+
+
 def read_yaml(path: Path) -> object:
     """The content of the YAML file ``path``; raises :class:`ConfigFileError` naming it when it is not YAML."""
     try:
@@ -33,7 +41,7 @@ def read_yaml(path: Path) -> object:
 def check_config_files(argv: list[str]) -> None:
     """Raise :class:`ConfigFileError` naming a ``-c/--config`` file of ``argv`` that is not valid YAML."""
     for value in config_file_values(argv):
-        if Path(value).is_file():
+        if names_a_file(value):
             read_yaml(Path(value))
 
 
@@ -67,7 +75,7 @@ def expand_config_includes(argv: list[str]) -> list[str]:
         flag, value = (arg, argv[i + 1] if i + 1 < len(argv) else None) if arg in ("-c", "--config") else (None, None)
         if arg.startswith("--config="):
             flag, value = "--config", arg.split("=", 1)[1]
-        if flag is not None and value is not None and Path(value).is_file():
+        if flag is not None and value is not None and names_a_file(value):
             for layer in config_layers(Path(value)):
                 out += ["--config", layer]
             i += 1 if arg.startswith("--config=") else 2

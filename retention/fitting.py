@@ -2,9 +2,10 @@
 ``run``, the pipeline callbacks), the checks made before any model is loaded, the trainer it builds around the run
 folder, and running it. ``retention study`` resolves and runs its runs through the same functions.
 
-Checks before work: every closed choice (editor, protocols, the freeze policy), the knowledge and task sources,
-the learning rates and the layers named against the model's config are checked after parsing and before the run
-folder is made or a model is loaded; a fresh run that fails before its first optimizer step deletes its folder.
+Checks before work: every closed choice (editor, protocols, the freeze policy) and the learning rates right after
+parsing (``--print_config`` included); the layers named against the model's config when the objects are built; the
+knowledge and task files before the run folder is made. No model is loaded before them, and a fresh run that fails
+before its first optimizer step deletes its folder.
 """
 
 from __future__ import annotations
@@ -115,9 +116,9 @@ def default_run_name(data: TaskDataModule, model: FineTuneModule) -> str:
 
 
 def check_choices(config: Namespace) -> None:
-    """Raise ValueError naming the flag of a closed choice outside its choices, a knowledge or task source that
-    does not exist, or an ``--optimizer.lr`` that is not a positive finite number (``config``: the parsed fit
-    config; ``model.optimizer.lr`` is checked by its dataclass)."""
+    """Raise ValueError naming the flag of a closed choice outside its choices or an ``--optimizer.lr`` that is not
+    a positive finite number (``config``: the parsed fit config; ``model.optimizer.lr`` is checked by its
+    dataclass)."""
     checks = (("--edits.editor", editor_class, config.edits.editor),
               ("--edits.known_protocol", check_protocols,
                [p for p in [config.edits.known_protocol] if p != "none"]),  # none: every fact counts as known
@@ -127,6 +128,14 @@ def check_choices(config: Namespace) -> None:
             check(value)
         except ValueError as err:
             raise ValueError(f"{flag}: {err}") from None
+    lr = (config.get("optimizer") or Namespace()).get("init_args", Namespace()).get("lr")
+    if lr is not None:
+        check_learning_rate("--optimizer.lr", lr)
+
+
+def check_sources(config: Namespace) -> None:
+    """Raise ValueError naming the flag of a knowledge or task file that does not exist (``config``: the parsed fit
+    config). Checked when a run starts, not when a config resolves: a study's dry run may precede the data."""
     edits = config.edits
     knowledge = str(edits.knowledge)
     if (edits.n_edit or edits.n_control) and not knowledge.startswith(HF_PREFIX) \
@@ -137,9 +146,6 @@ def check_choices(config: Namespace) -> None:
     if source != "builtin" and not source.startswith(HF_PREFIX) and not Path(source).expanduser().is_file():
         raise ValueError(f"--data.task.source {source}: no such file (use 'builtin' for the built-in default or "
                          f"'{HF_PREFIX}<dataset id>' for a Hugging Face dataset)")
-    lr = (config.get("optimizer") or Namespace()).get("init_args", Namespace()).get("lr")
-    if lr is not None:
-        check_learning_rate("--optimizer.lr", lr)
 
 
 PRINT_CONFIG_FLAGS = re.compile(r"^(comments|skip_null|skip_default)(,(comments|skip_null|skip_default))*$")
@@ -299,6 +305,7 @@ class FitCLI(LightningCLI):
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         self.check_pipeline()
+        check_sources(self.fit_config)
         run = self.run_args
         name = run.name or default_run_name(self.datamodule, self.model)
         if Path(name).is_absolute() or len(Path(name).parts) != 1 or name in (".", ".."):

@@ -96,7 +96,10 @@ class Study:
 
         n_edit = None
         if self.spec.protocol == "single":
-            base = flatten(resolve_config(self._argv(None, dict(self.spec.set), write)))
+            try:
+                base = flatten(resolve_config(self._argv(None, dict(self.spec.set), write)))
+            except (Exception, SystemExit) as err:
+                raise StudyError(f"study {self.spec.name}: its base config does not resolve: {err}") from None
             n_edit = int(base["edits.n_edit"])
         planned = []
         resolved: dict[str, dict[str, Any]] = {}
