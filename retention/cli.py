@@ -1,23 +1,36 @@
 """The ``retention`` console script: one jsonargparse parser with a subcommand per module of
-``retention.commands`` (``fit`` is a LightningCLI and parses its own arguments).
+``retention.commands`` (``fit`` is a LightningCLI and parses its own arguments; see
+:mod:`retention.commands.options` for what a command module provides).
 
-A command module provides ``ARGS`` (a dataclass whose attribute docstrings are its ``--help``), ``parser()``
-(usually :func:`command_parser` of ``ARGS``) and ``execute(args) -> int``. Every command but ``fit`` and
-``study`` takes ``-c/--config FILE.yaml`` and ``--print_config`` (whose output ``-c`` reads back); ``study``'s
-``-c/--config`` is its study file.
+Every command but ``fit`` and ``study`` takes ``-c/--config FILE.yaml`` and ``--print_config`` (whose output
+``-c`` reads back); ``study``'s ``-c/--config`` is its study file. A user error found before any work is one line
+on stderr and exit status 2; ``fit`` and ``study`` print any other error as one line too (exit 1), and
+``--debug`` (or ``-v``) anywhere on the command line shows the traceback instead.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import sys
-import typing
-from pathlib import Path
-from typing import Any, Literal
+import threading
+from collections.abc import Callable
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
-from jsonargparse.typing import restricted_string_type
+from jsonargparse import ArgumentError, ArgumentParser
+
+# Device, OnError, Protocol, check_device and command_parser: importable from here too, for command modules
+# written against ``retention.cli``.
+from retention.commands.options import (  # noqa: F401
+    Device,
+    OnError,
+    Protocol,
+    UsageError,
+    check_device,
+    comma_lists,
+    command_parser,
+    list_fields,
+    to_args,
+)
+from retention.config import ConfigFileError, check_config_files
 
 COMMANDS = {
     "probe": "Score a model on a knowledge set under the probe protocols.",
@@ -26,39 +39,12 @@ COMMANDS = {
     "fit": "Edit, fine-tune and measure retention (LightningCLI; -c file.yaml).",
     "study": "Run a whole study (arms x seeds, or single edits) resumably; -c study.yaml.",
     "report": "Retention with confidence intervals over study or run folders.",
+    "cache": "Check every disk-cache entry in full (retention cache verify).",
 }
-
-Device = restricted_string_type("Device", r"^(auto|cpu|cuda(:[0-9]+)?)$")
-"""``auto`` (cuda when available, else cpu), ``cpu``, ``cuda`` or ``cuda:i``."""
-OnError = Literal["raise", "skip"]
-Protocol = Literal["top1", "prob", "token_acc", "gen"]
-
-
-class UsageError(ValueError):
-    """A bad option found after parsing, before any model is loaded: ``retention`` prints it and exits 2."""
-
-
-def check_device(device: str) -> None:
-    """Raise :class:`UsageError` naming ``--device`` when this machine lacks ``device``."""
-    from retention.models import resolve_device
-
-    try:
-        resolve_device(device)
-    except ValueError as err:
-        raise UsageError(f"--device: {err}") from None
-
-
-def command_parser(args_cls: type, description: str | None, config: bool = True,
-                   skip: set[str] | None = None) -> ArgumentParser:
-    """A subcommand's parser: the fields of the dataclass ``args_cls`` (help from their attribute docstrings) and,
-    with ``config``, ``-c/--config`` and ``--print_config``."""
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = ArgumentParser(description=description, allow_abbrev=False)
-    if config:
-        parser.add_argument("-c", "--config", action=ActionConfigFile,
-                            help="A YAML file of these options (as --print_config writes it); later flags override it.")
-    parser.add_class_arguments(args_cls, nested_key=None, skip=skip or set())
-    return parser
+DEBUG_FLAGS = ("--debug", "-v")
+"""Show the traceback of an error rather than its one-line message."""
+ONE_LINE_ERRORS = ("fit", "study")
+"""Commands whose every error is one line without ``--debug``."""
 
 
 def build_parser(command: str | None = None) -> ArgumentParser:
@@ -66,7 +52,8 @@ def build_parser(command: str | None = None) -> ArgumentParser:
     from retention import __version__
 
     parser = ArgumentParser(prog="retention", version=__version__, allow_abbrev=False,
-                            description="How well does knowledge edited into a language model survive fine-tuning?")
+                            description="How well does knowledge edited into a language model survive fine-tuning? "
+                                        "--debug (or -v) shows the traceback of an error.")
     subcommands = parser.add_subcommands(required=True, dest="command")
     for name, help_ in COMMANDS.items():
         if name == command and name != "fit":
@@ -81,64 +68,47 @@ def _module(name: str):
     return importlib.import_module(f"retention.commands.{name}")
 
 
-def _list_fields(args_cls: type) -> set[str]:
-    """Names of the fields typed ``list[...]`` (or ``list[...] | None``)."""
-    hints = typing.get_type_hints(args_cls)
-    out = set()
-    for f in dataclasses.fields(args_cls):
-        hint = hints[f.name]
-        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else (hint,)
-        if any(typing.get_origin(o) is list for o in options):
-            out.add(f.name)
-    return out
-
-
-_UnionType = type(int | None)
-
-
-def comma_lists(argv: list[str], list_fields: set[str]) -> list[str]:
-    """``--protocols top1,prob`` -> ``--protocols [top1,prob]``: list options also take comma-separated values."""
-    flags = {f"--{name}" for name in list_fields}
-    out = list(argv)
-    for i, arg in enumerate(out):
-        flag, eq, value = arg.partition("=")
-        if flag in flags and eq and not value.lstrip().startswith("["):
-            out[i] = f"{flag}=[{value}]"
-        elif arg in flags and i + 1 < len(out) and not out[i + 1].lstrip().startswith(("[", "-")):
-            out[i + 1] = f"[{out[i + 1]}]"
-    return out
-
-
-def check_config_files(argv: list[str]) -> None:
-    """Raise :class:`UsageError` naming a ``-c/--config`` file that is not valid YAML (jsonargparse's message
-    does not name it)."""
-    import yaml
-
-    values = [v for flag, v in zip(argv, argv[1:]) if flag in ("-c", "--config")]
-    values += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    for value in values:
-        if Path(value).is_file():
-            try:
-                yaml.safe_load(Path(value).read_text(encoding="utf-8"))
-            except yaml.YAMLError as err:
-                raise UsageError(f"--config {value}: not valid YAML: {err}") from None
-
-
-def to_args(args_cls: type, ns: Namespace) -> Any:
-    """The dataclass ``args_cls`` from a parsed namespace (dropping ``config`` and other parser-only keys)."""
-    values = ns.as_dict()
-    return args_cls(**{f.name: values[f.name] for f in dataclasses.fields(args_cls) if f.name in values})
+def run_command(name: str, call: Callable[[], int | None], debug: bool,
+                started: threading.Event | None = None) -> int:
+    """``call()``'s exit status; a :class:`UsageError` (or, for ``fit``, any error before its work started) is
+    printed as one line and gives 2; another error of ``fit``/``study`` is printed as one line and gives 1,
+    unless ``debug``."""
+    try:
+        return int(call() or 0)
+    except UsageError as err:
+        if debug:
+            raise
+        print(f"retention {name}: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if debug or name not in ONE_LINE_ERRORS:
+            raise
+        before_work = started is not None and not started.is_set()
+        if before_work:
+            # A parse error spreads "Parser key ...:" and its reason over lines.
+            message = " ".join(str(err).split()) if isinstance(err, ArgumentError) else err
+            print(f"retention {name}: error: {message}", file=sys.stderr)
+            return 2
+        print(f"retention {name}: error: {type(err).__name__}: {err}\n(--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``retention <command> ...``; returns the exit status (parse errors and ``--help`` exit via SystemExit)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = any(a in DEBUG_FLAGS for a in argv)
+    argv = [a for a in argv if a not in DEBUG_FLAGS]
     name = argv[0] if argv else None
-    if name == "fit":
-        return int(_module("fit").main(argv[1:]) or 0)
     if name is None:
-        build_parser().print_help()
-        return 0
+        build_parser().print_usage(sys.stderr)
+        print(f"retention: error: give a command: {', '.join(COMMANDS)} (retention --help describes them)",
+              file=sys.stderr)
+        return 2
+    if name == "fit":
+        from retention.commands.fit import main as fit_main
+
+        started = threading.Event()
+        return run_command(name, lambda: fit_main(argv[1:], started), debug, started)
     if not name.startswith("-") and name not in COMMANDS:
         print(f"retention: unknown command '{name}'; choose from {', '.join(COMMANDS)} "
               "(retention --help lists them)", file=sys.stderr)
@@ -146,17 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(name)
     module = _module(name) if name in COMMANDS else None
     if module is not None:
-        argv = [name, *comma_lists(argv[1:], _list_fields(module.ARGS))]
+        argv = [name, *comma_lists(argv[1:], list_fields(module.ARGS))]
     try:
         check_config_files(argv[1:])
-    except UsageError as err:
+    except ConfigFileError as err:
         print(f"retention {name}: error: {err}", file=sys.stderr)
         return 2
     cfg = parser.parse_args(argv)
     module = module or _module(cfg.command)
     args = to_args(module.ARGS, cfg[cfg.command])
-    try:
-        return int(module.execute(args) or 0)
-    except UsageError as err:
-        print(f"retention {cfg.command}: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(cfg.command, lambda: module.execute(args), debug)

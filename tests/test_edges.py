@@ -14,10 +14,10 @@ from tiny_runs import fit_config, prepare
 
 from retention.cli import main as cli_main
 from retention.commands.fit import main as fit_main
-from retention.commands.fit import resolve_config
 from retention.data.readers import ReadReport
 from retention.data.tasks import classify
 from retention.data.tasks.task import TaskConfig
+from retention.fitting import resolve_config
 from retention.modules.finetune import OptimizerArgs
 from retention.records import RecordError
 from retention.study.report import load_results

@@ -11,7 +11,7 @@ import sys
 import pytest
 from tiny_runs import RATES, read_run, write_config
 
-from retention.commands.fit import launched_as_rank_zero
+from retention.runfolder import launched_as_rank_zero
 
 
 def _free_port() -> int:

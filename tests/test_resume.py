@@ -17,8 +17,9 @@ import yaml
 from tiny_runs import fit_config, prepare, prepare_distinct
 
 from retention.callbacks.checkpoint import load_checkpoint
-from retention.commands.fit import INCOMPLETE, main
+from retention.commands.fit import main
 from retention.study.report import ReportError, load_results
+from retention.summary import INCOMPLETE
 
 TESTS = Path(__file__).resolve().parent
 # 30 training examples in batches of 4: 8 batches per epoch. Checkpoints at steps 5 and 10; the kill comes at

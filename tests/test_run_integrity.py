@@ -157,7 +157,8 @@ def test_a_live_study_and_its_runs_cannot_be_clobbered_by_other_processes(tmp_pa
         a.wait(timeout=300)
     busy = f"retention study: study s: {run.parent.parent} is in use by another retention study process"
     assert b.returncode == 2 and busy in b.stderr
-    assert c.returncode == 1 and f"FolderLocked: {run} is in use by another run" in c.stderr
+    assert c.returncode == 2 and c.stderr.strip().splitlines()[-1].startswith(
+        f"retention fit: error: {run} is in use by another run")
     assert a.returncode == 0, (tmp_path / "a.log").read_text()[-3000:]
     state = json.loads((tmp_path / "studies" / "s" / "study.json").read_text())
     assert [r["state"] for r in state["runs"]] == ["done"]

@@ -91,7 +91,7 @@ def test_weights_only_false_is_refused(root):
 def test_lightning_loads_the_checkpoint_without_running_code_too(root, monkeypatch):
     """Lightning's own load (``trainer.fit`` restoring the checkpoint) is restricted as well, should the file
     change after ``retention fit`` read it."""
-    import retention.commands.fit as fit
+    import retention.fitting as fit
 
     marker = root / "PWNED"
     last = _plant(root / "runs" / "x" / "checkpoints" / "last.ckpt", marker)

@@ -5,8 +5,10 @@ report on a run folder, and `--dry_run` of every shipped study."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -146,8 +148,12 @@ def _state(path: Path) -> dict:
     return json.loads((path.parent / "studies" / "tiny" / "study.json").read_text())
 
 
-def test_study_runs_reports_and_shares_the_edit(tiny_study):
+def test_study_runs_reports_and_shares_the_edit(tiny_study, caplog):
+    caplog.set_level(logging.INFO, logger="retention.study.runner")
     assert _study_main(tiny_study) == 0
+    progress = [r.getMessage() for r in caplog.records if "runs done" in r.getMessage()]
+    assert len(progress) == 4 and "4/4 runs done" in progress[-1] and "ETA 0:00:00" in progress[-1]
+    assert re.search(r"; 1/4 runs done, \d:\d\d:\d\d elapsed, ETA \d:\d\d:\d\d \(mean run \d+ s\)$", progress[0])
     folder = tiny_study.parent / "studies" / "tiny"
     state = _state(tiny_study)
     assert [r["state"] for r in state["runs"]] == ["done"] * 4
@@ -316,7 +322,13 @@ def test_shipped_studies_resolve_in_a_dry_run(path, tmp_path, capsys):
     n = int(out.split("study ")[1].split(": ")[1].split(" runs")[0])
     spec = StudySpec.from_file(path)
     assert n >= len(spec.arms) * len(spec.seeds) and out.count("\n  ") == n
-    assert not (tmp_path / spec.name / "runs").exists()
+    assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
+
+
+def test_clock():
+    from retention.study.runner import clock
+
+    assert [clock(s) for s in (0, 59.6, 3600 + 62, 36000)] == ["0:00:00", "0:01:00", "1:01:02", "10:00:00"]
 
 
 def test_study_plan_names_a_run_that_does_not_resolve(tmp_path):
@@ -339,7 +351,7 @@ def test_jobs_run_as_subprocesses_with_their_logs(tiny_study, tmp_path):
 
 
 def test_runs_are_grouped_and_tagged_in_wandb(tmp_path, monkeypatch):
-    from retention.commands.fit import run_loggers
+    from retention.runlog import run_loggers
 
     for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR"):  # run_loggers sets them; restored afterwards
         monkeypatch.setenv(var, str(tmp_path))
@@ -383,3 +395,12 @@ def test_a_deadline_leaves_the_runs_it_cannot_finish_pending(tiny_study, capsys)
     assert "--deadline 1 s: 3 run(s) not started, left pending" in out and "frozen__seed1" in out
     assert _study_main(tiny_study) == 0
     assert [r["state"] for r in _state(tiny_study)["runs"]] == ["done"] * 4
+
+
+def test_study_main_runs_without_the_console_script(tmp_path, capsys):
+    from retention.commands.study import main
+
+    (tmp_path / "base.yaml").write_text("trainer: {max_steps: 2}\n")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "out_dir": str(tmp_path / "o")}))
+    assert main(["--config", str(tmp_path / "s.yaml"), "--dry_run", "true"]) == 0
+    assert "study s: 1 runs" in capsys.readouterr().out and not (tmp_path / "o").exists()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from jsonargparse.typing import PositiveInt
 
-from retention.cli import command_parser
+from retention.commands.options import command_parser, to_args
 
 
 @dataclass
@@ -32,7 +32,8 @@ class StudyArgs:
     out_dir: str | None = None
     """Folder holding study folders; default the study file's ``out_dir`` (runs/studies)."""
     dry_run: bool = False
-    """Print the expanded runs and check that every run's config resolves, without loading a model."""
+    """Print the expanded runs and check that every run's config resolves, without loading a model or writing
+    anything."""
     jobs: PositiveInt = 1
     """Runs at a time: 1 runs them one after another in this process; N > 1 runs N subprocesses (CPU threads
     split between them; at most one run per GPU where GPUs exist)."""
@@ -66,9 +67,6 @@ def execute(args: StudyArgs) -> int:
     from retention.study.report import write_report
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if args.jobs < 1:
-        print(f"retention study: --jobs {args.jobs} must be at least 1", file=sys.stderr)
-        return 2
     t0 = time.perf_counter()
     try:
         spec = StudySpec.from_file(args.config)
@@ -79,7 +77,7 @@ def execute(args: StudyArgs) -> int:
             return 0
         study = Study(spec, args.out_dir)
         if args.dry_run:
-            planned = study.plan()
+            planned = study.plan(write=False)
             print(f"study {spec.name}: {len(planned)} runs into {study.folder}; every config resolves")
             for p in planned:
                 overrides = ", ".join(f"{k}={v}" for k, v in p.run.overrides.items())
@@ -107,7 +105,5 @@ def execute(args: StudyArgs) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """``retention study ARGV``."""
-    from retention.cli import main as cli_main
-
-    return cli_main(["study", *argv])
+    """``retention study ARGV`` in this process, without the console script (``retention.api.run_study``)."""
+    return execute(to_args(StudyArgs, parser().parse_args(argv)))

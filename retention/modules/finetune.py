@@ -92,15 +92,20 @@ class OptimizerArgs:
     ``constant``."""
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.lr) or self.lr <= 0:
-            raise ValueError(f"optimizer.lr must be a positive finite number, got {self.lr}")
-        if self.lr > MAX_SANE_LR:
-            log.warning("optimizer.lr=%g is above %g: AdamW steps that large usually wreck the model (NaN "
-                        "weights)", self.lr, MAX_SANE_LR)
+        check_learning_rate("--model.optimizer.lr", self.lr)
         if self.warmup_steps < 0:
             raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"optimizer.schedule: unknown schedule {self.schedule!r}; choose cosine or constant")
+
+
+def check_learning_rate(flag: str, lr: float) -> None:
+    """Raise ValueError naming ``flag`` unless ``lr`` is a positive finite number; warn above :data:`MAX_SANE_LR`."""
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"{flag} must be a positive finite number, got {lr}")
+    if lr > MAX_SANE_LR:
+        log.warning("%s=%g is above %g: optimizer steps that large usually wreck the model (NaN weights)", flag, lr,
+                    MAX_SANE_LR)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int | None, schedule: str) -> float:
@@ -437,10 +442,28 @@ class FineTuneModule(LightningModule):
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    optimizer_init: dict | None = None
+    """``--optimizer`` (its ``class_path`` and ``init_args``) to train with instead of AdamW (``retention fit``
+    sets it; the optimizer's own defaults apply, so ``model.optimizer.weight_decay`` and betas do not)."""
+    lr_scheduler_init: dict | None = None
+    """``--lr_scheduler`` to step every optimizer step instead of the warmup and ``model.optimizer.schedule``."""
+
     @override
     def configure_optimizers(self):
+        from lightning.pytorch.cli import instantiate_class
+
         o = self.optim
-        optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
+        if self.optimizer_init is None:
+            optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
+        else:
+            groups = [{"params": g["params"]} for g in param_groups(self.model, 0.0)]
+            optimizer = instantiate_class(groups, self.optimizer_init)
+        if self.lr_scheduler_init is not None:
+            scheduler = instantiate_class(optimizer, self.lr_scheduler_init)
+            config = {"scheduler": scheduler, "interval": "step"}
+            if hasattr(scheduler, "monitor"):  # ReduceLROnPlateau: the metric it watches
+                config["monitor"] = scheduler.monitor
+            return {"optimizer": optimizer, "lr_scheduler": config}
         total = None
         if o.schedule == "cosine":
             total = self.trainer.estimated_stepping_batches

@@ -20,9 +20,9 @@ import ctypes
 import dataclasses
 import json
 import logging
+import math
 import os
 import platform
-import shutil
 import signal
 import statistics
 import subprocess
@@ -33,10 +33,11 @@ from typing import Any
 
 import yaml
 
-from retention.callbacks.checkpoint import LAST, config_files, flatten
+from retention.callbacks.checkpoint import config_files, flatten
 from retention.diskcache import digest
 from retention.io import FolderLocked, atomic_write_json, atomic_write_text, lock_folder
 from retention.provenance import code, lock_sha256
+from retention.runfolder import has_checkpoint, remove_run_folder
 from retention.study.spec import StudyError, StudyRun, StudySpec
 
 log = logging.getLogger(__name__)
@@ -73,26 +74,32 @@ class Study:
 
     # -- planning --------------------------------------------------------------------------------------------
 
-    def _base_args(self) -> list[str]:
+    def _config(self, name: str, text: str, write: bool) -> str:
+        """A ``--config`` value of the YAML ``text``: the file ``configs/<name>.yaml`` of the study folder
+        (written), or with ``write`` false the text itself."""
+        return str(atomic_write_text(self.folder / "configs" / f"{name}.yaml", text)) if write else text
+
+    def _argv(self, run: StudyRun | None, overrides: dict[str, Any], write: bool) -> list[str]:
         if isinstance(self.spec.base, dict):
-            path = atomic_write_text(self.folder / "configs" / "base.yaml", yaml.safe_dump(self.spec.base))
-            return ["--config", str(path)]
-        return [a for p in self.spec.base for a in ("--config", str(p))]
+            layers = [self._config("base", yaml.safe_dump(self.spec.base), write)]
+        else:
+            layers = [str(p) for p in self.spec.base]
+        layers.append(self._config(run.name if run else "_base",
+                                   yaml.safe_dump(overrides, sort_keys=False, allow_unicode=True), write))
+        return [a for layer in layers for a in ("--config", layer)]
 
-    def _argv(self, run: StudyRun | None, overrides: dict[str, Any]) -> list[str]:
-        name = run.name if run else "_base"
-        path = atomic_write_text(self.folder / "configs" / f"{name}.yaml",
-                                 yaml.safe_dump(overrides, sort_keys=False, allow_unicode=True))
-        return [*self._base_args(), "--config", str(path)]
-
-    def plan(self) -> list[PlannedRun]:
+    def plan(self, write: bool = True) -> list[PlannedRun]:
         """Every run with its argv and resolved config; raises :class:`StudyError` naming a run that does not
-        resolve (a bad key or value), before any model is loaded."""
-        from retention.commands.fit import resolve_config
+        resolve (a bad key or value), before any model is loaded. With ``write`` false nothing is written (the
+        argv then carries the override files' YAML text instead of their paths)."""
+        from retention.fitting import resolve_config  # the model and data modules: loaded when a study plans
 
         n_edit = None
         if self.spec.protocol == "single":
-            base = flatten(resolve_config(self._argv(None, dict(self.spec.set))))
+            try:
+                base = flatten(resolve_config(self._argv(None, dict(self.spec.set), write)))
+            except (Exception, SystemExit) as err:
+                raise StudyError(f"study {self.spec.name}: its base config does not resolve: {err}") from None
             n_edit = int(base["edits.n_edit"])
         planned = []
         resolved: dict[str, dict[str, Any]] = {}
@@ -100,7 +107,7 @@ class Study:
             per_run = {"run.name": run.name, "run.tags": run.tags, "edits.single_index": run.fact}
             overrides = {**run.overrides, "run.name": run.name, "run.out_dir": str(self.runs_dir),
                          "run.group": self.spec.name, "run.tags": run.tags}
-            argv = self._argv(run, overrides)
+            argv = self._argv(run, overrides, write)
             # Runs that differ only in name, tags and fact index (the single protocol's N runs) resolve once.
             shared = digest({k: v for k, v in overrides.items() if k not in per_run})
             try:
@@ -176,15 +183,10 @@ class Study:
 
     def _discard(self, name: str) -> None:
         """Delete a run's folder, unless a run (a ``retention fit`` started by hand) is using it."""
-        folder = self.runs_dir / name
         try:
-            lock = lock_folder(folder, "run")
+            remove_run_folder(self.runs_dir / name)
         except FolderLocked as err:
             raise StudyError(f"study {self.spec.name}: run {name} must be run again, but {err}") from None
-        try:
-            shutil.rmtree(folder)
-        finally:
-            lock.release()
 
     def _can_start(self, t0: float, deadline: float | None, states: dict[str, dict]) -> bool:
         """Whether a run started now ends by the deadline, by the mean duration of the finished runs (with none
@@ -215,7 +217,7 @@ class Study:
                 states[p.run.name] = {"state": "done", "seconds": done.get("seconds")}
                 continue
             folder = self.runs_dir / p.run.name
-            if (folder / "checkpoints" / LAST).exists():  # a file, or a link to a sharded checkpoint folder
+            if has_checkpoint(folder):
                 log.info("run %s was interrupted: it resumes from its checkpoint", p.run.name)
                 p = dataclasses.replace(p, argv=[*p.argv, "--ckpt_path", "last"])
             elif folder.exists():
@@ -225,6 +227,7 @@ class Study:
         log.info("study %s: %d runs, %d finished before, %d to run (%s)", self.spec.name, len(planned),
                  len(planned) - len(todo), len(todo), f"{jobs} at a time" if jobs > 1 else "in this process")
         self.write_state(planned, states)
+        durations: list[float] = []
 
         def finish(p: PlannedRun, seconds: float, error: str | None) -> None:
             summary = self.runs_dir / p.run.name / "summary.json"
@@ -239,9 +242,12 @@ class Study:
                 states[p.run.name] = {"state": "failed", "seconds": seconds, "error": error}
                 log.error("run %s failed: %s", p.run.name, error)
             self.write_state(planned, states)
+            durations.append(seconds)
             n_done = sum(s["state"] == "done" for s in states.values())
-            log.info("study %s: run %s %s in %.0f s (%d/%d done, %.0f s so far)", self.spec.name, p.run.name,
-                     states[p.run.name]["state"], seconds, n_done, len(planned), time.perf_counter() - t0)
+            eta = statistics.mean(durations) * math.ceil((len(todo) - len(durations)) / jobs)
+            log.info("study %s: run %s %s in %.0f s; %d/%d runs done, %s elapsed, ETA %s (mean run %.0f s)",
+                     self.spec.name, p.run.name, states[p.run.name]["state"], seconds, n_done, len(planned),
+                     clock(time.perf_counter() - t0), clock(eta), statistics.mean(durations))
 
         def can_start() -> bool:
             return self._can_start(t0, deadline, states)
@@ -260,13 +266,13 @@ class Study:
         return states
 
     def _run_here(self, p: PlannedRun, finish) -> None:
-        from retention.commands.fit import main as fit_main
+        from retention.fitting import fit
 
         log.info("study %s: run %s (%s, %s, seed %d)", self.spec.name, p.run.name, p.run.cell_label, p.run.arm,
                  p.run.seed)
         t = time.perf_counter()
         try:
-            fit_main(p.argv)
+            fit(p.argv)
             error = None
         except Exception as err:  # one failed run does not end the study; it is recorded and reported
             error = f"{type(err).__name__}: {err}"
@@ -309,6 +315,12 @@ class Study:
                 error = None if proc.returncode == 0 else (
                     f"exit status {proc.returncode}; see {logs / (p.run.name + '.log')}")
                 finish(p, time.perf_counter() - started, error)
+
+
+def clock(seconds: float) -> str:
+    """``h:mm:ss``."""
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def _die_with_parent() -> None:
