@@ -17,19 +17,7 @@ from collections.abc import Callable
 
 from jsonargparse import ArgumentError, ArgumentParser
 
-# Device, OnError, Protocol, check_device and command_parser: importable from here too, for command modules
-# written against ``retention.cli``.
-from retention.commands.options import (  # noqa: F401
-    Device,
-    OnError,
-    Protocol,
-    UsageError,
-    check_device,
-    comma_lists,
-    command_parser,
-    list_fields,
-    to_args,
-)
+from retention.commands.options import UsageError, comma_lists, list_fields, to_args
 from retention.config import ConfigFileError, check_config_files
 
 COMMANDS = {

@@ -175,8 +175,8 @@ def test_a_preset_whose_corpus_is_missing_fails_before_any_model_is_loaded(tmp_p
     assert editor_hparams("rome", {"mom2_corpus": "builtin"}, "smollm2-135m").mom2_corpus == "builtin"
     assert editor_hparams("rome", None, "smollm2-135m", mom2_adjustment=False).mom2_corpus == "wikitext2"
 
-    from retention.cli import UsageError
     from retention.commands.edit import EditArgs, run
+    from retention.commands.options import UsageError
 
     facts = tmp_path / "facts.json"
     facts.write_text(json.dumps([{"case_id": "1", "subject": "Paris", "prompt": "{} is the capital of",

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from retention.cli import UsageError
 from retention.commands.edit import EditArgs, main, run
+from retention.commands.options import UsageError
 from retention.data.edit_folder import read_edit_folder
 from retention.data.readers import RecordError
 from retention.editing.base import EditResult

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from retention.cli import command_parser
+from retention.commands.options import command_parser, run_main
 
 
 @dataclass
@@ -62,6 +62,4 @@ def execute(args: CacheArgs) -> int:
 
 def main(argv: list[str]) -> int:
     """``retention cache ARGV``."""
-    from retention.cli import main as cli_main
-
-    return cli_main(["cache", *argv])
+    return run_main("cache", ARGS, parser, execute, argv)

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from jsonargparse.typing import PositiveInt
 
-from retention.cli import Device, OnError, UsageError, check_device, command_parser
+from retention.commands.options import Device, OnError, UsageError, check_device, command_parser, run_main
 from retention.commands.probe import check_model
 from retention.data.edit_folder import EDITED_WEIGHTS, FACTS, SCORES
 from retention.editing.easyedit import PREFIX as EASYEDIT_PREFIX
@@ -266,6 +266,4 @@ def execute(args: EditArgs) -> int:
 
 def main(argv: list[str]) -> int:
     """``retention edit ARGV``."""
-    from retention.cli import main as cli_main
-
-    return cli_main(["edit", *argv])
+    return run_main("edit", ARGS, parser, execute, argv)

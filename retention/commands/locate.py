@@ -13,7 +13,15 @@ from typing import Literal
 
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
 
-from retention.cli import Device, OnError, Protocol, UsageError, check_device, command_parser
+from retention.commands.options import (
+    Device,
+    OnError,
+    Protocol,
+    UsageError,
+    check_device,
+    command_parser,
+    run_main,
+)
 from retention.commands.probe import check_model
 from retention.models import DEFAULT_MODEL, load_model
 
@@ -120,6 +128,4 @@ def execute(args: LocateArgs) -> int:
 
 def main(argv: list[str]) -> int:
     """``retention locate ARGV``."""
-    from retention.cli import main as cli_main
-
-    return cli_main(["locate", *argv])
+    return run_main("locate", ARGS, parser, execute, argv)

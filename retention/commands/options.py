@@ -8,7 +8,9 @@ A command module provides ``ARGS`` (its dataclass), ``parser()`` (usually :func:
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
+from collections.abc import Callable
 from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
@@ -79,3 +81,18 @@ def to_args(args_cls: type, ns: Namespace) -> Any:
     """The dataclass ``args_cls`` from a parsed namespace (dropping ``config`` and other parser-only keys)."""
     values = ns.as_dict()
     return args_cls(**{f.name: values[f.name] for f in dataclasses.fields(args_cls) if f.name in values})
+
+
+def run_main(name: str, args_cls: type, parser: Callable[[], ArgumentParser], execute: Callable[[Any], int | None],
+             argv: list[str]) -> int:
+    """``retention <name> ARGV`` in this process, as the console script runs it: a config file's YAML error or a
+    :class:`UsageError` is one line on stderr and exit status 2 (parse errors exit through SystemExit)."""
+    from retention.config import ConfigFileError, check_config_files
+
+    try:
+        check_config_files(argv)
+        args = to_args(args_cls, parser().parse_args(comma_lists(argv, list_fields(args_cls))))
+        return int(execute(args) or 0)
+    except (UsageError, ConfigFileError) as err:
+        print(f"retention {name}: error: {err}", file=sys.stderr)
+        return 2

@@ -15,7 +15,15 @@ from typing import Literal
 
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
-from retention.cli import Device, OnError, Protocol, UsageError, check_device, command_parser
+from retention.commands.options import (
+    Device,
+    OnError,
+    Protocol,
+    UsageError,
+    check_device,
+    command_parser,
+    run_main,
+)
 from retention.io import atomic_write_jsonl
 from retention.models import DEFAULT_MODEL, ModelNotFound, check_model_name, load_model
 from retention.records import Probe
@@ -158,6 +166,4 @@ def execute(args: ProbeArgs) -> int:
 
 def main(argv: list[str]) -> int:
     """``retention probe ARGV``."""
-    from retention.cli import main as cli_main
-
-    return cli_main(["probe", *argv])
+    return run_main("probe", ARGS, parser, execute, argv)

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retention.cli import command_parser
+from retention.commands.options import command_parser, run_main
 
 
 @dataclass
@@ -80,6 +80,4 @@ def execute(args: ReportArgs) -> int:
 
 def main(argv: list[str]) -> int:
     """``retention report ARGV``."""
-    from retention.cli import main as cli_main
-
-    return cli_main(["report", *argv])
+    return run_main("report", ARGS, parser, execute, argv)

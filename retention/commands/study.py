@@ -65,6 +65,7 @@ def parser():
 def execute(args: StudyArgs) -> int:
     from retention.study import Study, StudyError, StudySpec
     from retention.study.report import write_report
+    from retention.study.webpage import write_html
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     t0 = time.perf_counter()
@@ -95,6 +96,7 @@ def execute(args: StudyArgs) -> int:
           f"({time.perf_counter() - t0:.0f} s); folder {study.folder}")
     if args.report and len(failed) < len(states):
         paths = write_report([study.folder], study.folder / "report")
+        paths["html"] = write_html([study.folder], study.folder / "report")
         print((study.folder / "report" / "report.md").read_text(encoding="utf-8"))
         print("report: " + ", ".join(str(p) for p in paths.values()))
     if failed:
