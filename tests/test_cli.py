@@ -162,6 +162,6 @@ def test_probe_targets_new_and_both(tmp_path, capsys):
 
 
 def test_probe_with_nothing_to_score_exits_2_before_loading_a_model(tmp_path, capsys):
-    assert main(["probe", "--model", "no-such-model", "--limit", "0", "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert main(["probe", "--model", "tiny-llama", "--limit", "0", "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "nothing to score: 0 record(s)" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
