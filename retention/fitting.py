@@ -40,7 +40,7 @@ from retention.data.datamodule import TaskDataModule
 from retention.data.readers import BUILTIN_SETS
 from retention.data.tasks.sources import HF_PREFIX
 from retention.editing.registry import editor_class
-from retention.models import model_num_layers
+from retention.models import ModelNotFound, check_model_name, model_num_layers
 from retention.modules.finetune import FineTuneModule, check_learning_rate
 from retention.runfolder import (
     RESUME_FREE_KEYS,
@@ -134,8 +134,13 @@ def check_choices(config: Namespace) -> None:
 
 
 def check_sources(config: Namespace) -> None:
-    """Raise ValueError naming the flag of a knowledge or task file that does not exist (``config``: the parsed fit
-    config). Checked when a run starts, not when a config resolves: a study's dry run may precede the data."""
+    """Raise ValueError naming the flag of a model, knowledge or task file that does not exist (``config``: the
+    parsed fit config). Checked when a run starts, not when a config resolves: a study's dry run may precede the
+    data."""
+    try:
+        check_model_name(str(config.model.model_name))
+    except ModelNotFound as err:
+        raise ValueError(f"--model.model_name: {err}") from None
     edits = config.edits
     knowledge = str(edits.knowledge)
     if (edits.n_edit or edits.n_control) and not knowledge.startswith(HF_PREFIX) \
@@ -181,6 +186,8 @@ class FitCLI(LightningCLI):
         self.fit_seconds = 0.0
         self.parse_only = parse_only
         self.started = started or threading.Event()
+        self.restore_from: Path | None = None
+        """What a resume restores: the checkpoint file, or the checked private copy of a sharded folder."""
         self.lock: FileLock | None = None
         """The run folder's lock (on global rank 0), held from the folder's preparation to the run's end."""
         self.fresh_folder: Path | None = None
@@ -325,7 +332,7 @@ class FitCLI(LightningCLI):
             if any(v is not None for v in custom.values()):
                 raise ValueError("--ckpt_path with --optimizer or --lr_scheduler: a resume restores only "
                                  "FineTuneModule's own AdamW and schedule (model.optimizer)")
-            path, checkpoint = resume_point(run_dir, self.ckpt_path)
+            path, self.restore_from, checkpoint = resume_point(run_dir, self.ckpt_path)
             check_resume(path, checkpoint, identity, run.resume_changes or [])
             self.fit_init.ckpt_path = str(path)
         if launched_as_rank_zero():
@@ -362,7 +369,7 @@ class FitCLI(LightningCLI):
         if self.ckpt_path is not None:
             # Set on the trainer rather than passed to fit, so the callbacks know from the start that this run
             # resumes (the monitor does not log t=0 twice); unset after fit, or validate() would load it again.
-            self.trainer.ckpt_path = self.ckpt_path
+            self.trainer.ckpt_path = str(self.restore_from)
             self.fit_init.ckpt_path = None
         self.fit_seconds = -time.perf_counter()
 

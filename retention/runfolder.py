@@ -16,7 +16,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from retention.callbacks.checkpoint import LAST, RUN_KEY, CheckpointError, RunIdentity, load_checkpoint
+from retention.callbacks.checkpoint import LAST, RUN_KEY, CheckpointError, RunIdentity, open_checkpoint
 from retention.io import LOCK, atomic_write_json, empty_folder, lock_folder
 from retention.summary import INCOMPLETE
 
@@ -84,16 +84,18 @@ def has_checkpoint(run_dir: Path) -> bool:
     return (run_dir / "checkpoints" / LAST).exists()  # a file, or a link to a sharded checkpoint folder
 
 
-def resume_point(run_dir: Path, ckpt_path: str) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint ``--ckpt_path`` names (``last``: this run's ``checkpoints/last.ckpt``) and its content,
-    read without running code (a sharded checkpoint's folder: its ``meta.pt``, everything but the weights)."""
+def resume_point(run_dir: Path, ckpt_path: str) -> tuple[Path, Path, dict[str, Any]]:
+    """The checkpoint ``--ckpt_path`` names (``last``: this run's ``checkpoints/last.ckpt``), what to restore from
+    (the file itself, or a sharded folder's private copy that was checked: what is checked is what is restored)
+    and its content, read without running code (a sharded checkpoint's folder: its ``meta.pt``, everything but
+    the weights)."""
     path = run_dir / "checkpoints" / LAST if ckpt_path == "last" else Path(ckpt_path)
     if not (path.is_file() or (path / "meta.pt").is_file()):
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no checkpoint at {path}")
-    checkpoint = load_checkpoint(path)
+    restore, checkpoint = open_checkpoint(path)
     if not isinstance(checkpoint.get("global_step"), int):
         raise CheckpointError(f"{path}: not a checkpoint of retention fit (no integer global_step)")
-    return path, checkpoint
+    return path, restore, checkpoint
 
 
 def check_resume(path: Path, checkpoint: dict[str, Any], identity: RunIdentity, allowed: list[str]) -> None:

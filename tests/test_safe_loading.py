@@ -95,7 +95,7 @@ def test_lightning_loads_the_checkpoint_without_running_code_too(root, monkeypat
 
     marker = root / "PWNED"
     last = _plant(root / "runs" / "x" / "checkpoints" / "last.ckpt", marker)
-    monkeypatch.setattr(fit, "resume_point", lambda run_dir, ckpt: (last, {"global_step": 0}))
+    monkeypatch.setattr(fit, "resume_point", lambda run_dir, ckpt: (last, last, {"global_step": 0}))
     monkeypatch.setattr(fit, "check_resume", lambda *args, **kwargs: None)
     with pytest.raises(pickle.UnpicklingError, match="io.open"):
         fit_main(["--config", str(root / "base.yaml"), "--run.name", "x", "--ckpt_path", "last"])

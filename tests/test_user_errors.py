@@ -38,6 +38,7 @@ def config(tmp_path, monkeypatch):
     (["--data.task.source", "/no/such/task.jsonl"], "--data.task.source /no/such/task.jsonl: no such file"),
     (["--optimizer", "SGD", "--optimizer.lr", "0"], "--optimizer.lr must be a positive finite number, got 0.0"),
     (["--model.optimizer.lr", "-1"], "--model.optimizer.lr must be a positive finite number, got -1.0"),
+    (["--model.model_name", "tiny-lama"], "--model.model_name: model 'tiny-lama' not found"),
 ])
 def test_a_user_error_of_fit_is_one_line_and_exit_2_before_any_work(config, capsys, flags, message):
     assert main(["fit", "--config", str(config), *flags]) == 2
