@@ -51,11 +51,6 @@ def with_edges(test):
 # -- the study file ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=("retention/study/spec.py: StudySpec.from_file lets RecursionError (b'[' * 100_000) and "
-            "ValueError (b'1' * 5_000: an int of more digits than Python converts; invalid UTF-8) out of "
-            "yaml.safe_load instead of a StudyError"))
 @FUZZ
 @given(data=raw_inputs)
 @with_edges
@@ -65,10 +60,6 @@ def test_any_study_file_parses_or_is_a_study_error_naming_it(tmp_path_factory, d
     read_or_named(StudySpec.from_file, path, StudyError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=("retention/study/spec.py: StudySpec.from_dict does not check the types inside fields: base: "
-            "[null] is a TypeError, grid: true an AttributeError"))
 @FUZZ
 @given(spec=study_dicts)
 def test_any_study_mapping_parses_or_is_a_study_error_naming_the_file(tmp_path_factory, spec):

@@ -91,7 +91,7 @@ class StudySpec:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise StudyError(f"study file {path} does not exist") from None
-        except yaml.YAMLError as err:
+        except (yaml.YAMLError, RecursionError, ValueError) as err:  # ValueError: bad UTF-8, a too-long integer
             raise StudyError(f"study file {path}: not valid YAML: {err}") from None
         return cls.from_dict(data, source=str(path), root=path.parent, default_name=path.stem)
 
@@ -111,6 +111,8 @@ class StudySpec:
         if not re.fullmatch(r"[\w.-]+", name) or name.startswith("."):
             raise fail("name", f"{name!r} must be a plain folder name (letters, digits, '_', '-', '.')")
         base = data.get("base")
+        if isinstance(base, list) and not all(isinstance(p, str) for p in base):
+            raise fail("base", "a list of base configs holds file names only")
         if isinstance(base, (str, list)):
             paths = [Path(p) for p in ([base] if isinstance(base, str) else base)]
             paths = [p if p.is_absolute() or root is None else root / p for p in paths]
@@ -123,6 +125,8 @@ class StudySpec:
         overrides = data.get("set") or {}
         if not isinstance(overrides, dict):
             raise fail("set", "expected a mapping of dotted fit keys to values")
+        if not isinstance(data.get("grid") or {}, dict):
+            raise fail("grid", "expected a mapping of dotted fit keys to lists of values")
         grid = {}
         for axis, values in (data.get("grid") or {}).items():
             if not isinstance(values, list) or not values:
