@@ -147,3 +147,16 @@ def test_wise_on_the_default_model(real_model):
     assert all(s.passed["prob"] for s in after if s.probe.kind == "rewrite")
     kept = [a.passed["prob"] for b, a in zip(before, after) if b.probe.kind == "neighborhood" and b.passed["prob"]]
     assert sum(kept) >= 0.8 * len(kept)
+
+
+@pytest.mark.parametrize("editor, overrides", [("grace", "{layer: 0, value_steps: 3}"), ("wise", "{layer: 1, steps: 2}")])
+def test_retention_edit_runs_the_memory_editors_in_single_mode(tiny_llama, tmp_path, editor, overrides):
+    from retention.commands.edit import main
+
+    out = tmp_path / editor
+    assert main(["--model", "tiny-llama", "--editor", editor, "--data", "builtin", "--n", "2", "--select_known",
+                 "none", "--mode", "single", "--out", str(out), "--hparams", "smollm2-135m", "--set", overrides]) == 0
+    folders = sorted((out / "edits").iterdir())
+    assert len(folders) == 2 and all((f / MEMORY_FILE).is_file() for f in folders)
+    loaded = load_edit_result(folders[0])
+    assert isinstance(loaded, MemoryEditResult) and loaded.editor == editor and loaded.memory.kind == editor
