@@ -2,24 +2,24 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import DATA, needs_data
 from editing_models import (
     FACT,
     OTHER,
     UNRELATED,
     edit_model,
     next_token_logprobs,
-    rewrite_probe,
     same_state,
     state,
 )
+from memory_cases import fine_tune, passes, single_edits_of_known_facts
 
 from retention.arch import ArchAdapter
-from retention.editing.base import EditError, EditRequest, run_edits
+from retention.editing.base import EditError, run_edits
 from retention.editing.grace import GraceEditor, GraceHParams
 from retention.editing.memory import ATTRIBUTE, MEMORY_FILE, MemoryEditResult, attached, load_edit_result
 from retention.editing.registry import build_editor
 from retention.editing.trace import capture
-from retention.scoring import score_probes
 
 
 def _hp(**kw) -> GraceHParams:
@@ -34,16 +34,13 @@ def _keys(model, tokenizer, prompt: str) -> torch.Tensor:
     return seen["f"].input[0].float()
 
 
-def _passes(model, tokenizer, req: EditRequest) -> bool:
-    return score_probes(model, tokenizer, [rewrite_probe(req)])[0].passed["top1"]
-
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_grace_lands_defers_outside_the_radius_bit_for_bit_and_reverts_exactly(tiny_llama, kind):
     tokenizer = tiny_llama[1]
     model = edit_model(kind, len(tokenizer))
     saved = state(model)
-    assert not _passes(model, tokenizer, FACT)
+    assert not passes(model, tokenizer, FACT)
     unrelated = next_token_logprobs(model, tokenizer, UNRELATED)
     rewrite = next_token_logprobs(model, tokenizer, FACT.rewrite_prompt)
 
@@ -57,7 +54,7 @@ def test_grace_lands_defers_outside_the_radius_bit_for_bit_and_reverts_exactly(t
     assert torch.cdist(_keys(model, tokenizer, UNRELATED), key[None]).min() > result.memory.tensors["radii"][0]
 
     result.apply(model)
-    assert _passes(model, tokenizer, FACT)
+    assert passes(model, tokenizer, FACT)
     assert torch.equal(next_token_logprobs(model, tokenizer, UNRELATED), unrelated)
     assert list(model.state_dict()) == list(saved) and same_state(model, saved)  # nothing in the weights
     assert not [n for n, _ in model.named_parameters() if ATTRIBUTE in n]
@@ -87,7 +84,7 @@ def test_a_conflicting_key_splits_the_radius_and_a_matching_label_expands_it(tin
     assert torch.allclose(radii, torch.full((2,), distance / 2))
     assert split.memory.meta["labels"] == [FACT.target_new, OTHER.target_new]
     split.apply(model)
-    assert _passes(model, tokenizer, FACT) and _passes(model, tokenizer, OTHER)
+    assert passes(model, tokenizer, FACT) and passes(model, tokenizer, OTHER)
     split.revert(model)
 
     assert same_label.diagnostics[0].values["rule"] == "expand"
@@ -101,7 +98,7 @@ def test_sequential_grace_extends_one_codebook_and_merges_and_saves_without_pick
     saved = state(model)
     results = run_edits(GraceEditor(_hp()), model, tokenizer, [FACT, OTHER], "sequential")
     assert [r.memory.case_ids for r in results] == [["1"], ["1", "2"]]
-    assert _passes(model, tokenizer, FACT) and _passes(model, tokenizer, OTHER)
+    assert passes(model, tokenizer, FACT) and passes(model, tokenizer, OTHER)
     edited = next_token_logprobs(model, tokenizer, OTHER.rewrite_prompt)
     results[1].revert(model)
     assert attached(ArchAdapter.for_model(model).mlp_out(0)) is results[0]._installed  # the first call's codebook
@@ -130,15 +127,7 @@ def test_fine_tuning_under_a_codebook_trains_the_base_and_leaves_the_codebook(ti
     memory = result._installed
     book = {k: v.clone() for k, v in memory.tensors().items()}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    ids = tokenizer([FACT.rewrite_prompt + " " + FACT.target_true, UNRELATED], return_tensors="pt", padding=True)
-    model.train()
-    for _ in range(3):
-        loss = model(**ids, labels=ids["input_ids"]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    fine_tune(model, tokenizer, FACT)
     assert all(torch.equal(book[k], v) for k, v in memory.tensors().items())
     moved = [n for n, p in model.named_parameters() if not torch.equal(before[n], p)]
     assert ArchAdapter.for_model(model).mlp_out_name(0) + ".weight" in moved
@@ -153,27 +142,10 @@ def test_the_smollm2_preset_resolves(tiny_llama):
 
 
 @pytest.mark.slow
+@needs_data
 def test_grace_on_the_default_model(real_model):
-    """Three known built-in facts, each edited alone with the preset: the edit lands, neighbours keep their
+    """Three known CounterFact facts, each edited alone with the preset: the edit lands, neighbours keep their
     answers as often as unedited."""
-    from retention.data.readers import load_records
-    from retention.data.selection import select_known_facts
-
-    model, tokenizer = real_model
-    known = select_known_facts(model, tokenizer, load_records("builtin"))[:3]
-    saved = state(model)
-    editor = build_editor("grace", model_name="smollm2-135m")
-    probes = [p for r in known for p in r.edit_probes()]
-    before = score_probes(model, tokenizer, probes)
-    after = []
-    for r in known:
-        (result,) = run_edits(editor, model, tokenizer, [EditRequest.from_record(r)], "single")
-        result.apply(model)
-        try:
-            after += score_probes(model, tokenizer, r.edit_probes())
-        finally:
-            result.revert(model)
-    assert same_state(model, saved)
-    assert all(s.passed["prob"] for s in after if s.probe.kind == "rewrite")
-    kept = [a.passed["prob"] for b, a in zip(before, after) if b.probe.kind == "neighborhood" and b.passed["prob"]]
+    rewrites, kept = single_edits_of_known_facts(real_model, "grace", 3, str(DATA / "counterfact" / "counterfact_preknown.json"))
+    assert all(rewrites) and len(rewrites) == 3
     assert sum(kept) >= 0.9 * len(kept)

@@ -1,24 +1,24 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DATA, needs_data
 from editing_models import (
     FACT,
     OTHER,
     UNRELATED,
     edit_model,
     next_token_logprobs,
-    rewrite_probe,
     same_state,
     state,
 )
+from memory_cases import fine_tune, passes, single_edits_of_known_facts
 
 from retention.arch import ArchAdapter
-from retention.editing.base import EditRequest, run_edits
+from retention.editing.base import run_edits
 from retention.editing.memory import MEMORY_FILE, MemoryEditResult, attached, load_edit_result
 from retention.editing.registry import build_editor
 from retention.editing.trace import capture
 from retention.editing.wise import WiseEditor, WiseHParams
-from retention.scoring import score_probes
 
 
 def _hp(**kw) -> WiseHParams:
@@ -33,9 +33,6 @@ def _acts(model, tokenizer, memory_weight: torch.Tensor, main: torch.Tensor, pro
     return torch.linalg.vector_norm(F.linear(seen["f"].input[0].float(), memory_weight - main), dim=-1)
 
 
-def _passes(model, tokenizer, req: EditRequest) -> bool:
-    return score_probes(model, tokenizer, [rewrite_probe(req)])[0].passed["top1"]
-
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_wise_routes_the_edit_to_the_side_memory_and_everything_else_to_the_main_one(tiny_llama, kind):
@@ -44,7 +41,7 @@ def test_wise_routes_the_edit_to_the_side_memory_and_everything_else_to_the_main
     saved = state(model)
     adapter = ArchAdapter.for_model(model)
     main = adapter.weight_to_out_in(adapter.mlp_out_weight(0)).detach().float()
-    assert not _passes(model, tokenizer, FACT)
+    assert not passes(model, tokenizer, FACT)
     unrelated = next_token_logprobs(model, tokenizer, UNRELATED)
 
     result = WiseEditor(_hp()).edit(model, tokenizer, [FACT])
@@ -59,12 +56,12 @@ def test_wise_routes_the_edit_to_the_side_memory_and_everything_else_to_the_main
     assert _acts(model, tokenizer, side, main, UNRELATED).max() < threshold
 
     result.apply(model)
-    assert _passes(model, tokenizer, FACT)
+    assert passes(model, tokenizer, FACT)
     assert torch.equal(next_token_logprobs(model, tokenizer, UNRELATED), unrelated)
     assert list(model.state_dict()) == list(saved) and same_state(model, saved)
     result.revert(model)
     assert attached(adapter.mlp_out(0)) is None and not adapter.mlp_out(0)._forward_hooks
-    assert same_state(model, saved) and not _passes(model, tokenizer, FACT)
+    assert same_state(model, saved) and not passes(model, tokenizer, FACT)
 
 
 def test_sequential_wise_edits_one_side_memory_and_round_trips_through_disk(tiny_llama, tmp_path):
@@ -77,7 +74,7 @@ def test_sequential_wise_edits_one_side_memory_and_round_trips_through_disk(tiny
     results = run_edits(editor, model, tokenizer, [FACT, OTHER], "sequential")
     assert [r.memory.case_ids for r in results] == [["1"], ["1", "2"]]
     assert len(results[1].memory.meta["routes"]) == 2  # the threshold covers both edits
-    assert _passes(model, tokenizer, FACT) and _passes(model, tokenizer, OTHER)
+    assert passes(model, tokenizer, FACT) and passes(model, tokenizer, OTHER)
     edited = next_token_logprobs(model, tokenizer, FACT.rewrite_prompt)
     for r in reversed(results):
         r.revert(model)
@@ -101,15 +98,7 @@ def test_fine_tuning_under_a_side_memory_trains_the_main_memory_only(tiny_llama)
     side = memory.weight.clone()
     weight = ArchAdapter.for_model(model).mlp_out_weight(0)
     before = weight.detach().clone()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    ids = tokenizer([FACT.rewrite_prompt + " " + FACT.target_true, UNRELATED], return_tensors="pt", padding=True)
-    model.train()
-    for _ in range(3):
-        loss = model(**ids, labels=ids["input_ids"]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    fine_tune(model, tokenizer, FACT)
     assert torch.equal(memory.weight, side) and not torch.equal(weight, before)
     assert not any(p is memory.weight for p in model.parameters())
     result.revert(model)
@@ -123,29 +112,12 @@ def test_the_smollm2_preset_resolves():
 
 
 @pytest.mark.slow
+@needs_data
 def test_wise_on_the_default_model(real_model):
-    """Two known built-in facts, each edited alone with the preset: the edit lands, neighbours keep their answers
+    """Two known CounterFact facts, each edited alone with the preset: the edit lands, neighbours keep their answers
     about as often as unedited."""
-    from retention.data.readers import load_records
-    from retention.data.selection import select_known_facts
-
-    model, tokenizer = real_model
-    known = select_known_facts(model, tokenizer, load_records("builtin"))[:2]
-    saved = state(model)
-    editor = build_editor("wise", model_name="smollm2-135m")
-    probes = [p for r in known for p in r.edit_probes()]
-    before = score_probes(model, tokenizer, probes)
-    after = []
-    for r in known:
-        (result,) = run_edits(editor, model, tokenizer, [EditRequest.from_record(r)], "single")
-        result.apply(model)
-        try:
-            after += score_probes(model, tokenizer, r.edit_probes())
-        finally:
-            result.revert(model)
-    assert same_state(model, saved)
-    assert all(s.passed["prob"] for s in after if s.probe.kind == "rewrite")
-    kept = [a.passed["prob"] for b, a in zip(before, after) if b.probe.kind == "neighborhood" and b.passed["prob"]]
+    rewrites, kept = single_edits_of_known_facts(real_model, "wise", 2, str(DATA / "counterfact" / "counterfact_preknown.json"))
+    assert all(rewrites) and len(rewrites) == 2
     assert sum(kept) >= 0.8 * len(kept)
 
 
