@@ -11,8 +11,10 @@ from typing import Any
 from retention.editing.alphaedit import AlphaEditEditor
 from retention.editing.base import PRESETS, Editor, EditorHParams, preset_name, resolve_hparams
 from retention.editing.ft import FtEditor
+from retention.editing.grace import GraceEditor
 from retention.editing.memit import MemitEditor
 from retention.editing.rome import RomeEditor
+from retention.editing.wise import WiseEditor
 
 EDITORS: dict[str, tuple[type[Editor], dict[str, Any]]] = {
     "rome": (RomeEditor, {}),
@@ -20,6 +22,8 @@ EDITORS: dict[str, tuple[type[Editor], dict[str, Any]]] = {
     "alphaedit": (AlphaEditEditor, {}),
     "ft-l": (FtEditor, {"variant": "ft-l"}),
     "ft-m": (FtEditor, {"variant": "ft-m"}),
+    "grace": (GraceEditor, {}),
+    "wise": (WiseEditor, {}),
 }
 """Name -> (editor class, hyperparameters the name fixes: they replace whatever the preset or file says)."""
 
