@@ -84,3 +84,16 @@ def test_fit_parses_the_flat_edits_keys_with_the_groups_help():
     edits = parser.instantiate_classes(config).edits
     assert isinstance(edits, ApplyEdits) and edits.args == EditsArgs(n_edit=2, known_protocol="none", mode="single",
                                                                      single_index=1)
+
+
+def test_a_memory_edit_is_made_every_time_never_taken_from_the_weight_cache(cache, model_and_tokenizer):
+    """GRACE changes no weight: the edit cache (edited weights) would give an unedited model back."""
+    _, tokenizer = model_and_tokenizer
+    records = load_records("builtin")[:2]
+    source = EditHere(EditingArgs(editor="grace", hparams=dict(layer=0, radius=1.0, value_lr=0.5, value_steps=20)),
+                      cache=True)
+    for _ in range(2):
+        model = edit_model("llama", len(tokenizer))
+        applied = source.apply(SimpleNamespace(model=model, tokenizer=tokenizer), records, model_fingerprint(model))
+        assert not applied.cache_hit
+        assert any(type(m).__name__ == "GraceMemory" for m in model.modules())

@@ -173,7 +173,8 @@ class EditHere(EditSource):
         key = {"version": EDIT_CACHE_VERSION, "model": fingerprint, "editor": args.editor,
                "hparams": hparams, "mode": mode, "batch_size": args.batch_size,
                "requests": [dataclasses.asdict(r) for r in requests]}
-        hit = store.get(key) if self.cache else None
+        cached = self.cache and not editor.edits_in_memory
+        hit = store.get(key) if cached else None
         base = unwrap_model(pl_module.model)
         if hit is not None:
             payload, weights = hit
@@ -185,7 +186,7 @@ class EditHere(EditSource):
             applied = AppliedEdit(sorted({i for r in results for i in r.layers}),
                                   sorted({n for r in results for n in r.deltas}),
                                   [diagnostics_row(d) for r in results for d in r.diagnostics], hparams, False)
-            if self.cache:
+            if cached:
                 # The edited weights themselves, not the deltas: W0 + (d1 + d2) is not (W0 + d1) + d2 in floats,
                 # and a reused edit must give the model the editor left, bit for bit.
                 store.put(key, {"layers": applied.layers, "diagnostics": applied.diagnostics},

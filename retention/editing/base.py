@@ -408,6 +408,9 @@ class Editor(ABC):
 
     name: ClassVar[str]
     hparams_class: ClassVar[type[EditorHParams]]
+    edits_in_memory: ClassVar[bool] = False
+    """True for editors whose results attach a memory module instead of changing weights (GRACE, WISE): the edit
+    cache, which stores edited weights, cannot hold them."""
 
     def __init__(self, hparams: EditorHParams):
         if not isinstance(hparams, self.hparams_class):

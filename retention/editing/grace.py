@@ -97,6 +97,8 @@ class GraceEditor(Editor):
     """GRACE: requests added to the codebook one phrasing at a time; the codebook is returned as a memory result
     (the model keeps its weights and any codebook attached before the call)."""
 
+    edits_in_memory = True
+
     name = "grace"
     hparams_class = GraceHParams
     hparams: GraceHParams

@@ -129,6 +129,8 @@ class WiseEditor(Editor):
     before the call, if any) and sets the router's threshold; the result is a memory result (the model keeps its
     weights and any memory attached before the call)."""
 
+    edits_in_memory = True
+
     name = "wise"
     hparams_class = WiseHParams
     hparams: WiseHParams
