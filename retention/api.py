@@ -293,7 +293,7 @@ def run_study(config: str | Path, out_dir: str | Path | None = None, dry_run: bo
 
 def report(folders: str | Path | Sequence[str | Path], out: str | Path | None = None, plots: bool = True,
            analysis: bool = False, mixed_provenance: Literal["refuse", "label"] = "refuse",
-           analysis_corpus: str | None = "wikitext2") -> None:
+           analysis_corpus: str | None = "wikitext2", html: bool = False) -> None:
     """``retention report folders...``: retention with confidence intervals over study or run folders, written
     to ``out`` (default ``<folder>/report`` for one folder, else ``runs/report``); the options are the command's
     (``retention report --help``). Raises :class:`CommandError` when the folders cannot be reported on."""
@@ -302,4 +302,4 @@ def report(folders: str | Path | Sequence[str | Path], out: str | Path | None = 
     folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
     _run("report", main, [*map(str, folders), *_flags({
         "out": out, "plots": plots, "analysis": analysis, "mixed_provenance": mixed_provenance,
-        "analysis_corpus": "null" if analysis_corpus is None else analysis_corpus})])
+        "analysis_corpus": "null" if analysis_corpus is None else analysis_corpus, "html": html})])

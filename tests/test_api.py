@@ -137,12 +137,13 @@ def test_study_and_report_take_the_commands_options(monkeypatch, tmp_path):
     monkeypatch.setattr(study_command, "main", lambda argv: calls.setdefault("study", argv) and 0)
     monkeypatch.setattr(report_command, "main", lambda argv: calls.setdefault("report", argv) and 0)
     retention.run_study("s.yaml", out_dir=tmp_path, dry_run=True, jobs=2, deadline=60)
-    retention.report(["runs/a", Path("runs/b")], out="r", plots=False, analysis_corpus=None)
+    retention.report(["runs/a", Path("runs/b")], out="r", plots=False, analysis_corpus=None, html=True)
     study = cli.build_parser("study").parse_args(["study", *calls["study"]])["study"]
     assert (study.config, study.out_dir, study.dry_run, study.jobs, study.deadline, study.report) == (
         "s.yaml", str(tmp_path), True, 2, 60, True)
     report = cli.build_parser("report").parse_args(["report", *calls["report"]])["report"]
-    assert (report.folders, report.out, report.plots, report.analysis_corpus) == (["runs/a", "runs/b"], "r", False, None)
+    assert (report.folders, report.out, report.plots, report.analysis_corpus, report.html) == (
+        ["runs/a", "runs/b"], "r", False, None, True)
     monkeypatch.undo()
     with pytest.raises(retention.CommandError, match="retention report exited with status 2") as failed:
         retention.report(tmp_path / "absent")
