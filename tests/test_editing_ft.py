@@ -109,3 +109,9 @@ def test_ft_layers_outside_the_model_are_an_error(tiny_llama):
     model = edit_model("llama", len(tokenizer))
     with pytest.raises(ValueError, match="layers: 5 is out of range for a model with 2 layers"):
         FtEditor(FtHParams(variant="ft-m", layers=[1, 5], steps=1)).edit(model, tokenizer, [FACT])
+
+
+@pytest.mark.parametrize("field, value", [("lr", float("inf")), ("lr", float("nan")), ("norm_constraint", float("nan"))])
+def test_ft_settings_must_be_finite(field, value):
+    with pytest.raises(ValueError, match="lr|norm_constraint"):
+        FtHParams(**{"variant": "ft-m", "layers": [0], "lr": 1e-3, "steps": 2, **{field: value}}).validate()

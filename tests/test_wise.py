@@ -132,3 +132,18 @@ def test_retention_edit_runs_the_memory_editors_in_single_mode(tiny_llama, tmp_p
     assert len(folders) == 2 and all((f / MEMORY_FILE).is_file() for f in folders)
     loaded = load_edit_result(folders[0])
     assert isinstance(loaded, MemoryEditResult) and loaded.editor == editor and loaded.memory.kind == editor
+
+
+@pytest.mark.parametrize("editor, overrides", [("grace", "{layer: 0, value_steps: 3}"), ("wise", "{layer: 1, steps: 2}")])
+def test_retention_edit_saves_a_batch_memory_edit_and_no_empty_edited_weights(tiny_llama, tmp_path, editor, overrides):
+    """A memory edit changes no weight: an empty edited-weights file would pass as a valid ``edits.precomputed``."""
+    from retention.commands.edit import main
+    from retention.data.edit_folder import EDITED_WEIGHTS
+
+    out = tmp_path / editor
+    assert main(["--model", "tiny-llama", "--editor", editor, "--data", "builtin", "--n", "2", "--select_known",
+                 "none", "--mode", "sequential", "--batch_size", "1", "--out", str(out), "--hparams", "smollm2-135m",
+                 "--set", overrides]) == 0
+    loaded = load_edit_result(out / "edit")
+    assert isinstance(loaded, MemoryEditResult) and len(loaded.case_ids) == 2
+    assert not (out / EDITED_WEIGHTS).exists() and not (out / "model").exists()

@@ -160,7 +160,7 @@ def run(args: EditArgs) -> dict:
 
     from retention.arch import unwrap_model
     from retention.data.readers import load_records
-    from retention.editing.base import EditRequest, EditResult, run_edits
+    from retention.editing.base import EditRequest, run_edits
     from retention.editing.registry import build_editor
 
     t_start = time.perf_counter()
@@ -209,16 +209,20 @@ def run(args: EditArgs) -> dict:
             result.save(out / "edits" / safe_name(rec.case_id))  # case ids come from data: never a path
     else:
         after = score_probes(model, tokenizer, probes, **score, progress=True)
-        merged = EditResult.merge(results)
+        merged = type(results[0]).merge(results)
         merged.save(out / "edit")
-        if args.dtype == "float32":  # what `retention fit` (float32) can use as edits.precomputed
+        in_weights = bool(merged.deltas)  # GRACE and WISE keep their edits in a memory module, not the weights
+        if not in_weights:
+            print(f"{args.editor}: the edits live in {out / 'edit'} (a memory attached to the model), not in its "
+                  "weights: no edited weights or model folder are written")
+        if in_weights and args.dtype == "float32":  # what `retention fit` (float32) can use as edits.precomputed
             base = unwrap_model(model)
             with atomic_path(out / EDITED_WEIGHTS) as tmp:
                 save_file({n: base.get_parameter(n).detach().cpu().contiguous() for n in sorted(merged.deltas)},
                           str(tmp))
             atomic_write_text(out / FACTS, "".join(json.dumps(r.to_dict(), ensure_ascii=False, allow_nan=False) + "\n"
                                                    for r in records))
-        if args.save_model:
+        if in_weights and args.save_model:
             model.save_pretrained(out / "model")
             tokenizer.save_pretrained(out / "model")
     acc_before, acc_after = _accuracy(before), _accuracy(after)

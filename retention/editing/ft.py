@@ -15,6 +15,7 @@ the model dtype and the weights untouched. The layers below the lowest edited la
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,9 +62,9 @@ class FtHParams(EditorHParams):
             raise ValueError(f"variant={self.variant!r}: choose from {', '.join(VARIANTS)}")
         if not self.layers:
             raise ValueError("layers: give at least one layer")
-        if self.steps < 1 or self.lr <= 0:
-            raise ValueError(f"steps={self.steps}, lr={self.lr}: need steps >= 1 and lr > 0")
-        if self.norm_constraint is not None and self.norm_constraint <= 0:
+        if self.steps < 1 or not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"steps={self.steps}, lr={self.lr}: need steps >= 1 and a finite lr > 0")
+        if self.norm_constraint is not None and not self.norm_constraint > 0:  # NaN is refused too
             raise ValueError(f"norm_constraint={self.norm_constraint}: must be > 0 or null")
 
 
