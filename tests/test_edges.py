@@ -26,7 +26,8 @@ from retention.study.spec import StudyError, StudySpec
 
 def _run_folder(path: Path, seed: int = 0) -> Path:
     path.mkdir(parents=True)
-    summary = {"run": {"seed": seed}, "final_step": 3, "timings": {"fit_seconds": 1.0 + seed}}
+    summary = {"run": {"seed": seed}, "final_step": 3, "timings": {"fit_seconds": 1.0 + seed},
+               "measurements": [{"step": 3, "retention": {}}]}
     (path / "summary.json").write_text(json.dumps(summary))
     return path
 

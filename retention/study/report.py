@@ -28,33 +28,19 @@ from retention.study.conclusion import conclusion
 from retention.study.figures import plot_final, plot_report_curves
 from retention.study.results import (
     Condition,
+    Counts,
     ReportError,  # noqa: F401 (write_report raises it; callers catch it from here)
     RunResult,
     load_results,
     provenance_groups,
+    run_counts,
 )
 from retention.study.stats import Interval, newcombe, paired_interval, t_interval, wilson
 from retention.study.tables import csv_text
 
 log = logging.getLogger(__name__)
 
-Counts = dict[int, dict[str, dict[str, tuple[int, int]]]]
-"""step -> group -> protocol -> (count, denominator)."""
 COMPARED_GROUPS = ("edit", "control", "edit_paraphrase")
-
-
-def _counts(summary: dict) -> Counts:
-    """Per-step counts of a run's summary (older summaries without ``measurements`` give the final step only)."""
-    out: Counts = {}
-    measurements = summary.get("measurements") or [
-        {"step": summary["final_step"],
-         "retention": {g: {p: summary["retention"][p][g] for p in summary["retention"] if g in summary["retention"][p]}
-                       for g in GROUPS}}
-    ]
-    for m in measurements:
-        out[int(m["step"])] = {g: {p: (int(r["count"]), int(r["denominator"])) for p, r in by_p.items()}
-                               for g, by_p in m["retention"].items() if by_p}
-    return out
 
 
 def provenance_markdown(results: Sequence[RunResult]) -> list[str]:
@@ -131,7 +117,7 @@ def aggregate(results: Sequence[RunResult]) -> list[Aggregate]:
         counts: dict[int, Counts] = {}
         for seed, runs in sorted(by_seed.items()):
             pooled: Counts = {}
-            per_run = [_counts(r.summary) for r in runs]
+            per_run = [run_counts(r.summary) for r in runs]
             for step in set.intersection(*(set(c) for c in per_run)):
                 for c in per_run:
                     for g, by_p in c[step].items():

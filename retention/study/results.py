@@ -15,6 +15,7 @@ from typing import Any
 
 from retention.diskcache import digest
 from retention.provenance import describe, digest_conflicts, environment_key, pooling_key
+from retention.records import GROUPS
 from retention.study.runner import DONE
 from retention.study.spec import cell_label
 from retention.summary import INCOMPLETE
@@ -46,17 +47,43 @@ class RunResult:
     folder: Path
 
 
+Counts = dict[int, dict[str, dict[str, tuple[int, int]]]]
+"""step -> group -> protocol -> (count, denominator)."""
+
+
+def run_counts(summary: dict) -> Counts:
+    """Per-step counts of a run's summary (older summaries without ``measurements`` give the final step only)."""
+    out: Counts = {}
+    measurements = summary.get("measurements") or [
+        {"step": summary["final_step"],
+         "retention": {g: {p: summary["retention"][p][g] for p in summary["retention"] if g in summary["retention"][p]}
+                       for g in GROUPS}}
+    ]
+    for m in measurements:
+        out[int(m["step"])] = {g: {p: (int(r["count"]), int(r["denominator"])) for p, r in by_p.items()}
+                               for g, by_p in m["retention"].items() if by_p}
+    return out
+
+
 def _read_summary(folder: Path) -> dict:
     path = folder / "summary.json"
     if (folder / INCOMPLETE).exists():
         raise ReportError(f"{folder}: the run has not finished ({INCOMPLETE} is there); resume it with "
                           "`retention fit --config <its config> --ckpt_path last` or run it again")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        summary = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ReportError(f"{folder}: no summary.json (not a finished run)") from None
-    except json.JSONDecodeError as err:
+    except (ValueError, RecursionError) as err:  # ValueError: bad JSON or UTF-8, or a too-long integer
         raise ReportError(f"{path}: not valid JSON ({err})") from None
+    try:
+        if not isinstance(summary.get("run"), dict) or not isinstance(summary.get("provenance", {}), dict):
+            raise TypeError("'run' and 'provenance' must be mappings")
+        run_counts(summary)
+        int(summary["run"].get("seed", 0))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ReportError(f"{path}: not a summary.json of retention fit ({type(err).__name__}: {err})") from None
+    return summary
 
 
 MIXED_PROVENANCE = ("refuse", "label")
@@ -99,6 +126,22 @@ def _check_provenance(results: list[RunResult], baselines: dict[str, str], mixed
     return labelled
 
 
+def _read_study_state(path: Path) -> tuple[str, str, list[dict]]:
+    """A study.json's name, baseline arm and runs (each with its name, state, cell, arm, seed and fact)."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        runs = state["runs"]
+        for run in runs:
+            if not isinstance(run["cell"], dict) or not isinstance(run["name"], str):
+                raise TypeError("a run's 'cell' must be a mapping and its 'name' a string")
+            run["state"], run["arm"], run["seed"], run["fact"]  # noqa: B018 -- each run has every field
+        return str(state["spec"]["name"]), str(state["spec"]["baseline"]), runs
+    except (ValueError, RecursionError) as err:
+        raise ReportError(f"{path}: not valid JSON ({err})") from None
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ReportError(f"{path}: not a study.json of retention study ({type(err).__name__}: {err})") from None
+
+
 def load_results(folders: Sequence[str | Path], mixed_provenance: str = "refuse",
                  ) -> tuple[list[RunResult], dict[str, str], list[str]]:
     """Finished runs of the given study or run folders; the baseline arm of each study; what was left out.
@@ -118,10 +161,9 @@ def load_results(folders: Sequence[str | Path], mixed_provenance: str = "refuse"
 
     for folder in map(Path, folders):
         if (folder / "study.json").is_file():
-            state = json.loads((folder / "study.json").read_text(encoding="utf-8"))
-            name = state["spec"]["name"]
-            baselines[name] = state["spec"]["baseline"]
-            for run in state["runs"]:
+            name, baselines_of, runs = _read_study_state(folder / "study.json")
+            baselines[name] = baselines_of
+            for run in runs:
                 run_dir = folder / "runs" / run["name"]
                 if run["state"] != "done" or not (run_dir / DONE).is_file():
                     missing.append(f"{name}/{run['name']} ({run['state']})")

@@ -156,11 +156,14 @@ class StudySpec:
             raise fail("seeds", "expected a non-empty list of integers")
         if len(set(seeds)) != len(seeds):
             raise fail("seeds", f"repeated seeds in {seeds}")
+        seed_keys = data.get("seed_keys", SEED_KEYS)
+        if not isinstance(seed_keys, (list, tuple)) or not all(isinstance(k, str) for k in seed_keys):
+            raise fail("seed_keys", "expected a list of dotted fit keys")
         protocol = data.get("protocol", "runs")
         if protocol not in ("runs", "single"):
             raise fail("protocol", f"{protocol!r}: choose runs or single")
         return cls(name, base, dict(overrides), grid, arms, baseline, list(seeds),
-                   list(data.get("seed_keys", SEED_KEYS)), protocol, str(data.get("out_dir", "runs/studies")),
+                   list(seed_keys), protocol, str(data.get("out_dir", "runs/studies")),
                    source)
 
     def as_study_file(self) -> dict[str, Any]:
