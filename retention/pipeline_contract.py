@@ -66,7 +66,21 @@ class PipelineState:
 
 
 class PipelineCallback(Callback):
-    """A callback of the retention pipeline: the three pipeline hooks as no-ops, and the callbacks it must follow."""
+    """A callback of the retention pipeline: the three pipeline hooks as no-ops, and the callbacks it must follow.
+
+    A callback of your own that drops edits of long subjects, to run after ApplyEdits has selected the facts:
+
+    >>> class ShortSubjectsOnly(PipelineCallback):
+    ...     runs_after = ("ApplyEdits",)
+    ...     def on_before_edits(self, trainer, pl_module, records):
+    ...         return [r for r in records if len(r.subject) <= 20]
+    >>> class ApplyEdits(PipelineCallback): ...
+    >>> [type(cb).__name__ for cb in check_order([ApplyEdits(), ShortSubjectsOnly()])]
+    ['ApplyEdits', 'ShortSubjectsOnly']
+    >>> check_order([ShortSubjectsOnly(), ApplyEdits()])
+    Traceback (most recent call last):
+    ValueError: ApplyEdits must come before ShortSubjectsOnly in trainer.callbacks (ShortSubjectsOnly reads what ApplyEdits sets); reorder the callbacks
+    """
 
     runs_after: ClassVar[tuple[str, ...]] = ()
     """Names of pipeline callback classes that, when present, must come earlier in ``trainer.callbacks``."""

@@ -174,3 +174,12 @@ def test_saved_edit_results_are_readable_strict_and_load_back(tmp_path):
     loaded = retention.EditResult.load(folder)
     assert torch.equal(loaded.deltas["w"], result.deltas["w"]) and loaded.case_ids == ["7"]
     assert math.isnan(loaded.diagnostics[0].delta_norm) and loaded.diagnostics[0].losses == [1.5, 0.5]
+
+
+@pytest.mark.parametrize("module", ["retention.editing.base", "retention.pipeline_contract"])
+def test_the_editor_and_pipeline_callback_examples_run(module):
+    import doctest
+    import importlib
+
+    outcome = doctest.testmod(importlib.import_module(module))
+    assert outcome.attempted >= 2 and outcome.failed == 0

@@ -404,7 +404,16 @@ def _read_hparams(cls: type[H], editor: str, hparams: str | Path | dict | H | No
 
 
 class Editor(ABC):
-    """Computes weight deltas for edit requests; leaves the model's weights as it found them."""
+    """Computes weight deltas for edit requests; leaves the model's weights as it found them.
+
+    Editors are built by name (or the import path of a subclass of your own) with hyperparameters resolved over
+    the model's preset; ``editor.edit(model, tokenizer, requests)`` then gives an :class:`EditResult`:
+
+    >>> from retention.editing.registry import build_editor
+    >>> editor = build_editor("rome", {"layer": 4}, "smollm2-135m")
+    >>> editor.name, editor.hparams.layer, type(editor.hparams).__name__
+    ('rome', 4, 'RomeHParams')
+    """
 
     name: ClassVar[str]
     hparams_class: ClassVar[type[EditorHParams]]
