@@ -40,7 +40,7 @@ def test_an_overflowing_v_lr_gives_a_zero_update_that_is_refused(tiny_llama, cac
     with caplog.at_level(logging.WARNING, logger="retention.editing.targets"):
         editor = EDITORS[name](v_lr=1e30)
     assert "v_lr=1e+30 is far above" in caplog.text
-    with pytest.raises(EditError, match=r"edit request 1 .*: the layer-\d .*update is zero \(‖ΔW‖ 0, ‖W‖ .*\): the "
+    with pytest.raises(EditError, match=r"edit request 1 .*: the .*update.* is zero \(‖ΔW‖ 0, ‖W‖ .*\): the "
                                         r"edit failed and is not applied.*lower v_lr"):
         run_edits(editor, model, tokenizer, [FACT, OTHER], "batch" if name != "rome" else "sequential")
     assert all(torch.equal(weights[i], before[i]) for i in weights)

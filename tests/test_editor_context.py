@@ -53,7 +53,9 @@ EDITORS = {
         "layer": 0, "context_templates": [[3, 1]], "v_steps": 3, "v_weight_decay": 0.0, "clamp_norm_factor": 1e4,
         "mom2_corpus": str(corpus), "mom2_samples": 20, "mom2_max_length": 32})),
     "memit": lambda corpus: MemitEditor(MemitHParams(**_small(corpus, layers="located", mom2_update_weight=10.0))),
-    "alphaedit": lambda corpus: AlphaEditEditor(AlphaEditHParams(**_small(corpus, layers="located"))),
+    # A wide relative threshold: on a random tiny model the default leaves no null space, and a zero update is refused.
+    "alphaedit": lambda corpus: AlphaEditEditor(AlphaEditHParams(**_small(corpus, layers="located"),
+                                                                 nullspace_threshold=0.5, relative_threshold=True)),
 }
 
 

@@ -71,9 +71,9 @@ def run_provenance(trainer: Trainer, pl_module: LightningModule) -> dict:
 
 def table_rows(summary: dict) -> list[list]:
     """The final retention table of a ``summary.json`` as rows of :data:`TABLE_COLUMNS`, one per protocol and
-    probe group (NaN, an empty denominator, as None)."""
-    def number(value: float) -> float | None:
-        return None if math.isnan(value) else value
+    probe group (NaN, an empty denominator, as None; so is the null that summary.json holds for it)."""
+    def number(value: float | None) -> float | None:
+        return None if value is None or math.isnan(value) else value
 
     rows = []
     for protocol in summary["protocols"]:

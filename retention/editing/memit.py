@@ -42,8 +42,8 @@ from retention.editing.covariance import KeyStatsHParams
 from retention.editing.targets import (
     LocateThenEditEditor,
     TargetHParams,
-    check_update,
     optimise_targets,
+    refuse_zero_update,
     rewriting_templates,
 )
 from retention.editing.trace import capture, stop_after, subject_last_token_index
@@ -184,6 +184,7 @@ class MemitEditor(LocateThenEditEditor):
         deltas = torch.stack([t.delta.double().cpu() for t in targets])[owner]
         applied: list[EditResult] = []
         norms: dict[int, float] = {}
+        written: list[tuple[torch.Tensor, torch.Tensor]] = []
         z = None
         try:
             for i, layer in enumerate(layers):
@@ -194,7 +195,7 @@ class MemitEditor(LocateThenEditEditor):
                 update = self._solve(ctx, i, layer, keys, resid)
                 for req in requests:
                     check_finite(update, req, f"layer-{layer} update")
-                check_update(update, adapter.mlp_out_weight(layer), requests, f"layer-{layer} update", hp, targets)
+                written.append((update, adapter.mlp_out_weight(layer)))
                 name, delta = adapter.mlp_out_delta(layer, update)
                 step = EditResult(self.name, {name: delta}, [layer], [])
                 step.apply(base)
@@ -202,6 +203,8 @@ class MemitEditor(LocateThenEditEditor):
                 norms[layer] = update.norm().item()
                 log.info("%s layer %d: %d key(s), residual %.3g, |dW| %.3g", self.name, layer, len(keys),
                          resid.norm(dim=1).mean().item() * (len(layers) - i), norms[layer])
+            refuse_zero_update([u for u, _ in written], [w for _, w in written], requests,
+                               f"update of layers {layers}", hp, targets)
             self._after_batch(ctx, requests)
         finally:
             for step in reversed(applied):

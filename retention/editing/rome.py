@@ -40,8 +40,8 @@ from retention.editing.memit import keys_and_values
 from retention.editing.targets import (
     LocateThenEditEditor,
     TargetHParams,
-    check_update,
     optimise_targets,
+    refuse_zero_update,
 )
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,8 @@ class RomeEditor(LocateThenEditEditor):
         denom = torch.dot(u, k)
         update = torch.outer(target.delta.double().cpu(), u) / denom  # [out, in]
         check_finite(update, request, "rank-one update")
-        check_update(update, ctx.adapter.mlp_out_weight(layer), request, f"layer-{layer} rank-one update", hp,
-                     [target])
+        refuse_zero_update([update], [ctx.adapter.mlp_out_weight(layer)], request, f"layer-{layer} rank-one update",
+                           hp, [target])
         name, delta = ctx.adapter.mlp_out_delta(layer, update)
         diag = RequestDiagnostics(
             request.case_id, time.perf_counter() - t0, target.losses, update.norm().item(),

@@ -131,24 +131,30 @@ NEGLIGIBLE_UPDATE = 2.0**-24
 are float32), added to the weight it changes almost no entry."""
 
 
-def check_update(update: torch.Tensor, weight: torch.Tensor, requests: EditRequest | Sequence[EditRequest],
-                 what: str, hparams: TargetHParams, targets: Sequence[TargetVector]) -> None:
-    """Refuse a zero (or numerically negligible) ``update`` of ``weight`` as a failed edit (:class:`EditError`
-    naming the request(s)): the optimisation left δ at zero, so applying it would record an edit that did not
-    happen. Not when every request's ``targets`` stopped before its first step because its loss was already
-    below ``early_stop_loss`` (the model already gives the new target: nothing to write)."""
-    norm, scale = update.double().norm().item(), weight.detach().double().norm().item()
+def refuse_zero_update(updates: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+                       requests: EditRequest | Sequence[EditRequest], what: str, hparams: TargetHParams,
+                       targets: Sequence[TargetVector]) -> None:
+    """Refuse a zero (or numerically negligible) update of the ``weights`` (all of them together: one layer of
+    several may be left unchanged) as a failed edit (:class:`EditError` naming the request(s)): applying it would
+    record an edit that did not happen. Not when every request's ``targets`` stopped before its first step because
+    its loss was already below ``early_stop_loss`` (the model already gives the new target: nothing to write)."""
+    norm = math.sqrt(sum(u.double().norm().item() ** 2 for u in updates))
+    scale = math.sqrt(sum(w.detach().double().norm().item() ** 2 for w in weights))
     if norm > NEGLIGIBLE_UPDATE * scale:
         return
     if all(t.steps == 0 and t.losses and t.losses[0] < hparams.early_stop_loss for t in targets):
         log.info("%s: the model already gives the new target (loss below early_stop_loss): no update",
                  describe_requests(requests))
         return
-    raise EditError(
-        f"{describe_requests(requests)}: the {what} is zero (‖ΔW‖ {norm:.3g}, ‖W‖ {scale:.3g}): the edit failed "
-        f"and is not applied. The v*/z optimisation ended with δ = 0, as when v_lr (now {hparams.v_lr:g}) is so "
-        f"large that ‖δ‖ overflows and the clamp (clamp_norm_factor {hparams.clamp_norm_factor:g}) zeroes it: "
-        "lower v_lr (the presets use 0.5)")
+    moved = max((t.delta.double().norm().item() for t in targets), default=0.0)
+    why = (f"The v*/z optimisation ended with δ = 0, as when v_lr (now {hparams.v_lr:g}) is so large that ‖δ‖ "
+           f"overflows and the clamp (clamp_norm_factor {hparams.clamp_norm_factor:g}) zeroes it: lower v_lr (the "
+           "presets use 0.5)") if moved == 0 else (
+           f"The targets moved (‖δ‖ up to {moved:.3g}) but the update that writes them is zero: the keys' "
+           "projection left nothing to write (AlphaEdit: the preserved and earlier-edited keys span the layer's "
+           "key space)")
+    raise EditError(f"{describe_requests(requests)}: the {what} is zero (‖ΔW‖ {norm:.3g}, ‖W‖ {scale:.3g}): the "
+                    f"edit failed and is not applied. {why}")
 
 
 @contextmanager
