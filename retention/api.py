@@ -121,16 +121,15 @@ class Scores:
     def rates(self) -> dict[str, dict[str, Rate]]:
         """``{group: {protocol: {"value", "count", "denominator"}}}`` over the groups present (``edit``: the
         rewrite prompts, ``edit_paraphrase``, ``edit_neighborhood``; ``control``, ``control_paraphrase``)."""
-        from retention.metrics import rate
+        from retention.callbacks.probing import outcomes
+        from retention.metrics import ProbeCounts
         from retention.records import GROUPS, probe_group
 
-        out: dict[str, dict[str, Rate]] = {}
-        for group in GROUPS:
-            rs = [r for r in self.results if probe_group(r.probe.kind) == group]
-            if rs:
-                out[group] = {p: rate(sum(bool(r.passed.get(p)) for r in rs), sum(p in r.passed for r in rs))
-                              for p in self.protocols}
-        return out
+        present = {probe_group(r.probe.kind) for r in self.results}
+        groups = [g for g in GROUPS if g in present]
+        counts = ProbeCounts(groups, self.protocols)
+        counts.update(*outcomes(self.results, self.results, groups, self.protocols))
+        return counts.rates()["accuracy"]
 
     def rate(self, group: str = "edit", protocol: str = "top1") -> float:
         """The pass rate of a probe group under a protocol (NaN when nothing was scored)."""

@@ -97,8 +97,8 @@ def fit_summary(module: Any, trainer: Trainer, datamodule: Any, seconds: float, 
     """The run in a few lines: what was trained, how fast, validation before/after, and a warning when the
     validation loss says fine-tuning collapsed the model (``module`` a FineTuneModule, ``datamodule`` a
     TaskDataModule)."""
-    from retention.arch import unwrap_model
-    from retention.summary import collapse, collapse_warning
+    from retention.callbacks.report import collapse_reason
+    from retention.summary import collapse_warning
 
     task = datamodule.task_config
     tokens_per_s = module.train_tokens / seconds if seconds > 0 else float("nan")
@@ -114,7 +114,7 @@ def fit_summary(module: Any, trainer: Trainer, datamodule: Any, seconds: float, 
         for row in rows if len(rows) <= 6 else rows[:1] + rows[-5:]:
             cells = "".join(f"{row[n]:>16.4f}" if n in row else f"{'-':>16}" for n in names)
             lines.append("  " + f"{row['step']:>6}" + cells)
-        reason = collapse(rows, unwrap_model(module.model).get_output_embeddings().weight.shape[0])
+        reason = collapse_reason(module)
         if reason is not None:
             lines.append(collapse_warning(reason))
     else:

@@ -52,6 +52,7 @@ def test_an_editor_module_in_the_working_directory_is_found(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
     assert editor_class("my_editors.Mine")[0].__name__ == "RankOneEditor"
+    assert str(tmp_path) not in __import__("sys").path  # found without changing the process's search path
 
 
 def test_an_inline_mapping_overrides_only_its_fields_of_the_preset(tmp_path, monkeypatch):

@@ -37,8 +37,11 @@ def _import(module_name: str):
         cwd = str(Path.cwd())
         if err.name != module_name.split(".")[0] or cwd in sys.path:
             raise
-        sys.path.append(cwd)
-        return importlib.import_module(module_name)
+        sys.path.append(cwd)  # for this import only: the process's search path is left as it was
+        try:
+            return importlib.import_module(module_name)
+        finally:
+            sys.path.remove(cwd)
 
 
 def editor_class(name: str) -> tuple[type[Editor], dict[str, Any]]:
