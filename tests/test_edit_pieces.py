@@ -97,3 +97,17 @@ def test_a_memory_edit_is_made_every_time_never_taken_from_the_weight_cache(cach
         applied = source.apply(SimpleNamespace(model=model, tokenizer=tokenizer), records, model_fingerprint(model))
         assert not applied.cache_hit
         assert any(type(m).__name__ == "GraceMemory" for m in model.modules())
+
+
+def test_the_hyperparameters_resolve_once_for_the_option_check_and_the_edit(cache, model_and_tokenizer, monkeypatch):
+    import retention.callbacks.edit_source as edit_source
+
+    _, tokenizer = model_and_tokenizer
+    resolved = []
+    real = edit_source.editor_hparams
+    monkeypatch.setattr(edit_source, "editor_hparams", lambda *args: resolved.append(args) or real(*args))
+    source = EditHere(EditingArgs(editor="rome", hparams=dict(ROME)), cache=False)
+    assert source.layers(None) == [0]  # the check before the run (a pl_module without model_name: None)
+    model = edit_model("llama", len(tokenizer))
+    source.apply(SimpleNamespace(model=model, tokenizer=tokenizer), load_records("builtin")[:1], model_fingerprint(model))
+    assert len(resolved) == 1

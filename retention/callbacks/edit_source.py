@@ -27,7 +27,7 @@ from retention.arch import ArchAdapter, unwrap_model
 from retention.data.edit_folder import read_edit_folder
 from retention.data.readers import ReadReport, read_records
 from retention.diskcache import DiskCache
-from retention.editing.base import EditRequest, RequestDiagnostics, run_edits
+from retention.editing.base import EditorHParams, EditRequest, RequestDiagnostics, run_edits
 from retention.editing.registry import build_editor, editor_class, editor_hparams
 from retention.paths import cache_dir
 from retention.records import KnowledgeRecord
@@ -161,11 +161,20 @@ class EditHere(EditSource):
 
     def __init__(self, args: EditingArgs, cache: bool):
         self.args, self.cache = args, cache
+        self._hparams: dict[str | None, EditorHParams] = {}
+        """Resolved hyperparameters by model name: the option check before the run and the edit read them once."""
+
+    def hparams(self, model_name: str | None) -> EditorHParams:
+        """The editor's hyperparameters for ``model_name``, resolved once (errors name the bad field)."""
+        if model_name not in self._hparams:
+            self._hparams[model_name] = editor_hparams(self.args.editor, self.args.hparams, model_name)
+        return self._hparams[model_name]
 
     def apply(self, pl_module, records: list[KnowledgeRecord], fingerprint: str) -> AppliedEdit:
         t0 = time.perf_counter()
         args = self.args
-        editor = build_editor(args.editor, args.hparams, getattr(pl_module, "model_name", None))
+        model_name = getattr(pl_module, "model_name", None)
+        editor = build_editor(args.editor, self.hparams(model_name), model_name)
         hparams = editor.hparams.to_dict()
         requests = [EditRequest.from_record(r) for r in records]
         mode = "batch" if args.mode == "single" else args.mode
@@ -205,7 +214,7 @@ class EditHere(EditSource):
     def layers(self, model_name: str) -> list[int] | None:
         """The layers the hyperparameters name (resolved without the model: errors name the bad field; None
         for ``located``)."""
-        hparams = editor_hparams(self.args.editor, self.args.hparams, model_name).to_dict()
+        hparams = self.hparams(model_name).to_dict()
         layers = hparams.get("layers", hparams.get("layer"))
         return [layers] if isinstance(layers, int) else layers if isinstance(layers, list) else None
 
