@@ -223,8 +223,9 @@ def run(args: EditArgs) -> dict:
             atomic_write_text(out / FACTS, "".join(json.dumps(r.to_dict(), ensure_ascii=False, allow_nan=False) + "\n"
                                                    for r in records))
         if in_weights and args.save_model:
-            model.save_pretrained(out / "model")
-            tokenizer.save_pretrained(out / "model")
+            with atomic_path(out / "model", folder=True) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
     acc_before, acc_after = _accuracy(before), _accuracy(after)
     summary = {
         "model": args.model, "editor": args.editor, "mode": args.mode, "data": args.data, "n_edits": len(requests),

@@ -27,6 +27,7 @@ from torch import nn
 from retention.arch import ArchAdapter, out_of_range, unwrap_model
 from retention.diskcache import DiskCache
 from retention.editing.trace import capture, patch_outputs, start_at_layer, subject_token_span
+from retention.io import atomic_path
 from retention.models import model_fingerprint
 from retention.paths import cache_dir
 from retention.records import KnowledgeRecord
@@ -321,11 +322,9 @@ def plot_trace(result: TraceResult, path: str | Path, k: int | None = None, titl
                  + (f"\nlocated MLP layers {located}" if located else ""), fontsize=11)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
