@@ -5,10 +5,12 @@ Besides Lightning's hooks they share three of their own and one typed state: :mo
 
 from lightning.pytorch import Callback
 
+from retention.callbacks.anchor import AnchorEdits
 from retention.callbacks.apply_edits import ApplyEdits
 from retention.callbacks.augmentation import ParaphraseAugmentation
 from retention.callbacks.freeze import FreezeLayers
 from retention.callbacks.monitor import RetentionMonitor
+from retention.callbacks.rehearsal import Rehearsal
 from retention.callbacks.report import RunReport
 from retention.pipeline_contract import PipelineCallback, PipelineState
 
@@ -16,10 +18,12 @@ PIPELINE: dict[str, type[Callback]] = {
     "edits": ApplyEdits,
     "paraphrases": ParaphraseAugmentation,
     "freeze": FreezeLayers,
+    "rehearsal": Rehearsal,
+    "anchor": AnchorEdits,
     "monitor": RetentionMonitor,
     "report": RunReport,
 }
 """Config key -> pipeline callback, in the order ``retention fit`` adds them to the trainer."""
 
-__all__ = ["PIPELINE", "ApplyEdits", "FreezeLayers", "ParaphraseAugmentation", "PipelineCallback", "PipelineState",
-           "RetentionMonitor", "RunReport"]
+__all__ = ["PIPELINE", "AnchorEdits", "ApplyEdits", "FreezeLayers", "ParaphraseAugmentation", "PipelineCallback",
+           "PipelineState", "Rehearsal", "RetentionMonitor", "RunReport"]
