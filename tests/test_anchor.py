@@ -167,3 +167,16 @@ def test_nothing_edited_is_refused_naming_the_flag(tiny_llama, sets):
     module.pipeline.edited_layers = []
     with pytest.raises(ValueError, match="--anchor.layers edited"):
         AnchorEdits(method="l2", strength=1.0).on_fit_start(TRAINER, module)
+
+
+def test_with_lora_the_anchored_parameters_are_the_anchored_layers_adapters(tiny_llama):
+    from retention.modules.finetune import AdapterArgs
+
+    model, tok = tiny_llama
+    module = FineTuneModule.from_model(copy.deepcopy(model), tok, adapter=AdapterArgs(method="lora", rank=2))
+    module.configure_model()
+    names = anchored_parameters(module.model, set(EDITED))
+    layer = ArchAdapter.for_model(module.model).layer_name(EDITED[0]) + "."
+    adapters = {n for n, p in ArchAdapter.for_model(module.model).model.named_parameters()
+                if p.requires_grad and n.startswith(layer)}
+    assert names and set(names) == adapters and all("lora_" in n for n in names)

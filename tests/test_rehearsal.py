@@ -136,6 +136,15 @@ def test_bad_arguments_name_the_flag(kwargs, flag):
         Rehearsal(**kwargs)
 
 
+def test_rehearsal_without_edits_is_refused_naming_the_flag(tiny_llama):
+    module = _module(tiny_llama[1], KnowledgeSets())
+    with pytest.raises(ValueError, match="--rehearsal.rate"):
+        Rehearsal(rate=0.5).on_fit_start(None, module)  # ApplyEdits never handed it any statement
+    with pytest.raises(ValueError, match="--rehearsal.rate"):
+        _make(tiny_llama[1], KnowledgeSets(), rate=0.5)
+    Rehearsal().on_fit_start(None, module)  # off: nothing to refuse
+
+
 def test_a_fit_with_rehearsal_trains_and_reports_its_counts(tmp_path, tiny_llama):
     from retention.commands.fit import main
 

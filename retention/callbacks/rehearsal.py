@@ -99,6 +99,12 @@ class Rehearsal(PipelineCallback):
         rank_zero_info(f"rehearsal: {len(self.sequences)} statements ({self.phrasings} phrasings"
                        f"{', with controls' if self.controls else ''}) at rate {self.rate}")
 
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.rate > 0 and not self.sequences:
+            raise ValueError(f"--rehearsal.rate={self.rate}: there is nothing to rehearse (nothing was edited: set "
+                             "edits.n_edit)")
+
     def _order(self, cycle: int) -> list[int]:
         """The statement order of pass ``cycle`` through them."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + cycle)
