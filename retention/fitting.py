@@ -271,6 +271,11 @@ class FitCLI(LightningCLI):
         if init["freeze"].policy in NEEDS_EDITS and not init["edits"].active:
             raise ValueError(f"freeze.policy {init['freeze'].policy} freezes by the edited layers, but "
                              "nothing is edited (edits.n_edit and edits.n_control are 0)")
+        if init["rehearsal"].rate > 0 and not init["edits"].active:
+            raise ValueError("--rehearsal.rate: nothing to rehearse (edits.n_edit and edits.n_control are 0)")
+        if init["anchor"].active and init["anchor"].layers != "all" and not init["edits"].active:
+            raise ValueError(f"--anchor.layers {init['anchor'].layers}: nothing is edited "
+                             "(edits.n_edit and edits.n_control are 0)")
         n = model_num_layers(model_name)
         for flag, layers in named.items():
             bad = out_of_range(layers or [], n) if n is not None else []
