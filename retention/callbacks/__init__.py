@@ -5,6 +5,7 @@ Besides Lightning's hooks they share three of their own and one typed state: :mo
 
 from lightning.pytorch import Callback
 
+from retention.callbacks.after_finetune import EditAfterFineTune
 from retention.callbacks.apply_edits import ApplyEdits
 from retention.callbacks.augmentation import ParaphraseAugmentation
 from retention.callbacks.freeze import FreezeLayers
@@ -17,9 +18,10 @@ PIPELINE: dict[str, type[Callback]] = {
     "paraphrases": ParaphraseAugmentation,
     "freeze": FreezeLayers,
     "monitor": RetentionMonitor,
+    "after": EditAfterFineTune,
     "report": RunReport,
 }
 """Config key -> pipeline callback, in the order ``retention fit`` adds them to the trainer."""
 
-__all__ = ["PIPELINE", "ApplyEdits", "FreezeLayers", "ParaphraseAugmentation", "PipelineCallback", "PipelineState",
+__all__ = ["PIPELINE", "ApplyEdits", "EditAfterFineTune", "FreezeLayers", "ParaphraseAugmentation", "PipelineCallback", "PipelineState",
            "RetentionMonitor", "RunReport"]
