@@ -68,6 +68,12 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 UNSET_WHEN_NONE = ("optimizer", "lr_scheduler")
 """Keys left out of a resolved config while unset, so that configs without them keep their digests."""
+OFF_REMEDIES = {
+    "rehearsal": lambda group: not group.get("rate"),
+    "anchor": lambda group: group.get("method") == "none" or not group.get("strength"),
+    "after": lambda group: group.get("mode") == "none",
+}
+"""Remedy groups left out of a resolved config while they do nothing, for the same reason."""
 
 
 @dataclass
@@ -247,10 +253,11 @@ class FitCLI(LightningCLI):
         return self.config_init[self.subcommand] if self.subcommand else self.config_init
 
     def resolved_config(self) -> dict[str, Any]:
-        """The parsed ``fit`` configuration as plain YAML values (unset ``--optimizer``/``--lr_scheduler`` left
-        out)."""
+        """The parsed ``fit`` configuration as plain YAML values (unset ``--optimizer``/``--lr_scheduler`` and
+        remedy groups that do nothing left out)."""
         config = yaml.safe_load(self._parser(self.subcommand).dump(self.fit_config, skip_none=False))
-        return {k: v for k, v in config.items() if not (k in UNSET_WHEN_NONE and v is None)}
+        return {k: v for k, v in config.items()
+                if not (k in UNSET_WHEN_NONE and v is None) and not (k in OFF_REMEDIES and OFF_REMEDIES[k](v or {}))}
 
     @override
     def instantiate_classes(self) -> None:

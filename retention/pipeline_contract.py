@@ -7,7 +7,8 @@ Besides Lightning's hooks, pipeline callbacks receive, in callback order:
   the base model, before adapters, freezing and the strategy's wrap (ApplyEdits edits here, FreezeLayers decides);
 - ``on_before_edits(trainer, pl_module, records) -> records | None``: ApplyEdits calls it with the edit set before
   editing, while the model is still the base model (ParaphraseAugmentation adds phrasings here);
-- ``on_edits_applied(trainer, pl_module, sets)``: ApplyEdits calls it after editing (RetentionMonitor measures t=0).
+- ``on_edits_applied(trainer, pl_module, sets)``: ApplyEdits calls it after editing, or after selecting when the
+  edits are deferred (:attr:`PipelineState.defer_edits`); RetentionMonitor measures t=0 there.
 
 They hand each other data only through the module's :class:`PipelineState`. This module sits below both the
 callbacks (``retention.callbacks``) and the module that calls them (``retention.modules.finetune``); it imports
@@ -16,13 +17,15 @@ Lightning only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from retention.data.selection import KnowledgeSets
     from retention.metrics import Rates
     from retention.records import KnowledgeRecord
@@ -40,6 +43,23 @@ class Measurement:
 
     def to_dict(self) -> dict:
         return {"step": self.step, "seconds": self.seconds, **self.rates}
+
+
+@dataclass
+class AfterFineTune:
+    """An edit made on the fine-tuned weights (again, or for the first time) and the measurement of it."""
+
+    mode: str
+    """``reedit`` (the run's edit made again) or ``only_after`` (the run's only edit)."""
+    measurement: Measurement
+    """Rates vs t=0 (and per-probe results on rank 0) of the fine-tuned model with the edit."""
+    edit_seconds: float
+
+    def to_dict(self) -> dict:
+        """The ``after_finetune`` block of ``summary.json``."""
+        m = self.measurement
+        return {"mode": self.mode, "step": m.step, "edit_seconds": self.edit_seconds, "measure_seconds": m.seconds,
+                "accuracy": m.rates["accuracy"], "retention": m.rates["retention"]}
 
 
 @dataclass
@@ -63,6 +83,19 @@ class PipelineState:
     """The protocols the measurements score (set by RetentionMonitor)."""
     measurements: list[Measurement] = field(default_factory=list)
     """t=0 and every later measurement, in step order (RetentionMonitor appends; on resume it refills the list)."""
+    defer_edits: bool = False
+    """Select the facts but leave the base model unedited: they are edited after fine-tuning (set in ``setup`` by
+    EditAfterFineTune's ``only_after``; ApplyEdits respects it, so t=0 is the unedited model)."""
+    edit_later: bool = False
+    """The edit is made (again) after fine-tuning (set in ``setup`` by EditAfterFineTune): ApplyEdits prepares the
+    editor on the base model even when its edit comes from the edit cache (the later edit reads the base model's
+    key statistics from the caches keyed by its fingerprint) and sets :attr:`edit_again`."""
+    edit_again: Callable[[nn.Module], Any] | None = None
+    """Makes the run's edit (the same requests, editor, resolved hyperparameters and mode) in another model, e.g.
+    a copy of the fine-tuned one, with the base model's editor set-up; returns what it changed (an
+    ``AppliedEdit``). Set by ApplyEdits under :attr:`edit_later`."""
+    after: AfterFineTune | None = None
+    """The edit made after fine-tuning and its measurement (set by EditAfterFineTune)."""
 
 
 class PipelineCallback(Callback):

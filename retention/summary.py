@@ -53,6 +53,14 @@ def format_table(summary: Mapping[str, Any]) -> str:
     lines.append(f"{'protocol':<10}" + "".join(f"{GROUP_LABELS[g]:<{width}}" for g in groups0))
     for p in protocols:
         lines.append(f"{p:<10}" + "".join(f"{_fmt(summary['t0'][g].get(p)):<{width}}" for g in groups0))
+    after = summary.get("after_finetune")
+    if after is not None:
+        made = "made again" if after["mode"] == "reedit" else "made only then"
+        lines += ["", f"Accuracy after fine-tuning, the edit {made} (step {after['step']}, after.mode {after['mode']}):"]
+        groups1 = [g for g in GROUPS if g in after["accuracy"]]
+        lines.append(f"{'protocol':<10}" + "".join(f"{GROUP_LABELS[g]:<{width}}" for g in groups1))
+        for p in protocols:
+            lines.append(f"{p:<10}" + "".join(f"{_fmt(after['accuracy'][g].get(p)):<{width}}" for g in groups1))
     downstream = summary.get("downstream", {})
     if downstream.get("collapsed"):
         lines += ["", collapse_warning(downstream["collapse_reason"])]

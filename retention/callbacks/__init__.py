@@ -5,6 +5,7 @@ Besides Lightning's hooks they share three of their own and one typed state: :mo
 
 from lightning.pytorch import Callback
 
+from retention.callbacks.after_finetune import EditAfterFineTune
 from retention.callbacks.anchor import AnchorEdits
 from retention.callbacks.apply_edits import ApplyEdits
 from retention.callbacks.augmentation import ParaphraseAugmentation
@@ -21,9 +22,10 @@ PIPELINE: dict[str, type[Callback]] = {
     "rehearsal": Rehearsal,
     "anchor": AnchorEdits,
     "monitor": RetentionMonitor,
+    "after": EditAfterFineTune,
     "report": RunReport,
 }
 """Config key -> pipeline callback, in the order ``retention fit`` adds them to the trainer."""
 
-__all__ = ["PIPELINE", "AnchorEdits", "ApplyEdits", "FreezeLayers", "ParaphraseAugmentation", "PipelineCallback",
-           "PipelineState", "Rehearsal", "RetentionMonitor", "RunReport"]
+__all__ = ["PIPELINE", "AnchorEdits", "ApplyEdits", "EditAfterFineTune", "FreezeLayers", "ParaphraseAugmentation",
+           "PipelineCallback", "PipelineState", "Rehearsal", "RetentionMonitor", "RunReport"]

@@ -12,7 +12,9 @@ loaded and before adapters, freezing and the strategy's wrap/shard, so the edits
    returns the records with their editing phrasings; without it edits use no augmentation);
 3. apply the edit (:mod:`~retention.callbacks.edit_source`): made here in ``batch`` or ``sequential`` mode, or
    an edit made earlier (``precomputed``, ``edited_model``); write the sets, the edited layers, what was edited,
-   the counts and the timings to the module's :class:`~retention.pipeline_contract.PipelineState`;
+   the counts and the timings to the module's :class:`~retention.pipeline_contract.PipelineState`. With
+   ``state.edit_later`` (an edit after fine-tuning, EditAfterFineTune) it first sets the editor up on the base
+   model and hands over ``state.edit_again``; with ``state.defer_edits`` it edits nothing now;
 4. call ``on_edits_applied(trainer, pl_module, sets)`` on the pipeline callbacks (the RetentionMonitor measures
    t=0 there).
 
@@ -34,11 +36,14 @@ gives that run's sets and numbers.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from torch import nn
 from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
@@ -53,8 +58,9 @@ from retention.callbacks.edit_source import (
     EditSource,
     PrecomputedEdit,
 )
+from retention.editing.registry import build_editor
 from retention.models import model_fingerprint
-from retention.pipeline_contract import PipelineCallback, pipeline_callbacks
+from retention.pipeline_contract import PipelineCallback, PipelineState, pipeline_callbacks
 from retention.records import KnowledgeRecord
 
 
@@ -159,8 +165,21 @@ class ApplyEdits(PipelineCallback):
             "base_fingerprint": fingerprint,
         }
 
+    def check_later_edit(self, state: PipelineState) -> None:
+        """Refuse an edit after fine-tuning (``state.edit_later``) that this run cannot make: none to make, or
+        one made elsewhere."""
+        if not state.edit_later:
+            return
+        if self.args.earlier is not None:
+            raise ValueError(f"after.mode: edits.{self.args.earlier} gives an edit made elsewhere, which this run "
+                             "cannot make again after fine-tuning; edit here (editor, hparams) or set after.mode none")
+        if not self.n_edit:
+            raise ValueError("after.mode edits after fine-tuning, but edits.n_edit is 0: nothing to edit")
+
     @override
     def on_base_model_ready(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        state = pl_module.pipeline
+        self.check_later_edit(state)
         if not self.active:
             return
         pipeline = pipeline_callbacks(trainer.callbacks)
@@ -178,15 +197,33 @@ class ApplyEdits(PipelineCallback):
                 raise ValueError(f"paraphrases.k: augmentation phrasings are used while editing, and "
                                  f"edits.{self.args.earlier} gives an edit already made")
             records = list(sets.edit)
-        applied = self.source.apply(pl_module, records, fingerprint) if records else None
+        if state.edit_later:
+            state.edit_again = self.prepare_later_edit(pl_module, records, fingerprint)
+        applied = self.source.apply(pl_module, records, fingerprint) if records and not state.defer_edits else None
         self.edited_parameters = applied.parameters if applied else []
-        state = pl_module.pipeline
         state.sets, state.edited_layers = sets, list(applied.layers) if applied else []
         state.edit = self.describe(selection, applied, records, fingerprint)
         state.stats.update(selection.stats)
         state.timings.update({"select_s": selection.seconds} | ({"edit_s": applied.seconds} if applied else {}))
         for callback in pipeline:
             callback.on_edits_applied(trainer, pl_module, sets)
+
+    def prepare_later_edit(self, pl_module: LightningModule, records: list[KnowledgeRecord],
+                           fingerprint: str) -> Callable[[nn.Module], AppliedEdit]:
+        """Set the editor up on the base model (still unedited: its key statistics, context templates and located
+        layers go to the caches keyed by ``fingerprint``) and return what makes the edit of ``records`` in another
+        model with that set-up. No edit cache there: its key would be the base model's."""
+        model_name = getattr(pl_module, "model_name", None)
+        hparams = self.source.hparams(model_name)
+        build_editor(self.args.editor, hparams, model_name).prepare(pl_module.model, pl_module.tokenizer, fingerprint)
+        later = EditHere(self.args, cache=False)
+        tokenizer = pl_module.tokenizer
+
+        def edit_again(model: nn.Module) -> AppliedEdit:
+            return later.apply(SimpleNamespace(model=model, tokenizer=tokenizer, model_name=model_name), records,
+                               fingerprint)
+
+        return edit_again
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:

@@ -5,8 +5,10 @@ The folder (``out_dir``, default the trainer's ``default_root_dir``) gets, all w
 - ``probes/step_<N>.jsonl``: per-probe results of every measurement (t=0 is step 0), written as they come;
 - ``summary.json``: edited and intrinsic retention side by side under every protocol with denominators,
   accuracy at t=0 (edit success), the curves, downstream metrics (flagged ``collapsed`` when the validation loss
-  says fine-tuning destroyed the model), timings, and what produced it (``provenance``:
-  :mod:`retention.provenance`);
+  says fine-tuning destroyed the model), timings, what produced it (``provenance``:
+  :mod:`retention.provenance`), and with ``after.mode`` the edit made after fine-tuning (``after_finetune``);
+- ``probes/after_finetune.jsonl``: with ``after.mode``, the per-probe results of the model edited after
+  fine-tuning (each row marked ``after_finetune: <mode>``);
 - ``retention_curves.png``: retention against fine-tuning steps, one panel per protocol under which some probe
   passed at t=0 (:func:`plot_run_curves`);
 - ``config.yaml`` is LightningCLI's resolved configuration (its SaveConfigCallback writes it to the log dir).
@@ -200,12 +202,14 @@ class RunReport(PipelineCallback):
         """Write ``summary.json`` and the curve PNG; returns the summary."""
         state = pl_module.pipeline
         measure_s = sum(m.seconds for m in state.measurements)
-        # Measurements after t=0 run inside the training window; fine-tuning is the rest of it.
+        # Measurements after t=0, and an edit after fine-tuning, run inside the training window; fine-tuning is
+        # the rest of it.
         train_window = time.perf_counter() - self._t_train if self._t_train is not None else 0.0
+        after_s = state.after.edit_seconds + state.after.measurement.seconds if state.after is not None else 0.0
         timings = {
             **state.timings,
             "measure_s": measure_s,
-            "fine_tune_s": max(0.0, train_window - sum(m.seconds for m in state.measurements[1:])),
+            "fine_tune_s": max(0.0, train_window - sum(m.seconds for m in state.measurements[1:]) - after_s),
             "total_s": time.perf_counter() - self._t_start,
         }
         stats = dict(state.stats)
@@ -222,6 +226,10 @@ class RunReport(PipelineCallback):
         self.summary["environment"] = environment(trainer)
         self.summary["provenance"] = run_provenance(trainer, pl_module)
         folder = self.folder(trainer)
+        if state.after is not None:
+            self.summary["after_finetune"] = state.after.to_dict()
+            rows = [{"after_finetune": state.after.mode, **row} for row in probe_rows(state.after.measurement)]
+            atomic_write_jsonl(folder / "probes" / "after_finetune.jsonl", rows)
         atomic_write_json(folder / "summary.json", self.summary)
         if self.plot:
             self._png = plot_run_curves(
