@@ -109,3 +109,14 @@ def test_fit_adds_the_step_progress_bar(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         main(["--model.model_name", "tiny-llama", "--run.wandb", "disabled", "--run.out_dir", str(tmp_path)])
     assert seen["bars"] == ([StepProgressBar.__name__] if _RICH_AVAILABLE else ["TQDMProgressBar"])
+
+
+def test_remedy_groups_that_do_nothing_leave_the_resolved_config_and_its_digest_alone():
+    from retention.fitting import resolve_config
+
+    plain = resolve_config(["--config", "configs/demo.yaml"])
+    off = resolve_config(["--config", "configs/demo.yaml", "--rehearsal.rate", "0", "--anchor.method", "l2",
+                          "--anchor.strength", "0", "--after.mode", "none"])
+    assert plain == off and not {"rehearsal", "anchor", "after"} & set(plain)
+    on = resolve_config(["--config", "configs/demo.yaml", "--rehearsal.rate", "0.25", "--after.mode", "reedit"])
+    assert on["rehearsal"]["rate"] == 0.25 and on["after"] == {"mode": "reedit"}
