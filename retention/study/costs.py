@@ -57,22 +57,27 @@ def _computed_edit_seconds(results: Sequence[RunResult]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in seconds.items()}
 
 
+def _number(value) -> float:
+    """A summary's number as a float; NaN where it is missing or null."""
+    return math.nan if value is None else float(value)
+
+
 def run_quantities(result: RunResult, computed: Mapping[str, float]) -> dict[str, float]:
     """A run's :data:`QUANTITIES` (NaN where its summary does not have them)."""
-    s, nan = result.summary, math.nan
+    s = result.summary
     t, after = s.get("timings") or {}, s.get("after_finetune") or {}
     downstream = s.get("downstream") or {}
-    out = {k: nan for k in QUANTITIES}
-    out["wall_s"] = result.seconds if result.seconds is not None else float(t.get("total_s", nan))
+    out = {k: math.nan for k in QUANTITIES}
+    out["wall_s"] = result.seconds if result.seconds is not None else _number(t.get("total_s"))
     for stage in ("first", "last"):
-        out[f"val_loss_{stage}"] = float((downstream.get(stage) or {}).get("val/loss", nan))
+        out[f"val_loss_{stage}"] = _number((downstream.get(stage) or {}).get("val/loss"))
     if t:
-        edit = float(t.get("edit_s", 0.0))
+        edit = _number(t.get("edit_s", 0.0))
         if (s["run"].get("reused") or {}).get("edit"):
             edit = computed.get(_edit_key(s), edit)
-        out.update(edit_s=edit, fine_tune_s=float(t.get("fine_tune_s", nan)),
-                   after_edit_s=float(after.get("edit_seconds", 0.0)),
-                   measure_s=float(t.get("measure_s", nan)) + float(after.get("measure_seconds", 0.0)))
+        out.update(edit_s=edit, fine_tune_s=_number(t.get("fine_tune_s")),
+                   after_edit_s=_number(after.get("edit_seconds", 0.0)),
+                   measure_s=_number(t.get("measure_s")) + _number(after.get("measure_seconds", 0.0)))
         out["work_s"] = out["edit_s"] + out["fine_tune_s"] + out["after_edit_s"]
     return out
 
