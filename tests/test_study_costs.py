@@ -145,3 +145,12 @@ def test_the_report_writes_the_tables_and_keeps_report_csv_as_it_was(tmp_path):
     assert "| reedit | after reedit | top1 | 0.97 [0.82, 1.00] (29/30) | **+0.47 [+0.18, +0.75]** |" in text
     assert "| anchor | 310 [285, 335] | 171 [144, 198] | +20 [-5, +45] | 3.000 → 3.800 [3.552, 4.048] | " \
         "**+0.200 [+0.200, +0.200]** |" in text
+
+
+def test_a_null_validation_loss_or_missing_timings_are_nan(tmp_path):
+    from retention.study.costs import run_quantities
+    from retention.study.results import Condition, RunResult
+
+    summary = _summary("baseline", 0) | {"downstream": {"last": {"step": 100, "val/loss": None}}, "timings": {}}
+    q = run_quantities(RunResult(Condition("s", "all", "a"), 0, None, summary, tmp_path), {})
+    assert all(math.isnan(q[k]) for k in QUANTITIES)  # no study_run.json seconds, no timings, no losses
