@@ -13,7 +13,7 @@ from retention.records import GROUP_LABELS
 from retention.summary import save_figure
 
 if TYPE_CHECKING:
-    from retention.study.report import Aggregate
+    from retention.study.results import Aggregate
 
 
 def pyplot():

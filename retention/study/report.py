@@ -8,35 +8,36 @@ minus intrinsic per arm and each arm minus the baseline arm, paired by seed (pai
 two seeds or more, else from the pooled counts (Newcombe's interval). See :mod:`retention.study.stats`.
 
 Outputs (atomically): ``report.md``, ``report.csv`` (one row per condition x protocol x group x step),
-``comparisons.csv``, ``curves_<cell>.png`` (retention against steps, edited and intrinsic side by side, with
+``comparisons.csv``, ``costs.csv`` and ``accuracy.csv`` (seconds, validation loss, and accuracy at t=0 and at
+the end, each arm against the baseline: :mod:`retention.study.costs`), ``curves_<cell>.png`` (retention against steps, edited and intrinsic side by side, with
 interval bands) and ``final_retention.png`` (final retention per arm with intervals).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from retention.io import atomic_write_text, safe_name
 from retention.provenance import describe
 from retention.records import GROUP_LABELS, GROUPS
 from retention.study.conclusion import conclusion
+from retention.study.costs import accuracy_aggregates, accuracy_rows, cell_markdown, condition_ends, cost_rows
 from retention.study.figures import plot_final, plot_report_curves
-from retention.study.results import (
+from retention.study.results import (  # noqa: F401 (Aggregate, aggregate, ReportError: callers import them from here)
+    Aggregate,
     Condition,
-    Counts,
-    ReportError,  # noqa: F401 (write_report raises it; callers catch it from here)
+    ReportError,
     RunResult,
+    aggregate,
+    difference,
     load_results,
     provenance_groups,
-    run_counts,
 )
-from retention.study.stats import Interval, newcombe, paired_interval, t_interval, wilson
-from retention.study.tables import csv_text
+from retention.study.stats import Interval
+from retention.study.tables import csv_text, fmt_difference
 
 log = logging.getLogger(__name__)
 
@@ -52,94 +53,6 @@ def provenance_markdown(results: Sequence[RunResult]) -> list[str]:
     return lines + [""]
 
 
-@dataclass
-class Aggregate:
-    """One condition's per-seed counts (facts pooled) at every step all its seeds measured."""
-
-    condition: Condition
-    seeds: list[int]
-    n_runs: int
-    counts: dict[int, Counts]
-    """seed -> per-step counts."""
-
-    @property
-    def steps(self) -> list[int]:
-        """The steps every seed measured."""
-        common = set.intersection(*(set(c) for c in self.counts.values()))
-        return sorted(common)
-
-    @property
-    def final_step(self) -> int:
-        """The last step every seed measured."""
-        return self.steps[-1]
-
-    def per_seed(self, step: int, group: str, protocol: str) -> list[float]:
-        """Each seed's rate (NaN where nothing passed at t=0)."""
-        out = []
-        for seed in self.seeds:
-            k, n = self.counts[seed].get(step, {}).get(group, {}).get(protocol, (0, 0))
-            out.append(k / n if n else math.nan)
-        return out
-
-    def pooled(self, step: int, group: str, protocol: str) -> tuple[int, int]:
-        """(kept, passing at t=0), the seeds' counts summed."""
-        pairs = [self.counts[s].get(step, {}).get(group, {}).get(protocol, (0, 0)) for s in self.seeds]
-        return sum(k for k, _ in pairs), sum(n for _, n in pairs)
-
-    def rate(self, step: int, group: str, protocol: str) -> tuple[Interval, Interval]:
-        """(mean over seeds with t-interval, pooled with Wilson interval)."""
-        return (t_interval(self.per_seed(step, group, protocol), bounds=(0.0, 1.0)),
-                wilson(*self.pooled(step, group, protocol)))
-
-    def band(self, step: int, group: str, protocol: str) -> Interval:
-        """The rate the plots draw: the mean over seeds with its t-interval, or with one seed the pooled rate
-        with its Wilson interval."""
-        mean, pooled = self.rate(step, group, protocol)
-        return mean if len(self.seeds) >= 2 else pooled
-
-    def protocols(self) -> list[str]:
-        """The protocols recorded, in first-seen order."""
-        seen: dict[str, None] = {}
-        for by_step in self.counts.values():
-            for by_group in by_step.values():
-                for by_p in by_group.values():
-                    seen.update(dict.fromkeys(by_p))
-        return list(seen)
-
-
-def aggregate(results: Sequence[RunResult]) -> list[Aggregate]:
-    """One :class:`Aggregate` per condition: each seed's runs pooled at the steps they all measured."""
-    by_condition: dict[Condition, dict[int, list[RunResult]]] = defaultdict(lambda: defaultdict(list))
-    for r in results:
-        by_condition[r.condition][r.seed].append(r)
-    out = []
-    for condition, by_seed in by_condition.items():
-        counts: dict[int, Counts] = {}
-        for seed, runs in sorted(by_seed.items()):
-            pooled: Counts = {}
-            per_run = [run_counts(r.summary) for r in runs]
-            for step in set.intersection(*(set(c) for c in per_run)):
-                for c in per_run:
-                    for g, by_p in c[step].items():
-                        for p, (k, n) in by_p.items():
-                            k0, n0 = pooled.setdefault(step, {}).setdefault(g, {}).get(p, (0, 0))
-                            pooled[step][g][p] = (k0 + k, n0 + n)
-            counts[seed] = pooled
-        out.append(Aggregate(condition, sorted(by_seed), sum(len(v) for v in by_seed.values()), counts))
-    return out
-
-
-def _difference(a: Aggregate, b: Aggregate, step_a: int, step_b: int, group_a: str, group_b: str,
-                protocol: str) -> tuple[Interval, str]:
-    """``a - b``: paired over common seeds when there are two or more, else Newcombe on pooled counts."""
-    common = [s for s in a.seeds if s in b.seeds]
-    if len(common) >= 2:
-        xa = [a.per_seed(step_a, group_a, protocol)[a.seeds.index(s)] for s in common]
-        xb = [b.per_seed(step_b, group_b, protocol)[b.seeds.index(s)] for s in common]
-        return paired_interval(xa, xb), "paired t over seeds"
-    return newcombe(*a.pooled(step_a, group_a, protocol), *b.pooled(step_b, group_b, protocol)), "Newcombe (pooled)"
-
-
 def comparisons(aggregates: Sequence[Aggregate], baselines: dict[str, str]) -> list[dict]:
     """Edited minus intrinsic per condition, and each arm minus its cell's baseline arm, at the final step."""
     rows = []
@@ -147,13 +60,13 @@ def comparisons(aggregates: Sequence[Aggregate], baselines: dict[str, str]) -> l
     for agg in aggregates:
         c, step = agg.condition, agg.final_step
         for protocol in agg.protocols():
-            diff, method = _difference(agg, agg, step, step, "edit", "control", protocol)
+            diff, method = difference(agg, agg, step, step, "edit", "control", protocol)
             rows.append(_comparison_row(c, protocol, "edited - intrinsic", "edit-control", step, diff, method))
             base = index.get((c.study, c.cell, baselines.get(c.study, "")))
             if base is None or base is agg:
                 continue
             for group in COMPARED_GROUPS:
-                diff, method = _difference(agg, base, step, base.final_step, group, group, protocol)
+                diff, method = difference(agg, base, step, base.final_step, group, group, protocol)
                 rows.append(_comparison_row(c, protocol, f"arm - {base.condition.arm}", group, step, diff, method))
     return rows
 
@@ -187,27 +100,18 @@ def rate_rows(aggregates: Sequence[Aggregate]) -> list[dict]:
     return rows
 
 
-def _cell(agg: Aggregate, step: int, group: str, protocol: str) -> str:
-    mean, pooled = agg.rate(step, group, protocol)
-    if pooled.n == 0:
-        return "-"
-    k, n = agg.pooled(step, group, protocol)
-    main = mean.fmt() if len(agg.seeds) >= 2 else pooled.fmt()
-    return f"{main} ({k}/{n})"
-
-
 def _diff_cell(rows: dict, key: tuple) -> str:
     row = rows.get(key)
     if row is None:
         return "-"
-    d = Interval(row["estimate"], row["ci_low"], row["ci_high"], row["n"])
-    text = f"{d.estimate:+.2f} [{d.low:+.2f}, {d.high:+.2f}]" if not math.isnan(d.low) else d.fmt()
-    return f"**{text}**" if d.excludes_zero else text
+    return fmt_difference(row["estimate"], row["ci_low"], row["ci_high"], row["excludes_zero"])
 
 
 def markdown(aggregates: Sequence[Aggregate], comparison_rows: list[dict], baselines: dict[str, str],
-             missing: list[str], images: Sequence[str] = ()) -> str:
-    """report.md without its provenance section."""
+             missing: list[str], images: Sequence[str] = (),
+             cell_tables: Mapping[tuple[str, str], list[str]] | None = None) -> str:
+    """report.md without its provenance section; ``cell_tables`` (study, cell) -> lines ending that cell's
+    section (:func:`cost_tables`)."""
     by_key = {(r["study"], r["cell"], r["arm"], r["protocol"], r["comparison"], r["group"]): r
               for r in comparison_rows}
     lines = ["# Retention report", ""]
@@ -242,8 +146,8 @@ def markdown(aggregates: Sequence[Aggregate], comparison_rows: list[dict], basel
         for agg in aggs:
             c = agg.condition
             for protocol in agg.protocols():
-                cells = [c.arm, protocol, _cell(agg, agg.final_step, "edit", protocol),
-                         _cell(agg, agg.final_step, "control", protocol),
+                cells = [c.arm, protocol, agg.text(agg.final_step, "edit", protocol),
+                         agg.text(agg.final_step, "control", protocol),
                          _diff_cell(by_key, (study, cell, c.arm, protocol, "edited - intrinsic", "edit-control"))]
                 if base:
                     cells += [_diff_cell(by_key, (study, cell, c.arm, protocol, f"arm - {base}", g))
@@ -257,7 +161,8 @@ def markdown(aggregates: Sequence[Aggregate], comparison_rows: list[dict], basel
             for agg in aggs:
                 for protocol in agg.protocols():
                     lines.append(f"| {agg.condition.arm} | {protocol} | "
-                                 + " | ".join(_cell(agg, agg.final_step, g, protocol) for g in others) + " |")
+                                 + " | ".join(agg.text(agg.final_step, g, protocol) for g in others) + " |")
+        lines += (cell_tables or {}).get((study, cell), [])
     if images:
         lines += ["", "## Plots", "", "\n\n".join(images)]
     return "\n".join(lines) + "\n"
@@ -268,6 +173,23 @@ def _by_cell(aggregates: Sequence[Aggregate]) -> dict[tuple[str, str], list[Aggr
     for a in aggregates:
         out[(a.condition.study, a.condition.cell)].append(a)
     return dict(out)
+
+
+def cost_tables(results: Sequence[RunResult], baselines: dict[str, str],
+                ) -> tuple[list[dict], list[dict], dict[tuple[str, str], list[str]]]:
+    """The rows of costs.csv and accuracy.csv (:mod:`retention.study.costs`), and the tables of every grid cell
+    that has its baseline arm and another."""
+    cost = cost_rows(results, baselines)
+    aggregates = accuracy_aggregates(results)
+    accuracy = accuracy_rows(aggregates, condition_ends(results), baselines)
+    tables = {}
+    for (study, cell), aggs in _by_cell(aggregates).items():
+        base = baselines.get(study)
+        if len(aggs) >= 2 and any(a.condition.arm == base for a in aggs):
+            tables[(study, cell)] = cell_markdown(
+                aggs, [r for r in cost if (r["study"], r["cell"]) == (study, cell)],
+                [r for r in accuracy if (r["study"], r["cell"]) == (study, cell)], base)
+    return cost, accuracy, tables
 
 
 def write_report(folders: Sequence[str | Path], out: str | Path, plots: bool = True,
@@ -289,11 +211,14 @@ def write_report(folders: Sequence[str | Path], out: str | Path, plots: bool = T
             path = plot_report_curves(aggs, out / f"curves_{slug}.png", f"{study}: {cell}")
             paths[f"curves {study} {cell}"] = path
             images.append(f"![retention curves, {study}: {cell}]({path.name})")
-    text = markdown(aggregates, comparison_rows, baselines, missing, images) + "\n" + \
+    cost, accuracy, tables = cost_tables(results, baselines)
+    text = markdown(aggregates, comparison_rows, baselines, missing, images, tables) + "\n" + \
         "\n".join(provenance_markdown(results))
     return {
         "markdown": atomic_write_text(out / "report.md", text),
         "csv": atomic_write_text(out / "report.csv", csv_text(rate_rows(aggregates))),
         "comparisons": atomic_write_text(out / "comparisons.csv", csv_text(comparison_rows)),
+        "costs": atomic_write_text(out / "costs.csv", csv_text(cost)),
+        "accuracy": atomic_write_text(out / "accuracy.csv", csv_text(accuracy)),
         **paths,
     }

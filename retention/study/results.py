@@ -1,6 +1,7 @@
 """The finished runs of study or run folders, as the report and the analysis read them: each run's condition
 (study, grid cell, arm), seed and summary; a run given twice counted once; runs of different provenance refused
-or labelled apart.
+or labelled apart. Their counts per condition and seed (:class:`Aggregate`), and the difference of two
+conditions' rates (:func:`difference`).
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,7 @@ from retention.provenance import describe, digest_conflicts, environment_key, po
 from retention.records import GROUPS
 from retention.study.runner import DONE
 from retention.study.spec import cell_label
+from retention.study.stats import Interval, newcombe, paired_interval, t_interval, wilson
 from retention.summary import INCOMPLETE
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,8 @@ class RunResult:
     fact: int | None
     summary: dict
     folder: Path
+    seconds: float | None = None
+    """The run's wall time as the study measured it (``study_run.json``); None outside a study."""
 
 
 Counts = dict[int, dict[str, dict[str, tuple[int, int]]]]
@@ -142,6 +148,15 @@ def _read_study_state(path: Path) -> tuple[str, str, list[dict]]:
         raise ReportError(f"{path}: not a study.json of retention study ({type(err).__name__}: {err})") from None
 
 
+def _run_seconds(path: Path) -> float | None:
+    """The seconds a study's ``study_run.json`` records for its run (None where it has none)."""
+    try:
+        seconds = json.loads(path.read_text(encoding="utf-8")).get("seconds")
+    except (ValueError, RecursionError, AttributeError):
+        return None
+    return float(seconds) if isinstance(seconds, (int, float)) else None
+
+
 def load_results(folders: Sequence[str | Path], mixed_provenance: str = "refuse",
                  ) -> tuple[list[RunResult], dict[str, str], list[str]]:
     """Finished runs of the given study or run folders; the baseline arm of each study; what was left out.
@@ -169,7 +184,7 @@ def load_results(folders: Sequence[str | Path], mixed_provenance: str = "refuse"
                     missing.append(f"{name}/{run['name']} ({run['state']})")
                     continue
                 add(RunResult(Condition(name, cell_label(list(run["cell"].items())), run["arm"]), run["seed"],
-                              run["fact"], _read_summary(run_dir), run_dir))
+                              run["fact"], _read_summary(run_dir), run_dir, _run_seconds(run_dir / DONE)))
         elif (folder / "summary.json").is_file() or (folder / INCOMPLETE).is_file():
             summary = _read_summary(folder)
             add(RunResult(Condition(folder.resolve().name, "all", folder.resolve().name),
@@ -179,3 +194,100 @@ def load_results(folders: Sequence[str | Path], mixed_provenance: str = "refuse"
     if not results:
         raise ReportError(f"no finished runs in {', '.join(map(str, folders))}")
     return _check_provenance(results, baselines, mixed_provenance), baselines, missing
+
+
+@dataclass
+class Aggregate:
+    """One condition's per-seed counts (facts pooled) at every step all its seeds measured."""
+
+    condition: Condition
+    seeds: list[int]
+    n_runs: int
+    counts: dict[int, Counts]
+    """seed -> per-step counts."""
+
+    @property
+    def steps(self) -> list[int]:
+        """The steps every seed measured."""
+        common = set.intersection(*(set(c) for c in self.counts.values()))
+        return sorted(common)
+
+    @property
+    def final_step(self) -> int:
+        """The last step every seed measured."""
+        return self.steps[-1]
+
+    def per_seed(self, step: int, group: str, protocol: str) -> list[float]:
+        """Each seed's rate (NaN where nothing passed at t=0)."""
+        out = []
+        for seed in self.seeds:
+            k, n = self.counts[seed].get(step, {}).get(group, {}).get(protocol, (0, 0))
+            out.append(k / n if n else math.nan)
+        return out
+
+    def pooled(self, step: int, group: str, protocol: str) -> tuple[int, int]:
+        """(kept, passing at t=0), the seeds' counts summed."""
+        pairs = [self.counts[s].get(step, {}).get(group, {}).get(protocol, (0, 0)) for s in self.seeds]
+        return sum(k for k, _ in pairs), sum(n for _, n in pairs)
+
+    def rate(self, step: int, group: str, protocol: str) -> tuple[Interval, Interval]:
+        """(mean over seeds with t-interval, pooled with Wilson interval)."""
+        return (t_interval(self.per_seed(step, group, protocol), bounds=(0.0, 1.0)),
+                wilson(*self.pooled(step, group, protocol)))
+
+    def band(self, step: int, group: str, protocol: str) -> Interval:
+        """The rate the plots draw: the mean over seeds with its t-interval, or with one seed the pooled rate
+        with its Wilson interval."""
+        mean, pooled = self.rate(step, group, protocol)
+        return mean if len(self.seeds) >= 2 else pooled
+
+    def text(self, step: int, group: str, protocol: str) -> str:
+        """The report's cell: the mean over seeds [t-interval] (one seed: pooled [Wilson]) and the pooled
+        count / denominator; ``-`` without probes."""
+        mean, pooled = self.rate(step, group, protocol)
+        if pooled.n == 0:
+            return "-"
+        k, n = self.pooled(step, group, protocol)
+        return f"{(mean if len(self.seeds) >= 2 else pooled).fmt()} ({k}/{n})"
+
+    def protocols(self) -> list[str]:
+        """The protocols recorded, in first-seen order."""
+        seen: dict[str, None] = {}
+        for by_step in self.counts.values():
+            for by_group in by_step.values():
+                for by_p in by_group.values():
+                    seen.update(dict.fromkeys(by_p))
+        return list(seen)
+
+
+def aggregate(results: Sequence[RunResult]) -> list[Aggregate]:
+    """One :class:`Aggregate` per condition: each seed's runs pooled at the steps they all measured."""
+    by_condition: dict[Condition, dict[int, list[RunResult]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        by_condition[r.condition][r.seed].append(r)
+    out = []
+    for condition, by_seed in by_condition.items():
+        counts: dict[int, Counts] = {}
+        for seed, runs in sorted(by_seed.items()):
+            pooled: Counts = {}
+            per_run = [run_counts(r.summary) for r in runs]
+            for step in set.intersection(*(set(c) for c in per_run)):
+                for c in per_run:
+                    for g, by_p in c[step].items():
+                        for p, (k, n) in by_p.items():
+                            k0, n0 = pooled.setdefault(step, {}).setdefault(g, {}).get(p, (0, 0))
+                            pooled[step][g][p] = (k0 + k, n0 + n)
+            counts[seed] = pooled
+        out.append(Aggregate(condition, sorted(by_seed), sum(len(v) for v in by_seed.values()), counts))
+    return out
+
+
+def difference(a: Aggregate, b: Aggregate, step_a: int, step_b: int, group_a: str, group_b: str,
+                protocol: str) -> tuple[Interval, str]:
+    """``a - b`` of a group's rate: paired over common seeds when there are two or more, else Newcombe on pooled counts."""
+    common = [s for s in a.seeds if s in b.seeds]
+    if len(common) >= 2:
+        xa = [a.per_seed(step_a, group_a, protocol)[a.seeds.index(s)] for s in common]
+        xb = [b.per_seed(step_b, group_b, protocol)[b.seeds.index(s)] for s in common]
+        return paired_interval(xa, xb), "paired t over seeds"
+    return newcombe(*a.pooled(step_a, group_a, protocol), *b.pooled(step_b, group_b, protocol)), "Newcombe (pooled)"

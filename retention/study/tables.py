@@ -54,6 +54,16 @@ def fmt_interval(est: float, low: float, high: float, digits: int = 2, sign: boo
     return f"{fmt(est, digits, sign)} [{fmt(low, digits, sign)}, {fmt(high, digits, sign)}]"
 
 
+def fmt_difference(est: float, low: float, high: float, excludes_zero: bool, digits: int = 2) -> str:
+    """A signed difference with its interval, **bold** when the interval excludes zero.
+
+    >>> fmt_difference(0.25, 0.1, 0.4, True), fmt_difference(-0.1, -0.3, 0.1, False)
+    ('**+0.25 [+0.10, +0.40]**', '-0.10 [-0.30, +0.10]')
+    """
+    text = fmt_interval(est, low, high, digits, sign=True)
+    return f"**{text}**" if excludes_zero else text
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     """The lines of a Markdown table.
 
