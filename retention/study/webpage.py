@@ -211,5 +211,6 @@ def write_html(folders: Sequence[str | Path], out: str | Path, mixed_provenance:
         raise ReportError(f"no {', '.join(absent)}: write the report (retention report) before its web page")
     results, _, _ = load_results(folders, mixed_provenance)
     text = page(files[0].read_text(encoding="utf-8"), _read_csv(files[1]), _read_csv(files[2]), results,
-                _embedded(out), [_download(f) for f in files[1:]])
+                _embedded(out), [_download(f) for f in [*files[1:], out / "costs.csv", out / "accuracy.csv"]
+                                 if f.is_file()])
     return atomic_write_text(out / PAGE, text)
