@@ -15,6 +15,11 @@ is ignored (the caller recomputes and overwrites it). A large file damaged witho
 rot, a disk error) is found by a full check: ``get(key, verify=True)`` or ``retention cache verify``
 (:func:`verify_tree`). Opening a kind's folder removes the temporaries that
 interrupted writes left there (:func:`retention.io.remove_stale_temporaries`).
+
+Processes that may need the same entry at the same moment (the runs of ``retention study --jobs N``) read and
+compute it under :meth:`DiskCache.lock`: an OS file lock ``.<name>.lock`` beside the entry, so one computes it
+and the others wait, then read it. The OS drops the lock when its process ends, however it ends: a killed run
+leaves no lock held. The lock files stay (empty); they are no entries, and ``retention cache verify`` skips them.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 
 from retention.io import atomic_path, atomic_write_json, json_text, remove_stale_temporaries
 
@@ -120,6 +127,32 @@ class DiskCache:
     def data_path(self, key: dict, suffix: str = "") -> Path:
         """Where the entry for ``key`` keeps data its owner writes (a file or a folder, passed to :meth:`put`)."""
         return self.root / f"{self._name(key)}{suffix}"
+
+    @contextmanager
+    def lock(self, *keys: dict) -> Iterator[None]:
+        """Hold the locks of the entries for ``keys`` (in name order, so that two holders of overlapping sets
+        cannot deadlock), waiting for the process that holds one. Read, compute and put an entry inside it::
+
+            with entries.lock(key):
+                hit = entries.get(key)
+                if hit is None:
+                    entries.put(key, compute())
+
+        Reentrant within a thread; a cache folder that cannot be written to is read without locks."""
+        with ExitStack() as held:
+            for name in sorted({self._name(key) for key in keys}):
+                path = self.root / f".{name}.lock"
+                lock = FileLock(path, is_singleton=True)
+                try:
+                    self.root.mkdir(parents=True, exist_ok=True)
+                    try:
+                        held.enter_context(lock.acquire(timeout=0))
+                    except Timeout:
+                        log.info("waiting for another process to finish the cache entry %s", path.with_name(name))
+                        held.enter_context(lock.acquire())
+                except OSError as err:  # a read-only cache: nothing will be written to it
+                    log.debug("no lock %s: %s", path, err)
+            yield
 
     def get(self, key: dict, verify: bool = False) -> tuple[dict, dict[str, torch.Tensor]] | None:
         """``(payload, tensors)`` of the entry for ``key``, or None when it is missing or fails its checks;
