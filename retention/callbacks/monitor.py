@@ -22,7 +22,8 @@ class RetentionMonitor(PipelineCallback):
     """Measures the probe sets of :class:`~retention.callbacks.apply_edits.ApplyEdits` during fine-tuning.
 
     t=0 is measured when ApplyEdits has applied the edits (``on_edits_applied``, before the strategy wraps the
-    model; without edit and control sets the monitor does nothing);
+    model; without edit and control sets the monitor does nothing; with ``share_t0`` an earlier run's t=0 of the
+    same edited model, probes and settings is reused: :mod:`~retention.callbacks.t0_cache`);
     then every ``every_n_steps`` optimizer steps and at the end of training. Logs, per probe group (``edit``,
     ``edit_paraphrase``, ``edit_neighborhood``, ``control``, ``control_paraphrase``) and protocol,
     ``retention/<group>_<protocol>`` (vs t=0) and ``accuracy/<group>_<protocol>``, and keeps the curves (in
