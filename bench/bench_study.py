@@ -7,6 +7,7 @@ sequential on 4 built-in facts, 8 controls, 10 fine-tuning steps, top1 and prob.
 selects, edits and measures t=0 and the other three reuse all three. Each way starts with no selection, edit or
 t=0 cache entries (the converted model, key statistics, context templates and projectors are kept, as between any
 two studies). One timed run of each way, all sharing first (a whole study is minutes; the ratios are what to read).
+Before them, what a run that reuses t=0 spends on it against measuring it, on the same probes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
+from bench.common import interleaved_medians
 from retention.paths import cache_dir
 from retention.study import Study, StudySpec
 
@@ -63,7 +66,29 @@ def _no_shared_entries():
                 aside.rename(root / name)
 
 
+def _t0() -> None:
+    """t=0 of the study's probes (4 edits, 8 controls; top1 and prob, the monitor's batch size) on the default
+    model: measured, and read back from the t=0 cache."""
+    from retention.callbacks.apply_edits import ApplyEdits
+    from retention.callbacks.probing import ScoreSettings, measure
+    from retention.callbacks.t0_cache import measure_t0
+    from retention.models import load_model, model_fingerprint
+    from retention.pipeline_contract import PipelineState
+
+    model, tokenizer = load_model("smollm2-135m")
+    probes = ApplyEdits(known_protocol="none", n_edit=4, n_control=8).select(pl_module=None).sets.probes()
+    settings = ScoreSettings(("top1", "prob"))
+    state = PipelineState(edit={"base_fingerprint": model_fingerprint(model), "editor": "rome"}, edited_layers=[5])
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {"RETENTION_CACHE": tmp}):
+        times = interleaved_medians({"measured": lambda: measure(model, tokenizer, probes, settings, 0),
+                                     "reused": lambda: measure_t0(model, tokenizer, probes, settings, state)})
+    assert state.stats["t0_reused"] == 1
+    print(f"t=0 of {len(probes)} probes: measured {times['measured']:.2f} s, reused {times['reused']:.3f} s "
+          f"(key and lookup): {times['measured'] / times['reused']:.0f}x")
+
+
 def run() -> None:
+    _t0()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     cwd = os.getcwd()
     os.chdir(ROOT)  # the ROME preset reads its key-statistics corpus relative to the repository root

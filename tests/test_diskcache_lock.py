@@ -49,10 +49,11 @@ def test_two_processes_compute_an_entry_once(tmp_path):
         w.join(60)
     assert [w.exitcode for w in workers] == [0, 0]
     assert len(calls.read_text().split()) == 1  # one computed, the other waited and read it
-    # The lock file is no entry: a full check lists the one entry, sound.
-    assert any(p.name.endswith(".lock") for p in (tmp_path / "c").iterdir())
-    assert [(p.name, problem) for p, problem in verify_tree(tmp_path / "c")] == \
-        [(DiskCache(tmp_path / "c").data_path(KEY, ".json").name, None)]
+    # The lock file is kept out of the cache: the folder holds the entry only, and it is sound.
+    cache = DiskCache(tmp_path / "c")
+    assert cache.lock_path(KEY).is_file()
+    assert sorted(cache.root.iterdir()) == [cache.data_path(KEY, suffix) for suffix in (".json", ".safetensors")]
+    assert [(p, problem) for p, problem in verify_tree(cache.root)] == [(cache.data_path(KEY, ".json"), None)]
 
 
 def test_a_killed_holder_leaves_no_lock_held(tmp_path):
@@ -63,9 +64,8 @@ def test_a_killed_holder_leaves_no_lock_held(tmp_path):
     child.start()
     try:
         assert held.wait(60)
-        lock_file = root / f".{DiskCache(root).data_path(KEY).name}.lock"
         with pytest.raises(Timeout):
-            FileLock(lock_file).acquire(timeout=0)  # the child holds it
+            FileLock(DiskCache(root).lock_path(KEY)).acquire(timeout=0)  # the child holds it
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.join(10)
