@@ -15,6 +15,12 @@ is ignored (the caller recomputes and overwrites it). A large file damaged witho
 rot, a disk error) is found by a full check: ``get(key, verify=True)`` or ``retention cache verify``
 (:func:`verify_tree`). Opening a kind's folder removes the temporaries that
 interrupted writes left there (:func:`retention.io.remove_stale_temporaries`).
+
+Processes that may need the same entry at the same moment (the runs of ``retention study --jobs N``) read and
+compute it under :meth:`DiskCache.lock`, an OS file lock, so one computes it and the others wait, then read it.
+The OS drops the lock when its process ends, however it ends: a killed run leaves no lock held. The lock files
+are kept out of the cache (under :data:`LOCKS`, named by a hash of the entry's path), so the cache holds entries
+only; they exclude the processes of one machine.
 """
 
 from __future__ import annotations
@@ -23,11 +29,14 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 
 from retention.io import atomic_path, atomic_write_json, json_text, remove_stale_temporaries
 
@@ -37,6 +46,8 @@ _FIELDS = ("key", "payload", "files")
 LARGE_FILE = 64 << 20
 """Data files at least this large are trusted on read while their stamp is the recorded one (and hashed once
 per process by :func:`file_digest`); smaller ones are always hashed."""
+LOCKS = Path(tempfile.gettempdir()) / "retention-locks"
+"""Where the entries' lock files are (empty files; any may be deleted while no process runs)."""
 _large_digests: dict[tuple, str] = {}
 """(path, size, mtime, inode) -> SHA-256 of the files of at least :data:`LARGE_FILE` bytes hashed by this
 process."""
@@ -120,6 +131,35 @@ class DiskCache:
     def data_path(self, key: dict, suffix: str = "") -> Path:
         """Where the entry for ``key`` keeps data its owner writes (a file or a folder, passed to :meth:`put`)."""
         return self.root / f"{self._name(key)}{suffix}"
+
+    def lock_path(self, key: dict) -> Path:
+        """The lock file of the entry for ``key`` (:meth:`lock`)."""
+        return LOCKS / f"{digest(str(self.data_path(key).resolve()))}.lock"
+
+    @contextmanager
+    def lock(self, *keys: dict) -> Iterator[None]:
+        """Hold the locks of the entries for ``keys`` (in name order, so that two holders of overlapping sets
+        cannot deadlock), waiting for the process that holds one. Read, compute and put an entry inside it::
+
+            with entries.lock(key):
+                hit = entries.get(key)
+                if hit is None:
+                    entries.put(key, compute())
+
+        Reentrant within a thread."""
+        with ExitStack() as held:
+            for entry, path in sorted({self.data_path(key): self.lock_path(key) for key in keys}.items()):
+                lock = FileLock(path, is_singleton=True)
+                try:
+                    LOCKS.mkdir(parents=True, exist_ok=True)
+                    try:
+                        held.enter_context(lock.acquire(timeout=0))
+                    except Timeout:
+                        log.info("waiting for another process to finish the cache entry %s", entry)
+                        held.enter_context(lock.acquire())
+                except OSError as err:  # another user's lock folder: computed without a lock, as before
+                    log.debug("no lock %s for %s: %s", path, entry, err)
+            yield
 
     def get(self, key: dict, verify: bool = False) -> tuple[dict, dict[str, torch.Tensor]] | None:
         """``(payload, tensors)`` of the entry for ``key``, or None when it is missing or fails its checks;

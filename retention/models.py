@@ -114,12 +114,13 @@ def _converted_folder(gguf: Path) -> Path:
     entries = DiskCache(cache_dir() / "models", name=lambda key: f"{key['gguf']}-{key['size']}")
     key = {"gguf": gguf.stem, "size": gguf.stat().st_size}
     target = entries.data_path(key)
-    if entries.get(key) is None:
-        model, tokenizer = _dequantised_from_gguf(gguf)
-        with atomic_path(target, folder=True) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        entries.put(key, {}, data=target)
+    with entries.lock(key):  # runs started together convert it once
+        if entries.get(key) is None:
+            model, tokenizer = _dequantised_from_gguf(gguf)
+            with atomic_path(target, folder=True) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+            entries.put(key, {}, data=target)
     return target
 
 

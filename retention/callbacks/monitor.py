@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from retention.callbacks.probing import ScoreSettings, measure
+from retention.callbacks.t0_cache import measure_t0
 from retention.data.selection import KnowledgeSets
 from retention.pipeline_contract import Measurement, PipelineCallback
 from retention.records import Probe
@@ -21,7 +22,8 @@ class RetentionMonitor(PipelineCallback):
     """Measures the probe sets of :class:`~retention.callbacks.apply_edits.ApplyEdits` during fine-tuning.
 
     t=0 is measured when ApplyEdits has applied the edits (``on_edits_applied``, before the strategy wraps the
-    model; without edit and control sets the monitor does nothing);
+    model; without edit and control sets the monitor does nothing; with ``share_t0`` an earlier run's t=0 of the
+    same edited model, probes and settings is reused: :mod:`~retention.callbacks.t0_cache`);
     then every ``every_n_steps`` optimizer steps and at the end of training. Logs, per probe group (``edit``,
     ``edit_paraphrase``, ``edit_neighborhood``, ``control``, ``control_paraphrase``) and protocol,
     ``retention/<group>_<protocol>`` (vs t=0) and ``accuracy/<group>_<protocol>``, and keeps the curves (in
@@ -34,6 +36,7 @@ class RetentionMonitor(PipelineCallback):
         every_n_steps: int = 50,
         batch_size: int = 16,
         max_new_tokens: int = 10,
+        share_t0: bool = True,
     ):
         """
         Args:
@@ -41,6 +44,8 @@ class RetentionMonitor(PipelineCallback):
             every_n_steps: measure every this many optimizer steps (0: only t=0 and the end).
             batch_size: probes per scoring forward.
             max_new_tokens: greedy tokens generated per probe for the ``gen`` protocol.
+            share_t0: reuse the t=0 measurement an earlier run made of the same edited model, probes and
+                settings (cached on disk; a study's arms that differ only after editing measure t=0 once).
         """
         if every_n_steps < 0:
             raise ValueError(f"monitor.every_n_steps={every_n_steps}: must be >= 0")
@@ -56,6 +61,7 @@ class RetentionMonitor(PipelineCallback):
             raise ValueError(f"monitor.protocols: {e}") from None
         self.settings = ScoreSettings(protocols, batch_size, max_new_tokens)
         self.every_n_steps = every_n_steps
+        self.share_t0 = share_t0
         self.probes: list[Probe] = []
         self.baseline: list[ProbeResult] = []
         """This rank's t=0 results (its shard of the probes)."""
@@ -83,7 +89,8 @@ class RetentionMonitor(PipelineCallback):
             )
         # On a resumed run (the trainer knows its checkpoint already) the checkpoint's curves replace this list
         # afterwards and the loggers have t=0; it is measured again as the baseline of the later measurements.
-        m, self.baseline = measure(pl_module.model, pl_module.tokenizer, self.probes, self.settings, 0)
+        args = (pl_module.model, pl_module.tokenizer, self.probes, self.settings)
+        m, self.baseline = measure_t0(*args, pl_module.pipeline) if self.share_t0 else measure(*args, 0)
         self._record(trainer, m, log=trainer.ckpt_path is None)
 
     @staticmethod

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -170,18 +171,19 @@ def key_covariances(
     fingerprint = fingerprint or model_fingerprint(base)
     entries = DiskCache(cache_dir() / "covariance" / fingerprint)
     keys = {i: _cache_key(base, fingerprint, i, corpus_id, spec) for i in layers}
-    out = {i: hit[1]["C"] for i in layers if cache and (hit := entries.get(keys[i])) is not None}
-    missing = [i for i in layers if i not in out]
-    if missing:
-        was_training = base.training
-        base.eval()
-        computed, tokens = _compute(base, tokenizer, missing, _windows(tokenizer, text, spec), spec)
-        base.train(was_training)
-        for i, c in computed.items():
-            if cache:
-                entries.put(keys[i], {"tokens": tokens}, {"C": c})
-            out[i] = c
-        log.info("covariance of layer(s) %s over %d tokens of %s in %.1f s", missing, tokens, spec.corpus,
-                 time.perf_counter() - t0)
+    with entries.lock(*keys.values()) if cache else nullcontext():  # runs started together compute them once
+        out = {i: hit[1]["C"] for i in layers if cache and (hit := entries.get(keys[i])) is not None}
+        missing = [i for i in layers if i not in out]
+        if missing:
+            was_training = base.training
+            base.eval()
+            computed, tokens = _compute(base, tokenizer, missing, _windows(tokenizer, text, spec), spec)
+            base.train(was_training)
+            for i, c in computed.items():
+                if cache:
+                    entries.put(keys[i], {"tokens": tokens}, {"C": c})
+                out[i] = c
+            log.info("covariance of layer(s) %s over %d tokens of %s in %.1f s", missing, tokens, spec.corpus,
+                     time.perf_counter() - t0)
     return out
 
