@@ -178,14 +178,17 @@ def test_reused_edit_gives_the_same_retention_as_editing_again(tiny_study, tmp_p
 
     base = tmp_path / "base.yaml"
     for name, cache in (("first", "true"), ("reused", "true"), ("fresh", "false")):
-        assert fit_main(["--config", str(base), "--run.name", name, "--edits.cache", cache]) == 0
+        assert fit_main(["--config", str(base), "--run.name", name, "--edits.cache", cache,
+                         "--monitor.share_t0", cache]) == 0
     out = {}
     for name in ("first", "reused", "fresh"):
         folder = tmp_path / "runs" / name
         summary = json.loads((folder / "summary.json").read_text())
         probes = sorted((folder / "probes").iterdir())
-        out[name] = (summary["retention"], summary["t0"], [p.read_text() for p in probes], summary["run"]["reused"])
+        out[name] = (summary["retention"], summary["t0"], [p.read_text() for p in probes], summary["run"]["reused"],
+                     summary["run"]["t0_reused"])
     assert out["reused"][3] == {"edit": True} and out["fresh"][3] == {"edit": False}
+    assert (out["first"][4], out["reused"][4], out["fresh"][4]) == (0, 1, 0)
     assert out["reused"][:3] == out["first"][:3] == out["fresh"][:3]
 
 
