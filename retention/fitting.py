@@ -122,9 +122,9 @@ def default_run_name(data: TaskDataModule, model: FineTuneModule) -> str:
 
 
 def check_choices(config: Namespace) -> None:
-    """Raise ValueError naming the flag of a closed choice outside its choices or an ``--optimizer.lr`` that is not
+    """Raise ValueError naming the flag of a closed choice outside its choices, an ``--optimizer.lr`` that is not
     a positive finite number (``config``: the parsed fit config; ``model.optimizer.lr`` is checked by its
-    dataclass)."""
+    dataclass), or ``--run.save_model`` with an editor whose edits no weight holds."""
     checks = (("--edits.editor", editor_class, config.edits.editor),
               ("--edits.known_protocol", check_protocols,
                [p for p in [config.edits.known_protocol] if p != "none"]),  # none: every fact counts as known
@@ -137,6 +137,10 @@ def check_choices(config: Namespace) -> None:
     lr = (config.get("optimizer") or Namespace()).get("init_args", Namespace()).get("lr")
     if lr is not None:
         check_learning_rate("--optimizer.lr", lr)
+    if config.run.save_model and config.edits.n_edit and editor_class(config.edits.editor)[0].edits_in_memory:
+        raise ValueError(f"--run.save_model: {config.edits.editor} keeps its edits in a memory module beside the "
+                         "weights, so an exported model would be the fine-tuned model without them; leave "
+                         "run.save_model off with this editor (docs/editors.md)")
 
 
 def check_sources(config: Namespace) -> None:

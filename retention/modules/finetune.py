@@ -32,7 +32,7 @@ from typing_extensions import override
 from retention.arch import ArchAdapter, unwrap_model
 from retention.distributed import all_reduce_sum, gathered_root, is_sharded
 from retention.models import DEFAULT_MODEL, load_model
-from retention.modules.export import write_model
+from retention.modules.export import check_exportable, write_model
 from retention.pipeline_contract import PipelineState, check_order
 
 log = logging.getLogger(__name__)
@@ -511,6 +511,7 @@ class FineTuneModule(LightningModule):
         peft adapter over it in ``<path>/adapter`` (:mod:`retention.modules.export`). Call it on every rank: rank 0
         writes, a sharded (FSDP2) model is gathered first."""
         t0 = time.perf_counter()
+        check_exportable(self.model)  # before gathering: a sharded model's copy is loaded afresh, without memory
         path = Path(path)
         if self.global_rank != 0 and not is_sharded(self.model):
             return path
