@@ -90,7 +90,11 @@ class RetentionMonitor(PipelineCallback):
         # On a resumed run (the trainer knows its checkpoint already) the checkpoint's curves replace this list
         # afterwards and the loggers have t=0; it is measured again as the baseline of the later measurements.
         args = (pl_module.model, pl_module.tokenizer, self.probes, self.settings)
-        m, self.baseline = measure_t0(*args, pl_module.pipeline) if self.share_t0 else measure(*args, 0)
+        if self.share_t0:
+            m, self.baseline = measure_t0(*args, pl_module.pipeline)
+        else:
+            m, self.baseline = measure(*args, 0)
+            pl_module.pipeline.stats["t0_reused"] = 0
         self._record(trainer, m, log=trainer.ckpt_path is None)
 
     @staticmethod

@@ -117,6 +117,7 @@ def measure_t0(model: nn.Module, tokenizer, probes: Sequence[Probe], settings: S
     t0 = time.perf_counter()
     key = t0_key(model, tokenizer, probes, settings, pipeline)
     if key is None:
+        pipeline.stats["t0_reused"] = 0
         return measure(model, tokenizer, probes, settings, 0)
     store = DiskCache(cache_dir() / "t0")
     with store.lock(key):
