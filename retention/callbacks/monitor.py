@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -14,7 +16,7 @@ from retention.callbacks.probing import ScoreSettings, measure
 from retention.data.selection import KnowledgeSets
 from retention.pipeline_contract import Measurement, PipelineCallback
 from retention.records import Probe
-from retention.scoring import ProbeResult, check_protocols, top1_blind
+from retention.scoring import PRECISIONS, ProbeResult, bf16_supported, check_protocols, top1_blind
 
 
 class RetentionMonitor(PipelineCallback):
@@ -34,6 +36,7 @@ class RetentionMonitor(PipelineCallback):
         every_n_steps: int = 50,
         batch_size: int = 16,
         max_new_tokens: int = 10,
+        precision: Literal["32", "bf16"] = "32",
     ):
         """
         Args:
@@ -41,6 +44,9 @@ class RetentionMonitor(PipelineCallback):
             every_n_steps: measure every this many optimizer steps (0: only t=0 and the end).
             batch_size: probes per scoring forward.
             max_new_tokens: greedy tokens generated per probe for the ``gen`` protocol.
+            precision: ``32``, or ``bf16``: score under autocast to bfloat16, on a CPU with AVX-512 BF16 or AMX or
+                a GPU with bf16 (independent of ``trainer.precision``: scoring runs outside the training step).
+                Retention compares measurements made alike, t=0 included (docs/finetuning.md#bf16-on-cpu).
         """
         if every_n_steps < 0:
             raise ValueError(f"monitor.every_n_steps={every_n_steps}: must be >= 0")
@@ -54,7 +60,15 @@ class RetentionMonitor(PipelineCallback):
             protocols = check_protocols(protocols)
         except ValueError as e:
             raise ValueError(f"monitor.protocols: {e}") from None
-        self.settings = ScoreSettings(protocols, batch_size, max_new_tokens)
+        if precision not in PRECISIONS:
+            raise ValueError(f"monitor.precision={precision!r}: choose from {', '.join(PRECISIONS)}")
+        if precision == "bf16" and not (bf16_supported("cpu") or bf16_supported("cuda")):
+            raise ValueError(
+                "monitor.precision=bf16: this machine computes in bfloat16 nowhere natively (a CPU "
+                f"{torch.backends.cpu.get_cpu_capability()} without AVX-512 BF16 or AMX, no GPU with bf16), and "
+                "emulated bf16 is slower than float32; set --monitor.precision 32"
+            )
+        self.settings = ScoreSettings(protocols, batch_size, max_new_tokens, precision)
         self.every_n_steps = every_n_steps
         self.probes: list[Probe] = []
         self.baseline: list[ProbeResult] = []
