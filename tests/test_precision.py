@@ -99,5 +99,6 @@ def test_bf16_refused_without_native_support(monkeypatch, tiny_llama):
         RetentionMonitor(precision="bf16")
     with pytest.raises(ValueError, match="monitor.precision"):
         RetentionMonitor(precision="16")
+    assert RetentionMonitor(precision=32).settings.precision == "32"  # `precision: 32` as YAML reads it
     with pytest.raises(ValueError, match="precision bf16: cpu has no native bfloat16"):
         score_probes(*tiny_llama, PROBES[:1], ("top1",), precision="bf16")

@@ -36,7 +36,7 @@ class RetentionMonitor(PipelineCallback):
         every_n_steps: int = 50,
         batch_size: int = 16,
         max_new_tokens: int = 10,
-        precision: Literal["32", "bf16"] = "32",
+        precision: Literal["32", "bf16", 32] = "32",
     ):
         """
         Args:
@@ -44,9 +44,10 @@ class RetentionMonitor(PipelineCallback):
             every_n_steps: measure every this many optimizer steps (0: only t=0 and the end).
             batch_size: probes per scoring forward.
             max_new_tokens: greedy tokens generated per probe for the ``gen`` protocol.
-            precision: ``32``, or ``bf16``: score under autocast to bfloat16, on a CPU with AVX-512 BF16 or AMX or
-                a GPU with bf16 (independent of ``trainer.precision``: scoring runs outside the training step).
-                Retention compares measurements made alike, t=0 included (docs/finetuning.md#bf16-on-cpu).
+            precision: ``32`` (YAML may read it as a number), or ``bf16``: score under autocast to bfloat16, on a
+                CPU with AVX-512 BF16 or AMX or a GPU with bf16 (independent of ``trainer.precision``: scoring runs
+                outside the training step). Retention compares measurements made alike, t=0 included
+                (docs/finetuning.md#bf16-on-cpu).
         """
         if every_n_steps < 0:
             raise ValueError(f"monitor.every_n_steps={every_n_steps}: must be >= 0")
@@ -60,6 +61,7 @@ class RetentionMonitor(PipelineCallback):
             protocols = check_protocols(protocols)
         except ValueError as e:
             raise ValueError(f"monitor.protocols: {e}") from None
+        precision = str(precision)
         if precision not in PRECISIONS:
             raise ValueError(f"monitor.precision={precision!r}: choose from {', '.join(PRECISIONS)}")
         if precision == "bf16" and not (bf16_supported("cpu") or bf16_supported("cuda")):
