@@ -24,21 +24,28 @@ BATCH, LENGTH, STEPS, REPEATS = 4, 128, 4, 3
 TARGET = 0.95
 
 
+def random_batch(vocab_size: int, batch: int, length: int) -> dict[str, torch.Tensor]:
+    """A fixed (seeded) batch of random token ids, every position labelled."""
+    ids = torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def fit_steps(module: FineTuneModule, batch: dict[str, torch.Tensor], steps: int, precision: str = "32-true") -> None:
+    """A fresh ``Trainer.fit`` of ``steps`` optimizer steps on ``batch`` (setup included), on the CPU."""
+    trainer = Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, precision=precision, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    trainer.fit(module, DataLoader([batch] * steps, batch_size=None))
+
+
 def run() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     model, tok = load_model("smollm2-135m")
-    ids = torch.randint(0, model.config.vocab_size, (BATCH, LENGTH), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    batch = random_batch(model.config.vocab_size, BATCH, LENGTH)
     args = OptimizerArgs(lr=1e-5, schedule="constant")
     module = FineTuneModule.from_model(model, tok, optimizer=args)
     module.configure_model()
-
-    def lightning() -> None:
-        trainer = Trainer(
-            accelerator="cpu", devices=1, max_steps=STEPS, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        )
-        trainer.fit(module, DataLoader([batch] * STEPS, batch_size=None))
 
     def plain() -> None:
         model.train()
@@ -54,7 +61,8 @@ def run() -> None:
 
     print(f"full fine-tuning of smollm2-135m, batch {BATCH}x{LENGTH}, {STEPS} steps per run, "
           f"median of {REPEATS} interleaved runs, {torch.get_num_threads()} threads")
-    med = interleaved_medians({"plain PyTorch loop": plain, "Lightning Trainer.fit": lightning}, repeats=REPEATS)
+    med = interleaved_medians({"plain PyTorch loop": plain,
+                               "Lightning Trainer.fit": lambda: fit_steps(module, batch, STEPS)}, repeats=REPEATS)
     tokens = BATCH * LENGTH * STEPS
     for name, t in med.items():
         print(f"{name:>22}: {tokens / t:7.1f} tokens/s  ({t:.1f} s for {STEPS} steps)")

@@ -74,6 +74,8 @@ OFF_REMEDIES = {
     "after": lambda group: group.get("mode") == "none",
 }
 """Remedy groups left out of a resolved config while they do nothing, for the same reason."""
+LEFT_OUT_AT_DEFAULT = {("monitor", "share_t0"): True, ("monitor", "precision"): "32"}
+"""Options left out of a resolved config while at their default, for the same reason."""
 
 
 @dataclass
@@ -260,6 +262,9 @@ class FitCLI(LightningCLI):
         """The parsed ``fit`` configuration as plain YAML values (unset ``--optimizer``/``--lr_scheduler`` and
         remedy groups that do nothing left out)."""
         config = yaml.safe_load(self._parser(self.subcommand).dump(self.fit_config, skip_none=False))
+        for (group, key), default in LEFT_OUT_AT_DEFAULT.items():
+            if str(config.get(group, {}).get(key)) == str(default):
+                del config[group][key]
         return {k: v for k, v in config.items()
                 if not (k in UNSET_WHEN_NONE and v is None) and not (k in OFF_REMEDIES and OFF_REMEDIES[k](v or {}))}
 
@@ -312,6 +317,13 @@ class FitCLI(LightningCLI):
         if trainer.precision is None:
             gpu = trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
             trainer.precision = "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
+        elif "bf16" in str(trainer.precision) and not torch.cuda.is_available():
+            from retention.scoring import bf16_supported
+
+            if not bf16_supported("cpu"):
+                log.warning("--trainer.precision %s on a CPU without AVX-512 BF16 or AMX (%s): bfloat16 is emulated "
+                            "there and slower than float32 (docs/finetuning.md#bf16-on-cpu)", trainer.precision,
+                            torch.backends.cpu.get_cpu_capability())
 
     @property
     def run_args(self) -> RunArgs:

@@ -12,10 +12,14 @@ A row longer than the model's positions (``max_position_embeddings``) has its pr
 BOS and the prompt's end, which the target continues; so does a ``gen`` prompt, to leave room for
 ``max_new_tokens``. The cut probes are counted in a warning and each records how many tokens it lost
 (``ProbeResult.prompt_cut``).
+
+``precision="bf16"`` scores under ``torch.autocast`` to bfloat16 (the weights stay as they are; the log-probs are
+taken in float32), on a device that computes in bfloat16 natively (:func:`bf16_supported`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -33,6 +37,7 @@ from retention.tokens import prompt_ids, right_pad, target_ids
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("top1", "prob", "token_acc", "gen")
+PRECISIONS = ("32", "bf16")
 RANK_CAP = 100
 """``ProbeResult.target_rank`` is recorded up to this value (it means "this far down or further"): deep in the
 vocabulary logits lie so close together that the exact rank changes with the float noise of another batch shape
@@ -82,6 +87,30 @@ def top1_blind(tokenizer, records: Sequence[KnowledgeRecord]) -> list[str]:
     or fails them alike edited or not (e.g. " Paris" and " Paris Hilton"), so only ``prob``/``gen`` can tell."""
     return [str(r.case_id) for r in records
             if r.target_true.strip() and target_ids(tokenizer, r.target_new)[0] == target_ids(tokenizer, r.target_true)[0]]
+
+
+def bf16_supported(device: torch.device | str) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX-512 BF16
+    or AMX. Other CPUs emulate it, slower than float32 (docs/finetuning.md#bf16-on-cpu)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def autocast(precision: str, device: torch.device):
+    """The context ``precision`` scores in on ``device``: nothing for ``32``, autocast to bfloat16 for ``bf16``
+    (refused where :func:`bf16_supported` is false)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if precision == "32":
+        return contextlib.nullcontext()
+    if not bf16_supported(device):
+        raise ValueError(f"precision bf16: {device} has no native bfloat16 (a CPU needs AVX-512 BF16 or AMX, a GPU "
+                         "bf16 support); score in float32 (precision 32)")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def max_positions(model: nn.Module) -> int | None:
@@ -189,9 +218,16 @@ def score_probes(
     batch_size: int = 16,
     max_new_tokens: int = 10,
     progress: bool = False,
+    precision: str = "32",
 ) -> list[ProbeResult]:
-    """Score probes in batches; results are in the order of ``probes``."""
+    """Score probes in batches; results are in the order of ``probes``. ``precision``: ``32``, or ``bf16``
+    under autocast (module docstring)."""
     protocols = check_protocols(protocols)
+    with autocast(precision, next(model.parameters()).device):
+        return _score_probes(model, tokenizer, probes, protocols, batch_size, max_new_tokens, progress)
+
+
+def _score_probes(model, tokenizer, probes, protocols, batch_size, max_new_tokens, progress) -> list[ProbeResult]:
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()

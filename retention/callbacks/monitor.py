@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -15,7 +17,7 @@ from retention.callbacks.t0_cache import measure_t0
 from retention.data.selection import KnowledgeSets
 from retention.pipeline_contract import Measurement, PipelineCallback
 from retention.records import Probe
-from retention.scoring import ProbeResult, check_protocols, top1_blind
+from retention.scoring import PRECISIONS, ProbeResult, bf16_supported, check_protocols, top1_blind
 
 
 class RetentionMonitor(PipelineCallback):
@@ -37,6 +39,7 @@ class RetentionMonitor(PipelineCallback):
         batch_size: int = 16,
         max_new_tokens: int = 10,
         share_t0: bool = True,
+        precision: Literal["32", "bf16", 32] = "32",
     ):
         """
         Args:
@@ -46,6 +49,10 @@ class RetentionMonitor(PipelineCallback):
             max_new_tokens: greedy tokens generated per probe for the ``gen`` protocol.
             share_t0: reuse the t=0 measurement an earlier run made of the same edited model, probes and
                 settings (cached on disk; a study's arms that differ only after editing measure t=0 once).
+            precision: ``32`` (YAML may read it as a number), or ``bf16``: score under autocast to bfloat16, on a
+                CPU with AVX-512 BF16 or AMX or a GPU with bf16 (independent of ``trainer.precision``: scoring runs
+                outside the training step). Retention compares measurements made alike, t=0 included
+                (docs/finetuning.md#bf16-on-cpu).
         """
         if every_n_steps < 0:
             raise ValueError(f"monitor.every_n_steps={every_n_steps}: must be >= 0")
@@ -59,7 +66,16 @@ class RetentionMonitor(PipelineCallback):
             protocols = check_protocols(protocols)
         except ValueError as e:
             raise ValueError(f"monitor.protocols: {e}") from None
-        self.settings = ScoreSettings(protocols, batch_size, max_new_tokens)
+        precision = str(precision)
+        if precision not in PRECISIONS:
+            raise ValueError(f"monitor.precision={precision!r}: choose from {', '.join(PRECISIONS)}")
+        if precision == "bf16" and not (bf16_supported("cpu") or bf16_supported("cuda")):
+            raise ValueError(
+                "monitor.precision=bf16: this machine computes in bfloat16 nowhere natively (a CPU "
+                f"{torch.backends.cpu.get_cpu_capability()} without AVX-512 BF16 or AMX, no GPU with bf16), and "
+                "emulated bf16 is slower than float32; set --monitor.precision 32"
+            )
+        self.settings = ScoreSettings(protocols, batch_size, max_new_tokens, precision)
         self.every_n_steps = every_n_steps
         self.share_t0 = share_t0
         self.probes: list[Probe] = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +37,8 @@ class ScoreSettings:
     protocols: tuple[str, ...] = ("top1", "prob", "gen")
     batch_size: int = 16
     max_new_tokens: int = 10
+    precision: Literal["32", "bf16"] = "32"
+    """``32``, or ``bf16``: score under autocast to bfloat16 (:mod:`retention.scoring`)."""
 
 
 def score_shard(model: nn.Module, tokenizer, probes: Sequence[Probe], settings: ScoreSettings) -> list[ProbeResult]:
@@ -49,7 +52,8 @@ def score_shard(model: nn.Module, tokenizer, probes: Sequence[Probe], settings: 
         mine += [0] * (len(shard(len(probes), 0, world)) - n)
     with gathered_root(model):
         results = score_probes(model, tokenizer, [probes[i] for i in mine], protocols=settings.protocols,
-                               batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens)
+                               batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
+                               precision=settings.precision)
     return results[:n]
 
 
