@@ -321,9 +321,10 @@ class FitCLI(LightningCLI):
             from retention.scoring import bf16_supported
 
             if not bf16_supported("cpu"):
-                log.warning("--trainer.precision %s on a CPU without AVX-512 BF16 or AMX (%s): bfloat16 is emulated "
-                            "there and slower than float32 (docs/finetuning.md#bf16-on-cpu)", trainer.precision,
-                            torch.backends.cpu.get_cpu_capability())
+                logging.getLogger(__name__).warning(
+                    "--trainer.precision %s on a CPU without AVX-512 BF16 or AMX (%s): bfloat16 is emulated there "
+                    "and slower than float32 (docs/finetuning.md#bf16-on-cpu)", trainer.precision,
+                    torch.backends.cpu.get_cpu_capability())
 
     @property
     def run_args(self) -> RunArgs:

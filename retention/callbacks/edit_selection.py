@@ -8,6 +8,7 @@ its own edit set; only the controls are drawn then.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import time
@@ -82,13 +83,14 @@ def known_facts(model: nn.Module, tokenizer, records: list[KnowledgeRecord], pro
     store = DiskCache(cache_dir() / "selection")
     key = {"version": SELECTION_CACHE_VERSION, "model": fingerprint, "protocol": protocol,
            "records": digest([dataclasses.asdict(r) for r in records])}
-    hit = store.get(key) if cache else None
-    if hit is not None:
-        known_ids = set(hit[0]["known"])
-        return [r for r in records if str(r.case_id) in known_ids], True
-    known = select_known(model, tokenizer, records, protocol=protocol)
-    if cache:
-        store.put(key, {"known": [str(r.case_id) for r in known]})
+    with store.lock(key) if cache else contextlib.nullcontext():
+        hit = store.get(key) if cache else None
+        if hit is not None:
+            known_ids = set(hit[0]["known"])
+            return [r for r in records if str(r.case_id) in known_ids], True
+        known = select_known(model, tokenizer, records, protocol=protocol)
+        if cache:
+            store.put(key, {"known": [str(r.case_id) for r in known]})
     return known, False
 
 

@@ -13,6 +13,7 @@ Each applies its edit to the plain base model (before adapters and the strategy'
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from abc import ABC, abstractmethod
@@ -183,23 +184,25 @@ class EditHere(EditSource):
                "hparams": hparams, "mode": mode, "batch_size": args.batch_size,
                "requests": [dataclasses.asdict(r) for r in requests]}
         cached = self.cache and not editor.edits_in_memory
-        hit = store.get(key) if cached else None
-        base = unwrap_model(pl_module.model)
-        if hit is not None:
-            payload, weights = hit
-            copy_weights(base, weights)
-            applied = AppliedEdit(payload["layers"], sorted(weights), payload["diagnostics"], hparams, True)
-        else:
-            editor.prepare(pl_module.model, pl_module.tokenizer, fingerprint)
-            results = run_edits(editor, pl_module.model, pl_module.tokenizer, requests, mode, args.batch_size)
-            applied = AppliedEdit(sorted({i for r in results for i in r.layers}),
-                                  sorted({n for r in results for n in r.deltas}),
-                                  [diagnostics_row(d) for r in results for d in r.diagnostics], hparams, False)
-            if cached:
-                # The edited weights themselves, not the deltas: W0 + (d1 + d2) is not (W0 + d1) + d2 in floats,
-                # and a reused edit must give the model the editor left, bit for bit.
-                store.put(key, {"layers": applied.layers, "diagnostics": applied.diagnostics},
-                          {n: base.get_parameter(n).detach() for n in applied.parameters})
+        # Runs started together (study --jobs) make an edit once: the others wait, then read it.
+        with store.lock(key) if cached else contextlib.nullcontext():
+            hit = store.get(key) if cached else None
+            base = unwrap_model(pl_module.model)
+            if hit is not None:
+                payload, weights = hit
+                copy_weights(base, weights)
+                applied = AppliedEdit(payload["layers"], sorted(weights), payload["diagnostics"], hparams, True)
+            else:
+                editor.prepare(pl_module.model, pl_module.tokenizer, fingerprint)
+                results = run_edits(editor, pl_module.model, pl_module.tokenizer, requests, mode, args.batch_size)
+                applied = AppliedEdit(sorted({i for r in results for i in r.layers}),
+                                      sorted({n for r in results for n in r.deltas}),
+                                      [diagnostics_row(d) for r in results for d in r.diagnostics], hparams, False)
+                if cached:
+                    # The edited weights themselves, not the deltas: W0 + (d1 + d2) is not (W0 + d1) + d2 in floats,
+                    # and a reused edit must give the model the editor left, bit for bit.
+                    store.put(key, {"layers": applied.layers, "diagnostics": applied.diagnostics},
+                              {n: base.get_parameter(n).detach() for n in applied.parameters})
         applied.seconds = time.perf_counter() - t0
         where = next(pl_module.model.parameters())
         how = "reused from the edit cache" if hit is not None else "edited"
