@@ -25,7 +25,7 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def test_a_shared_model_comes_back_as_loaded_after_a_run_changed_it(tiny_llama):
     original = _state(models.load_model("tiny-llama")[0])
-    with models.shared_loads() as memo:
+    with models.shared_loads({**models.SHARED_PER_KIND, "model": 1}) as memo:
         first, tokenizer = models.load_model("tiny-llama")
         with torch.no_grad():
             for p in first.parameters():
@@ -97,7 +97,7 @@ def test_a_study_gives_the_same_results_with_and_without_sharing(study_file, tmp
 
     @contextlib.contextmanager
     def watched():
-        with shared_loads() as memo:
+        with shared_loads({**models.SHARED_PER_KIND, "model": 1}) as memo:
             kept.append(memo)
             yield memo
 

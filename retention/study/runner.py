@@ -173,8 +173,8 @@ class Study:
         """Run every unfinished run, holding the study folder's lock throughout; returns the state of each run
         by name. With ``deadline`` (seconds from now) no run starts that the mean duration of the finished runs
         says cannot end by then; those are left pending (:attr:`left`) for the next invocation. Runs made in
-        this process (``jobs`` 1) with ``share`` load the base model, tokenise the task and select the facts
-        once (:func:`retention.models.shared_loads`). Raises :class:`StudyError` when another process runs the
+        this process (``jobs`` 1) with ``share`` tokenise the task and select the facts once
+        (:func:`retention.models.shared_loads`). Raises :class:`StudyError` when another process runs the
         study."""
         try:
             lock = lock_folder(self.folder, "retention study process")
