@@ -13,6 +13,7 @@ import dataclasses
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from lightning.pytorch.utilities import rank_zero_info
@@ -20,7 +21,8 @@ from torch import nn
 
 from retention.data.readers import ReadReport, read_records
 from retention.data.selection import KnowledgeSets, select_known, split_edit_control
-from retention.diskcache import DiskCache, digest
+from retention.diskcache import DiskCache, digest, file_digest
+from retention.models import shared
 from retention.paths import cache_dir
 from retention.records import KnowledgeRecord
 from retention.scoring import check_protocols
@@ -94,6 +96,26 @@ def known_facts(model: nn.Module, tokenizer, records: list[KnowledgeRecord], pro
     return known, False
 
 
+def candidates_and_known(
+    args: FactSelectionArgs, pl_module, fingerprint: str | None, candidates: str | None, cache: bool,
+) -> tuple[list[KnowledgeRecord], ReadReport | None, list[KnowledgeRecord], bool | None]:
+    """The candidates (read from ``candidates`` and sampled down to ``args.max_candidates``), their read report,
+    the known ones among them and whether those came from the selection cache (None: nothing was scored)."""
+    records, report = read_records(candidates, on_error=args.on_error) if candidates is not None else ([], None)
+    if args.max_candidates is not None and len(records) > args.max_candidates:
+        records = random.Random(args.seed).sample(records, args.max_candidates)
+    if args.known_protocol == "none" or not records:  # no records: edited_model without controls
+        return records, report, list(records), None
+    known, cache_hit = known_facts(pl_module.model, pl_module.tokenizer, records, args.known_protocol,
+                                   fingerprint, cache)
+    return records, report, known, cache_hit
+
+
+def _source_digest(source: str | None) -> str | None:
+    """A knowledge file's SHA-256, or the name of a built-in set."""
+    return file_digest(source) if source is not None and Path(source).is_file() else source
+
+
 def select_facts(
     args: FactSelectionArgs, pl_module, fingerprint: str | None, *, candidates: str | None,
     edit_set: list[KnowledgeRecord] | None = None, edit_set_report: ReadReport | None = None,
@@ -104,15 +126,22 @@ def select_facts(
     with ``edit_set_report``) that is the edit set and only controls are drawn. ``single_index`` keeps one edit
     fact (a run of the single protocol). ``pl_module`` gives the model and tokenizer that score the candidates."""
     t0 = time.perf_counter()
-    records, report = read_records(candidates, on_error=args.on_error) if candidates is not None else ([], None)
-    if args.max_candidates is not None and len(records) > args.max_candidates:
-        records = random.Random(args.seed).sample(records, args.max_candidates)
-    cache_hit = None
-    if args.known_protocol == "none" or not records:  # no records: edited_model without controls
-        known = list(records)
+    computed = []
+
+    def compute() -> tuple[list[KnowledgeRecord], ReadReport | None, list[KnowledgeRecord], bool | None]:
+        computed.append(True)
+        return candidates_and_known(args, pl_module, fingerprint, candidates, cache)
+
+    if cache and (fingerprint is not None or args.known_protocol == "none"):
+        # A study's runs in one process read and score the candidates once (retention.models.shared_loads).
+        records, report, known, cache_hit = shared("selection", lambda: {
+            "model": fingerprint, "candidates": candidates, "source": _source_digest(candidates),
+            "protocol": args.known_protocol, "max_candidates": args.max_candidates,
+            "seed": args.seed if args.max_candidates is not None else None,  # the seed draws only the sample
+            "on_error": args.on_error}, compute)
+        cache_hit = cache_hit if computed or cache_hit is None else True  # kept from an earlier run: reused
     else:
-        known, cache_hit = known_facts(pl_module.model, pl_module.tokenizer, records, args.known_protocol,
-                                       fingerprint, cache)
+        records, report, known, cache_hit = compute()
     n_edit = len(edit_set) if edit_set is not None else args.n_edit
     edit, control = split_edit_control(known, n_edit, args.n_control, args.seed, edit=edit_set)
     if single_index is not None:

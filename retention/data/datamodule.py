@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +15,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from typing_extensions import override
 
 from retention.data.tasks import Task, TaskConfig, build_task, load_examples
-from retention.models import DEFAULT_MODEL, load_tokenizer
+from retention.data.tasks.sources import is_hub_source
+from retention.diskcache import digest, file_digest
+from retention.models import DEFAULT_MODEL, load_tokenizer, shared
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +108,23 @@ def val_sampler(dataset: Dataset, num_replicas: int = 1, rank: int = 0) -> Sampl
     return torch.utils.data.SequentialSampler(dataset)
 
 
+def tokenizer_identity(tokenizer) -> str:
+    """A digest of everything tokenising depends on: vocabulary and rules (the serialised fast tokenizer; a slow
+    one's vocabulary), special tokens, chat template, padding and truncation sides."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    rules = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    return digest([type(tokenizer).__name__, rules, getattr(tokenizer, "chat_template", None),
+                   str(tokenizer.special_tokens_map), tokenizer.padding_side, tokenizer.truncation_side,
+                   tokenizer.model_max_length])
+
+
+def source_digest(source: str) -> str:
+    """What identifies a task source's content: a local file's SHA-256; the built-in name or hub id itself."""
+    if source == "builtin" or is_hub_source(source) or not Path(source).expanduser().is_file():
+        return source
+    return file_digest(Path(source).expanduser())
+
+
 class TaskDataModule(LightningDataModule):
     """Train/val loaders of a downstream task (see :class:`~retention.data.tasks.TaskConfig`).
 
@@ -160,8 +181,13 @@ class TaskDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.task is not None and self._built_for == self.exclude_terms:
             return
-        self.task = build_task(self.task_config, self.tokenizer, self.exclude_terms)
-        self._built_for = list(self.exclude_terms)
+        config, tokenizer, terms = self.task_config, self.tokenizer, list(self.exclude_terms)
+        # A study's runs in one process tokenise a task once (retention.models.shared_loads).
+        self.task = dataclasses.replace(shared(
+            "task", lambda: {"task": dataclasses.asdict(config), "source": source_digest(config.source),
+                             "tokenizer": tokenizer_identity(tokenizer), "exclude_terms": terms},
+            lambda: build_task(config, tokenizer, terms)))
+        self._built_for = terms
 
     def _replicas(self) -> tuple[int, int]:
         kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None

@@ -16,6 +16,7 @@ while it runs: a second process on the same study stops with a message.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -167,17 +168,20 @@ class Study:
 
     # -- running ---------------------------------------------------------------------------------------------
 
-    def run(self, jobs: int = 1, redo_changed: bool = False, deadline: float | None = None) -> dict[str, dict]:
+    def run(self, jobs: int = 1, redo_changed: bool = False, deadline: float | None = None,
+            share: bool = True) -> dict[str, dict]:
         """Run every unfinished run, holding the study folder's lock throughout; returns the state of each run
         by name. With ``deadline`` (seconds from now) no run starts that the mean duration of the finished runs
-        says cannot end by then; those are left pending (:attr:`left`) for the next invocation. Raises
-        :class:`StudyError` when another process runs the study."""
+        says cannot end by then; those are left pending (:attr:`left`) for the next invocation. Runs made in
+        this process (``jobs`` 1) with ``share`` tokenise the task and select the facts once
+        (:func:`retention.models.shared_loads`). Raises :class:`StudyError` when another process runs the
+        study."""
         try:
             lock = lock_folder(self.folder, "retention study process")
         except FolderLocked as err:
             raise StudyError(f"study {self.spec.name}: {err}") from None
         try:
-            return self._run(jobs, redo_changed, deadline)
+            return self._run(jobs, redo_changed, deadline, share)
         finally:
             lock.release()
 
@@ -194,7 +198,7 @@ class Study:
         seconds = [s["seconds"] for s in states.values() if s["state"] == "done" and s.get("seconds")]
         return deadline is None or not seconds or time.perf_counter() - t0 + statistics.mean(seconds) <= deadline
 
-    def _run(self, jobs: int, redo_changed: bool, deadline: float | None) -> dict[str, dict]:
+    def _run(self, jobs: int, redo_changed: bool, deadline: float | None, share: bool) -> dict[str, dict]:
         t0 = time.perf_counter()
         self.left = []
         planned = self.plan()
@@ -253,11 +257,14 @@ class Study:
             return self._can_start(t0, deadline, states)
 
         if jobs <= 1:
-            for i, p in enumerate(todo):
-                if not can_start():
-                    self.left = [q.run.name for q in todo[i:]]
-                    break
-                self._run_here(p, finish)
+            from retention.models import shared_loads
+
+            with shared_loads() if share else contextlib.nullcontext():
+                for i, p in enumerate(todo):
+                    if not can_start():
+                        self.left = [q.run.name for q in todo[i:]]
+                        break
+                    self._run_here(p, finish)
         else:
             self._run_parallel(todo, jobs, finish, can_start)
         if self.left:
