@@ -16,7 +16,7 @@ from memory_cases import fine_tune, passes, single_edits_of_known_facts
 
 from retention.arch import ArchAdapter
 from retention.editing.base import EditError, run_edits
-from retention.editing.grace import GraceEditor, GraceHParams
+from retention.editing.grace import REACH_MARGIN, GraceEditor, GraceHParams
 from retention.editing.memory import ATTRIBUTE, MEMORY_FILE, MemoryEditResult, attached, load_edit_result
 from retention.editing.registry import build_editor
 from retention.editing.trace import capture
@@ -149,3 +149,30 @@ def test_grace_on_the_default_model(real_model):
     rewrites, kept = single_edits_of_known_facts(real_model, "grace", 3, str(DATA / "counterfact" / "counterfact_preknown.json"))
     assert all(rewrites) and len(rewrites) == 3
     assert sum(kept) >= 0.9 * len(kept)
+
+
+def test_an_expanded_ball_covers_the_phrasing_it_grew_for_despite_float_noise(tiny_llama):
+    """A same-label key just beyond the nearest ball but within its reach grows that ball past the distance (a
+    ball of exactly that distance can miss the phrasing in the value's own forward), and the edit lands."""
+    tokenizer = tiny_llama[1]
+    model = edit_model("llama", len(tokenizer))
+    same = dataclasses.replace(OTHER, case_id="3", target_new=FACT.target_new)
+    wide = GraceEditor(_hp(radius=1e6)).edit(model, tokenizer, [FACT])
+    wide.apply(model)
+    try:
+        distance = torch.dist(*GraceEditor(_hp(radius=1e6)).edit(model, tokenizer, [OTHER]).memory.tensors["keys"])
+    finally:
+        wide.revert(model)
+    editor = GraceEditor(_hp(radius=0.75 * distance.item()))
+    first = editor.edit(model, tokenizer, [FACT])
+    first.apply(model)
+    try:
+        grown = editor.edit(model, tokenizer, [same])
+    finally:
+        first.revert(model)
+    assert grown.diagnostics[0].values["rule"] == "expand"
+    radius = grown.memory.tensors["radii"][0].item()
+    assert distance.item() < radius <= distance.item() * (1 + REACH_MARGIN) + 1e-6
+    grown.apply(model)
+    assert passes(model, tokenizer, FACT) and passes(model, tokenizer, same)
+    grown.revert(model)

@@ -12,7 +12,7 @@ arXiv 2211.11031). At layer L, with f the MLP output projection:
 
 The codebook grows by the paper's rules. For a new key h with label y and the nearest key k with radius ε_k:
 farther than ``ε_k + radius`` → a new entry (h, v, ``radius``); within that reach and the same label → ε_k grows to
-cover h (``max(ε_k, d)``) and k's value is optimised on the new phrasing too; a different label → both radii
+cover h (``max(ε_k, d)``, with a relative margin of :data:`REACH_MARGIN` against float noise) and k's value is optimised on the new phrasing too; a different label → both radii
 become d/2 (the balls touch, they do not overlap) and h gets its own value.
 
 Deciding per position (the paper speaks of one representation per input) makes the replacement independent of
@@ -30,7 +30,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from retention.editing.base import Editor, EditorHParams, EditRequest, RequestDiagnostics, check_finite
+from retention.editing.base import (
+    EditError,
+    Editor,
+    EditorHParams,
+    EditRequest,
+    RequestDiagnostics,
+    check_finite,
+    describe_requests,
+)
 from retention.editing.causal_trace import resolve_layers
 from retention.editing.context import EditorContext
 from retention.editing.memory import Memory, MemoryEditResult, MemoryState, attached, register_memory
@@ -39,6 +47,9 @@ from retention.editing.trace import capture, layer_input, patch_outputs, start_a
 from retention.tokens import prompt_ids, right_pad, target_ids
 
 log = logging.getLogger(__name__)
+
+REACH_MARGIN = 1e-3
+"""Relative margin by which an expanded radius exceeds the distance to the phrasing it grows to cover."""
 
 
 @dataclass
@@ -177,7 +188,9 @@ class GraceEditor(Editor):
             rule, slot = "add", keys.shape[0]
         elif meta["labels"][i] == req.target_new:
             rule, slot = "expand", i
-            radii[i] = max(radii[i].item(), d)
+            # The value is optimised in another forward (prompt and target), whose floats can put the phrasing a
+            # hair beyond d: a ball grown to exactly d would then miss the phrasing it was grown for.
+            radii[i] = max(radii[i].item(), d * (1 + REACH_MARGIN))
         else:
             rule, slot = "split", keys.shape[0]
             radii[i] = d / 2
@@ -221,6 +234,9 @@ class GraceEditor(Editor):
                     out = base.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
                 logits = base.get_output_embeddings()(out[0, cols]).float()
                 loss = -torch.log_softmax(logits, -1).gather(1, tokens[:, None]).mean()
+                if not loss.requires_grad:
+                    raise EditError(f"GRACE: the phrasing {prompt!r} of {describe_requests([req])} lies outside every "
+                                    "ball of the codebook, so no value reaches its output")
                 losses.append(check_finite(loss.detach(), req, "GRACE value loss").item())
                 if losses[-1] < hp.early_stop_loss:
                     break
