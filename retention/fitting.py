@@ -317,7 +317,7 @@ class FitCLI(LightningCLI):
         if trainer.precision is None:
             gpu = trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
             trainer.precision = "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
-        elif "bf16" in str(trainer.precision) and not torch.cuda.is_available():
+        elif "bf16" in str(trainer.precision) and trainer.accelerator in ("auto", "cpu") and not torch.cuda.is_available():
             from retention.scoring import bf16_supported
 
             if not bf16_supported("cpu"):
