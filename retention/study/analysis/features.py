@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 from retention.data.phrasings import TEMPLATE_SOURCES, template_phrasings
+from retention.io import nan_for_null
 from retention.study.analysis.facts import Fact, Probes, read_probes, run_facts
 from retention.study.results import RunResult, load_results
 
@@ -178,7 +179,9 @@ def add_features(facts: Sequence[Fact], result: RunResult, ctx: FeatureSources) 
         record = records.get(fact.case_id)
         t0 = fact.t0
         margin = t0.get("target_logprob", math.nan) - t0.get("alt_logprob", math.nan)
-        diag = diagnostics.get(fact.case_id, {}) if fact.set == "edited" else {}
+        # Memory editors (GRACE, WISE) change no weight: their update norms are null.
+        diag = nan_for_null(diagnostics.get(fact.case_id, {}), ("delta_norm", "relative_update")) \
+            if fact.set == "edited" else {}
         target_freq = ctx.frequency(t0.get("target"))
         alternative_freq = ctx.frequency(t0.get("alternative"))
         subject_freq = ctx.frequency(record.subject if record else None)
