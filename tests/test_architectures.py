@@ -256,7 +256,7 @@ def test_published_shapes_lora_targets_and_presets(arch, monkeypatch):
         if not (PRESETS / editor / f"{arch.name}.yaml").is_file():
             continue
         hp = editor_hparams(editor, arch.name)
-        layers = [hp.layer] if editor == "rome" else hp.layers
+        layers = [hp.layer] if editor in ("rome", "grace", "wise") else hp.layers
         assert not out_of_range(layers, adapter.num_layers), (editor, layers)
         assert all(adapter.mlp_out_name(i) in modules for i in layers)
         checked += 1
