@@ -230,10 +230,10 @@ def test_monitor_counts_and_warns_about_top1_blind_edits(tiny_llama, monkeypatch
     trainer = SimpleNamespace(strategy=None, world_size=1, ckpt_path=None, loggers=[])
     module = SimpleNamespace(model=None, tokenizer=tiny_llama[1], pipeline=PipelineState())
     with pytest.warns(UserWarning, match=r"1 of 2 edit records \(case ids 2\).*top1 cannot tell.*prob or gen"):
-        RetentionMonitor(protocols=["top1", "prob"]).on_edits_applied(trainer, module, sets)
+        RetentionMonitor(protocols=["top1", "prob"], share_t0=False).on_edits_applied(trainer, module, sets)
     assert module.pipeline.stats["top1_blind_edits"] == 1
     module.pipeline = PipelineState()
-    RetentionMonitor(protocols=["prob"]).on_edits_applied(trainer, module, sets)
+    RetentionMonitor(protocols=["prob"], share_t0=False).on_edits_applied(trainer, module, sets)
     assert "top1_blind_edits" not in module.pipeline.stats  # not scored under top1: nothing to flag
     assert module.pipeline.protocols == ("prob",) and len(module.pipeline.measurements) == 1
 
