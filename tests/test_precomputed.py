@@ -24,6 +24,7 @@ from retention.commands.edit import EditArgs, run
 from retention.data.readers import load_records
 from retention.data.selection import split_edit_control
 from retention.models import model_fingerprint
+from retention.pipeline_contract import PipelineState
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -172,4 +173,5 @@ def test_augmentation_with_an_earlier_edit_is_refused(edit_folder, tiny_llama):
     edits = ApplyEdits(precomputed=str(edit_folder), n_control=1, known_protocol="none", cache=False)
     trainer = SimpleNamespace(callbacks=[edits, ParaphraseAugmentation(k=2)], datamodule=None)
     with pytest.raises(ValueError, match="paraphrases.k: .* edits.precomputed gives an edit already made"):
-        edits.on_base_model_ready(trainer, SimpleNamespace(model=tiny_llama[0], tokenizer=tiny_llama[1]))
+        edits.on_base_model_ready(trainer, SimpleNamespace(model=tiny_llama[0], tokenizer=tiny_llama[1],
+                                                           pipeline=PipelineState()))
