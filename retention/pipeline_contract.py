@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
@@ -28,8 +28,19 @@ if TYPE_CHECKING:
 
     from retention.data.selection import KnowledgeSets
     from retention.metrics import Rates
-    from retention.records import KnowledgeRecord
+    from retention.records import KnowledgeRecord, Probe
     from retention.scoring import ProbeResult
+
+
+@dataclass
+class ScoreSettings:
+    """How the probes are scored (the RetentionMonitor's settings; every measurement of a run scores alike)."""
+
+    protocols: tuple[str, ...] = ("top1", "prob", "gen")
+    batch_size: int = 16
+    max_new_tokens: int = 10
+    precision: Literal["32", "bf16"] = "32"
+    """``32``, or ``bf16``: score under autocast to bfloat16 (:mod:`retention.scoring`)."""
 
 
 @dataclass
@@ -83,6 +94,18 @@ class PipelineState:
     """The protocols the measurements score (set by RetentionMonitor)."""
     measurements: list[Measurement] = field(default_factory=list)
     """t=0 and every later measurement, in step order (RetentionMonitor appends; on resume it refills the list)."""
+    score_settings: ScoreSettings | None = None
+    """How the measurements score the probes (set in ``setup`` by RetentionMonitor; ``None`` without it). A later
+    measurement against t=0 (EditAfterFineTune's) scores alike."""
+    probes: list[Probe] = field(default_factory=list)
+    """The probes of the edit and control sets, in the order the measurements score them (set by
+    RetentionMonitor when the edits are applied)."""
+    baseline: list[ProbeResult] = field(default_factory=list)
+    """This rank's t=0 results (its shard of :attr:`probes`), the baseline of every later measurement (set by
+    RetentionMonitor when it measures t=0)."""
+    freeze_policy: str = "none"
+    """FreezeLayers' policy (set in ``setup`` by FreezeLayers; ``none`` without it): EditAfterFineTune's
+    ``only_after`` refuses the policies that freeze by the edited layers."""
     defer_edits: bool = False
     """Select the facts but leave the base model unedited: they are edited after fine-tuning (set in ``setup`` by
     EditAfterFineTune's ``only_after``; ApplyEdits respects it, so t=0 is the unedited model)."""

@@ -23,8 +23,10 @@ from retention.callbacks.after_finetune import EditAfterFineTune
 from retention.callbacks.apply_edits import ApplyEdits
 from retention.callbacks.freeze import FreezeLayers
 from retention.callbacks.monitor import RetentionMonitor
+from retention.callbacks.probing import ScoreSettings, measure
 from retention.models import model_fingerprint
 from retention.pipeline_contract import PipelineCallback, PipelineState
+from retention.records import Probe
 from retention.scoring import score_probes
 
 EDITED = "model.layers.0.mlp.down_proj.weight"
@@ -86,14 +88,17 @@ def test_reedit_lands_the_edit_on_fine_tuned_weights_with_the_base_set_up(tiny_l
 
 
 def _setup(mode: str, *callbacks, strategy=None) -> PipelineState:
+    """The state after the ``setup`` of ``callbacks`` and then of EditAfterFineTune(mode), as Lightning calls them."""
     state = PipelineState()
-    trainer = SimpleNamespace(strategy=strategy or SingleDeviceStrategy("cpu"), callbacks=list(callbacks))
-    EditAfterFineTune(mode).setup(trainer, SimpleNamespace(pipeline=state), "fit")
+    trainer = SimpleNamespace(strategy=strategy or SingleDeviceStrategy("cpu"),
+                              callbacks=[*callbacks, EditAfterFineTune(mode)])
+    for callback in trainer.callbacks:
+        callback.setup(trainer, SimpleNamespace(pipeline=state), "fit")
     return state
 
 
 def test_modes_set_the_pipeline_state_and_none_changes_nothing():
-    assert _setup("none", RetentionMonitor()) == PipelineState()
+    assert _setup("none", RetentionMonitor()) == PipelineState(score_settings=RetentionMonitor().settings)
     assert (lambda s: (s.edit_later, s.defer_edits))(_setup("reedit", RetentionMonitor())) == (True, False)
     assert (lambda s: (s.edit_later, s.defer_edits))(_setup("only_after", RetentionMonitor())) == (True, True)
     names = list(PIPELINE)
@@ -120,6 +125,37 @@ def test_refused_combinations_name_the_flags(tmp_path, tiny_llama):
     edit_model("llama", len(tiny_llama[1])).save_pretrained(tmp_path / "edited")
     with pytest.raises(ValueError, match="after.mode: edits.edited_model gives an edit made elsewhere"):
         ApplyEdits(edited_model=str(tmp_path / "edited")).on_base_model_ready(None, SimpleNamespace(pipeline=state))
+
+
+def test_edit_after_fine_tune_reads_only_the_pipeline_state(tiny_llama):
+    """With no monitor or freeze callback anywhere (the trainer has no callbacks), EditAfterFineTune edits the
+    merged model and measures it against t=0 from what the state holds: probes, score settings, baseline."""
+    tokenizer = tiny_llama[1]
+    model = edit_model("llama", len(tokenizer))
+    probes = [Probe(" The capital of France is", "Paris", "Rome"),
+              Probe(" The capital of Italy is", "Rome", "Paris", kind="neighborhood"),
+              Probe(" Water is", "wet", "dry", kind="control")]
+    settings = ScoreSettings(("top1", "prob"), batch_size=2)
+    _, baseline = measure(model, tokenizer, probes, settings, 0)
+
+    def edit_again(target):
+        with torch.no_grad():
+            target.get_parameter(EDITED).add_(0.5 * torch.randn_like(target.get_parameter(EDITED)))
+        return SimpleNamespace(layers=[0], hparams={"lr": 1}, diagnostics=[{"case": 1}])
+
+    state = PipelineState(score_settings=settings, probes=probes, baseline=baseline, edit_again=edit_again)
+    tuned = copy.deepcopy(model)
+    pl_module = SimpleNamespace(pipeline=state, tokenizer=tokenizer, merged_model=lambda: tuned)
+    torch.manual_seed(0)
+    EditAfterFineTune("only_after").on_train_end(SimpleNamespace(global_step=3), pl_module)
+    torch.manual_seed(0)
+    edit_again(model)  # the same edit, made here
+    expected, _ = measure(model, tokenizer, probes, settings, 3, baseline)
+    after = state.after
+    assert after.mode == "only_after" and after.measurement.step == 3 and after.edit_seconds > 0
+    assert after.measurement.rates == expected.rates
+    assert [r.probe for r in after.measurement.results] == probes
+    assert state.edit == {"hparams": {"lr": 1}, "edited_layers": [0], "edit_diagnostics": [{"case": 1}]}
 
 
 def test_fit_only_after_writes_after_finetune(tmp_path, tiny_llama, monkeypatch):

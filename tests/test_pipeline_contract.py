@@ -1,9 +1,12 @@
-"""The pipeline's contract: hooks dispatched by type, the callbacks' order checked."""
+"""The pipeline's contract: hooks dispatched by type, the callbacks' order checked, and no callback reaching
+another one except through the PipelineState."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -56,3 +59,54 @@ def test_the_module_and_the_callbacks_import_the_contract_from_below_both():
     from retention.callbacks import PipelineCallback as exported
 
     assert exported is PipelineCallback
+
+
+CALLBACKS = Path(__file__).resolve().parents[1] / "retention" / "callbacks"
+DISPATCH = {"pipeline_callbacks", "check_order"}
+"""The contract's functions that may be handed ``trainer.callbacks`` (to call the pipeline hooks in order)."""
+
+
+def sibling_reaches(folder: Path) -> list[str]:
+    """Where a module in ``folder`` reaches a callback of another module: names one of its classes (import,
+    isinstance, attribute) or reads ``trainer.callbacks`` other than through :data:`DISPATCH`."""
+    trees = {p.stem: ast.parse(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.py"))
+             if p.name != "__init__.py"}
+    classes = [(stem, node) for stem, tree in trees.items() for node in ast.walk(tree) if isinstance(node, ast.ClassDef)]
+    owner: dict[str, str] = {}
+    while True:  # callback classes: bases named *Callback, or another callback class
+        found = {node.name: stem for stem, node in classes
+                 if any(ast.unparse(b).endswith("Callback") or ast.unparse(b) in owner for b in node.bases)}
+        if found == owner:
+            break
+        owner = found
+    out = []
+    for stem, tree in trees.items():
+        handed = {id(arg) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                  and ast.unparse(node.func).rpartition(".")[2] in DISPATCH for arg in node.args}
+        for node in ast.walk(tree):
+            name = (node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute)
+                    else node.name if isinstance(node, ast.alias) else None)
+            if name in owner and owner[name] != stem:
+                out.append(f"{stem}.py:{getattr(node, 'lineno', '?')} names {owner[name]}.{name}")
+            if (isinstance(node, ast.Attribute) and ast.unparse(node) == "trainer.callbacks"
+                    and id(node) not in handed):
+                out.append(f"{stem}.py:{node.lineno} reads trainer.callbacks")
+    return out
+
+
+def test_callbacks_reach_each_other_only_through_the_pipeline_state():
+    """docs/design.md: the callbacks pass data to one another only through the module's PipelineState."""
+    assert sibling_reaches(CALLBACKS) == []
+
+
+def test_the_check_sees_a_callback_reading_another(tmp_path):
+    (tmp_path / "monitor.py").write_text("class Monitor(PipelineCallback):\n    probes = []\n")
+    (tmp_path / "late.py").write_text(
+        "from monitor import Monitor\n"
+        "class Late(PipelineCallback):\n"
+        "    def setup(self, trainer, pl_module, stage):\n"
+        "        for cb in pipeline_callbacks(trainer.callbacks):\n"
+        "            pass\n"
+        "        self.m = next(cb for cb in trainer.callbacks if isinstance(cb, Monitor)).probes\n")
+    assert sorted(sibling_reaches(tmp_path)) == ["late.py:1 names monitor.Monitor", "late.py:6 names monitor.Monitor",
+                                                 "late.py:6 reads trainer.callbacks"]

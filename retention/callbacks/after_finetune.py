@@ -17,7 +17,9 @@ is the base model's: ApplyEdits sets the editor up on the base model before fine
 reads that set-up from the caches keyed by the base weights' fingerprint. Sharded weights (FSDP, FSDP2) are
 refused: editors never see sharded tensors.
 
-The result goes to the module's :class:`~retention.pipeline_contract.PipelineState` (``after``), and from there
+It reads only the module's :class:`~retention.pipeline_contract.PipelineState`: the edit to make again
+(``edit_again``, from ApplyEdits), the probes, score settings and t=0 results (from the RetentionMonitor), the
+freeze policy (from FreezeLayers). The result goes to the state too (``after``), and from there
 to ``summary.json`` (``after_finetune``) and ``probes/after_finetune.jsonl``.
 """
 
@@ -31,8 +33,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from retention.callbacks.freeze import NEEDS_EDITS, FreezeLayers
-from retention.callbacks.monitor import RetentionMonitor
+from retention.callbacks.freeze import NEEDS_EDITS
 from retention.callbacks.probing import measure
 from retention.pipeline_contract import AfterFineTune, PipelineCallback
 
@@ -44,7 +45,7 @@ class EditAfterFineTune(PipelineCallback):
     """Edits the fine-tuned weights when training ends (the run's edit again, or its only edit) and measures the
     probe sets there against t=0 (see the module docstring)."""
 
-    runs_after = ("ApplyEdits", "RetentionMonitor")
+    runs_after = ("ApplyEdits", "FreezeLayers", "RetentionMonitor")
 
     def __init__(self, mode: Mode = "none"):
         """
@@ -55,25 +56,25 @@ class EditAfterFineTune(PipelineCallback):
         if mode not in MODES:
             raise ValueError(f"after.mode={mode!r}: unknown; choose from {', '.join(MODES)}")
         self.mode = mode
-        self._monitor: RetentionMonitor | None = None
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # Before configure_model (which edits), for the validation before fit as for fit itself.
+        # Before configure_model (which edits), for the validation before fit as for fit itself; after the setup
+        # of FreezeLayers and RetentionMonitor, which write their policy and score settings to the state.
         if self.mode == "none":
             return
         if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
             raise ValueError(f"after.mode {self.mode}: the fine-tuned weights are sharded under "
                              f"{type(trainer.strategy).__name__}, and editors never see sharded tensors; use DDP "
                              "or one device, or set after.mode none")
-        self._monitor = next((cb for cb in trainer.callbacks if isinstance(cb, RetentionMonitor)), None)
-        if self._monitor is None:
-            raise ValueError(f"after.mode {self.mode} measures against the RetentionMonitor's t=0: add the monitor")
-        freeze = next((cb for cb in trainer.callbacks if isinstance(cb, FreezeLayers)), None)
-        if self.mode == "only_after" and freeze is not None and freeze.policy in NEEDS_EDITS:
-            raise ValueError(f"after.mode only_after edits nothing before fine-tuning, but freeze.policy "
-                             f"{freeze.policy} freezes by the edited layers; use freeze.policy none, list or located")
         state = pl_module.pipeline
+        if state.score_settings is None:
+            raise ValueError(f"after.mode {self.mode} measures against the RetentionMonitor's t=0: add the monitor "
+                             "(before EditAfterFineTune in trainer.callbacks)")
+        if self.mode == "only_after" and state.freeze_policy in NEEDS_EDITS:
+            raise ValueError(f"after.mode only_after edits nothing before fine-tuning, but freeze.policy "
+                             f"{state.freeze_policy} freezes by the edited layers; use freeze.policy none, list or "
+                             "located")
         state.edit_later = True
         state.defer_edits = self.mode == "only_after"
 
@@ -87,13 +88,13 @@ class EditAfterFineTune(PipelineCallback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.mode == "none":
             return
-        state, monitor = pl_module.pipeline, self._monitor
+        state = pl_module.pipeline
         t0 = time.perf_counter()
         model = pl_module.merged_model()
         applied = state.edit_again(model)
         edit_seconds = time.perf_counter() - t0
-        m, _ = measure(model, pl_module.tokenizer, monitor.probes, monitor.settings, trainer.global_step,
-                       monitor.baseline)
+        m, _ = measure(model, pl_module.tokenizer, state.probes, state.score_settings, trainer.global_step,
+                       state.baseline)
         del model
         state.after = AfterFineTune(self.mode, m, edit_seconds)
         if self.mode == "only_after":  # the run's only edit: the summary describes it as made

@@ -12,7 +12,8 @@ Policies (``L`` = the edited layers, which ApplyEdits writes to the module's ``p
 - ``located``: freeze the layers ``retention locate`` found for the base model (causal tracing).
 
 The callback adds its layers to ``pl_module.pipeline.frozen_layers``; the FineTuneModule then skips those layers when it adds
-LoRA/DoRA adapters and turns off their gradients, before the strategy wraps the model.
+LoRA/DoRA adapters and turns off their gradients, before the strategy wraps the model. In ``setup`` it writes its
+policy to ``pl_module.pipeline.freeze_policy`` (EditAfterFineTune's ``only_after`` checks it).
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ class FreezeLayers(PipelineCallback):
         self.layers = layers
         self._located: list[int] | None = None
         self.frozen: set[int] = set()
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        pl_module.pipeline.freeze_policy = self.policy
 
     def _locate(self, pl_module: LightningModule) -> None:
         if self.policy == "located" and self._located is None:

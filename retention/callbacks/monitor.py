@@ -29,7 +29,8 @@ class RetentionMonitor(PipelineCallback):
     then every ``every_n_steps`` optimizer steps and at the end of training. Logs, per probe group (``edit``,
     ``edit_paraphrase``, ``edit_neighborhood``, ``control``, ``control_paraphrase``) and protocol,
     ``retention/<group>_<protocol>`` (vs t=0) and ``accuracy/<group>_<protocol>``, and keeps the curves (in
-    the module's :class:`~retention.pipeline_contract.PipelineState` too, for the report).
+    the module's :class:`~retention.pipeline_contract.PipelineState` too, for the report). The state also gets
+    its score settings, probes and t=0 results, for a later measurement against t=0 (EditAfterFineTune's).
     """
 
     def __init__(
@@ -88,8 +89,12 @@ class RetentionMonitor(PipelineCallback):
         return self.settings.protocols
 
     @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        pl_module.pipeline.score_settings = self.settings
+
+    @override
     def on_edits_applied(self, trainer: Trainer, pl_module: LightningModule, sets: KnowledgeSets) -> None:
-        self.probes = sets.probes()
+        self.probes = pl_module.pipeline.probes = sets.probes()
         if not self.probes:
             return
         pl_module.pipeline.protocols = self.protocols
@@ -111,6 +116,7 @@ class RetentionMonitor(PipelineCallback):
         else:
             m, self.baseline = measure(*args, 0)
             pl_module.pipeline.stats["t0_reused"] = 0
+        pl_module.pipeline.baseline = self.baseline
         self._record(trainer, m, log=trainer.ckpt_path is None)
 
     @staticmethod

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -27,18 +25,9 @@ from retention.distributed import (
     state_device,
 )
 from retention.metrics import ProbeCounts
-from retention.pipeline_contract import Measurement
+from retention.pipeline_contract import Measurement, ScoreSettings
 from retention.records import Probe, probe_group
 from retention.scoring import ProbeResult, score_probes
-
-
-@dataclass
-class ScoreSettings:
-    protocols: tuple[str, ...] = ("top1", "prob", "gen")
-    batch_size: int = 16
-    max_new_tokens: int = 10
-    precision: Literal["32", "bf16"] = "32"
-    """``32``, or ``bf16``: score under autocast to bfloat16 (:mod:`retention.scoring`)."""
 
 
 def score_shard(model: nn.Module, tokenizer, probes: Sequence[Probe], settings: ScoreSettings) -> list[ProbeResult]:
