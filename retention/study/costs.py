@@ -21,7 +21,15 @@ from collections.abc import Mapping, Sequence
 
 from retention.diskcache import digest
 from retention.records import GROUP_LABELS, GROUPS
-from retention.study.results import Aggregate, Condition, Counts, RunResult, difference
+from retention.study.results import (
+    Aggregate,
+    Condition,
+    Counts,
+    RunResult,
+    aggregates,
+    by_condition_and_seed,
+    difference,
+)
 from retention.study.stats import t_interval
 from retention.study.tables import fmt, fmt_difference, fmt_interval, markdown_table
 
@@ -85,11 +93,11 @@ def run_quantities(result: RunResult, computed: Mapping[str, float]) -> dict[str
 def _per_seed(results: Sequence[RunResult]) -> dict[Condition, dict[int, dict[str, float]]]:
     """Condition -> seed -> quantity: seconds added over the seed's runs, validation losses averaged."""
     computed = _computed_edit_seconds(results)
-    runs: dict[Condition, dict[int, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
-    for r in results:
-        runs[r.condition][r.seed].append(run_quantities(r, computed))
-    return {c: {seed: {q: _combine(q, [v[q] for v in values]) for q in QUANTITIES}
-                for seed, values in sorted(by_seed.items())} for c, by_seed in runs.items()}
+    out = {}
+    for c, by_seed in by_condition_and_seed(results).items():
+        values = {seed: [run_quantities(r, computed) for r in runs] for seed, runs in by_seed.items()}
+        out[c] = {seed: {q: _combine(q, [v[q] for v in vs]) for q in QUANTITIES} for seed, vs in values.items()}
+    return out
 
 
 def _combine(quantity: str, values: Sequence[float]) -> float:
@@ -145,25 +153,21 @@ def condition_ends(results: Sequence[RunResult]) -> dict[Condition, str]:
     return {c: ", ".join(e) for c, e in ends.items()}
 
 
+def _accuracy_counts(runs: list[RunResult]) -> Counts:
+    """A seed's accuracy counts at the :data:`STAGES`, its runs pooled."""
+    pooled: Counts = {step: {} for step in STAGES.values()}
+    for r in runs:
+        for stage, step in STAGES.items():
+            for group, by_p in _accuracy(r.summary, stage).items():
+                for p, rate in by_p.items():
+                    k0, n0 = pooled[step].setdefault(group, {}).get(p, (0, 0))
+                    pooled[step][group][p] = (k0 + int(rate["count"]), n0 + int(rate["denominator"]))
+    return pooled
+
+
 def accuracy_aggregates(results: Sequence[RunResult]) -> list[Aggregate]:
     """Per condition, each seed's accuracy counts (its runs pooled) at the :data:`STAGES`."""
-    runs: dict[Condition, dict[int, list[RunResult]]] = defaultdict(lambda: defaultdict(list))
-    for r in results:
-        runs[r.condition][r.seed].append(r)
-    out = []
-    for c, by_seed in runs.items():
-        counts: dict[int, Counts] = {}
-        for seed, seed_runs in sorted(by_seed.items()):
-            pooled: Counts = {step: {} for step in STAGES.values()}
-            for r in seed_runs:
-                for stage, step in STAGES.items():
-                    for group, by_p in _accuracy(r.summary, stage).items():
-                        for p, rate in by_p.items():
-                            k0, n0 = pooled[step].setdefault(group, {}).get(p, (0, 0))
-                            pooled[step][group][p] = (k0 + int(rate["count"]), n0 + int(rate["denominator"]))
-            counts[seed] = pooled
-        out.append(Aggregate(c, sorted(by_seed), sum(map(len, by_seed.values())), counts))
-    return out
+    return aggregates(results, _accuracy_counts)
 
 
 def accuracy_rows(aggregates: Sequence[Aggregate], ends: Mapping[Condition, str],

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -260,26 +260,37 @@ class Aggregate:
         return list(seen)
 
 
+def by_condition_and_seed(results: Sequence[RunResult]) -> dict[Condition, dict[int, list[RunResult]]]:
+    """Condition (in the order results first show it) -> seed (ascending) -> its runs (the ``single`` protocol
+    makes several per seed)."""
+    grouped: dict[Condition, dict[int, list[RunResult]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        grouped[r.condition][r.seed].append(r)
+    return {c: dict(sorted(by_seed.items())) for c, by_seed in grouped.items()}
+
+
+def aggregates(results: Sequence[RunResult], seed_counts: Callable[[list[RunResult]], Counts]) -> list[Aggregate]:
+    """One :class:`Aggregate` per condition, each seed's counts made from its runs by ``seed_counts``."""
+    return [Aggregate(c, list(by_seed), sum(map(len, by_seed.values())),
+                      {seed: seed_counts(runs) for seed, runs in by_seed.items()})
+            for c, by_seed in by_condition_and_seed(results).items()]
+
+
+def _pooled_at_common_steps(runs: list[RunResult]) -> Counts:
+    pooled: Counts = {}
+    per_run = [run_counts(r.summary) for r in runs]
+    for step in set.intersection(*(set(c) for c in per_run)):
+        for c in per_run:
+            for g, by_p in c[step].items():
+                for p, (k, n) in by_p.items():
+                    k0, n0 = pooled.setdefault(step, {}).setdefault(g, {}).get(p, (0, 0))
+                    pooled[step][g][p] = (k0 + k, n0 + n)
+    return pooled
+
+
 def aggregate(results: Sequence[RunResult]) -> list[Aggregate]:
     """One :class:`Aggregate` per condition: each seed's runs pooled at the steps they all measured."""
-    by_condition: dict[Condition, dict[int, list[RunResult]]] = defaultdict(lambda: defaultdict(list))
-    for r in results:
-        by_condition[r.condition][r.seed].append(r)
-    out = []
-    for condition, by_seed in by_condition.items():
-        counts: dict[int, Counts] = {}
-        for seed, runs in sorted(by_seed.items()):
-            pooled: Counts = {}
-            per_run = [run_counts(r.summary) for r in runs]
-            for step in set.intersection(*(set(c) for c in per_run)):
-                for c in per_run:
-                    for g, by_p in c[step].items():
-                        for p, (k, n) in by_p.items():
-                            k0, n0 = pooled.setdefault(step, {}).setdefault(g, {}).get(p, (0, 0))
-                            pooled[step][g][p] = (k0 + k, n0 + n)
-            counts[seed] = pooled
-        out.append(Aggregate(condition, sorted(by_seed), sum(len(v) for v in by_seed.values()), counts))
-    return out
+    return aggregates(results, _pooled_at_common_steps)
 
 
 def difference(a: Aggregate, b: Aggregate, step_a: int, step_b: int, group_a: str, group_b: str,
