@@ -123,8 +123,8 @@ def test_the_first_single_run_of_a_seed_edits_all_its_facts_and_the_others_reuse
     assert fresh["run"]["reused"]["edit"] is False
     _close(runs[1]["t0"], fresh["t0"])
     _close(runs[1]["retention"], fresh["retention"])
-    ours = runs[1]["edit"]["edit_diagnostics"][0]
-    theirs = fresh["edit"]["edit_diagnostics"][0]
+    ours = runs[1]["run"]["edit_diagnostics"][0]
+    theirs = fresh["run"]["edit_diagnostics"][0]
     assert ours["case_id"] == theirs["case_id"] and ours["steps"] == theirs["steps"]
     assert ours["delta_norm"] == pytest.approx(theirs["delta_norm"], rel=TOLERANCE)
 
