@@ -10,7 +10,8 @@ loaded and before adapters, freezing and the strategy's wrap/shard, so the edits
    builds its loaders);
 2. call ``on_before_edits(trainer, pl_module, records)`` on the pipeline callbacks (paraphrase augmentation
    returns the records with their editing phrasings; without it edits use no augmentation);
-3. apply the edit (:mod:`~retention.callbacks.edit_source`): made here in ``batch`` or ``sequential`` mode, or
+3. apply the edit (:mod:`~retention.callbacks.edit_source`): made here in ``batch``, ``sequential`` or ``single``
+   mode (a single-protocol run with the edit cache edits all its seed's facts together and caches each), or
    an edit made earlier (``precomputed``, ``edited_model``); write the sets, the edited layers, what was edited,
    the counts and the timings to the module's :class:`~retention.pipeline_contract.PipelineState`. With
    ``state.edit_later`` (an edit after fine-tuning, EditAfterFineTune) it first sets the editor up on the base
@@ -22,7 +23,10 @@ Under DDP every rank runs these steps itself (they are deterministic), so no wei
 
 The paper's ``single`` protocol (each edit on a fresh copy of the base model, then its own fine-tune) is N runs,
 one per edit, with ``edits.single_index: i`` for i in 0..n_edit-1 (the same seed keeps the same selection):
-``retention study`` with ``protocol: single`` runs them and pools their counts (``retention.study``).
+``retention study`` with ``protocol: single`` runs them and pools their counts (``retention.study``). With
+``cache`` on, the first of a seed's runs edits all n_edit facts, each alone on the base model but with their
+targets optimised together (:meth:`~retention.editing.base.Editor.edit_singles`), and caches each fact's edited
+weights; the seed's other runs read theirs.
 
 With ``cache`` on, the known-fact selection and the edited weights are cached on disk by content (the base
 model's weight fingerprint, the candidates, the editor, its resolved hyperparameters and the requests), so runs
@@ -189,9 +193,15 @@ class ApplyEdits(PipelineCallback):
         if hasattr(trainer.datamodule, "exclude_terms"):
             trainer.datamodule.exclude_terms = sets.terms()
         # Augmentation is opt-in (ParaphraseAugmentation): the records' own phrasings are not used by default.
-        records = [dataclasses.replace(r, augmentations=[]) for r in sets.edit]
+        # A single-protocol run with the edit cache edits its seed's facts together (EditHere), so they all get
+        # their phrasings; augmentation is per fact, so the run's own fact gets the ones it would get alone.
+        together = self.args.mode == "single" and self.args.cache
+        records = [dataclasses.replace(r, augmentations=[]) for r in (selection.seed_edit if together else sets.edit)]
         for callback in pipeline:
             records = callback.on_before_edits(trainer, pl_module, records) or records
+        singles = records if together else None
+        if together:
+            records = [records[self.args.single_index]]
         if self.source.edit_set is not None:
             if any(r.augmentations for r in records):
                 raise ValueError(f"paraphrases.k: augmentation phrasings are used while editing, and "
@@ -199,7 +209,8 @@ class ApplyEdits(PipelineCallback):
             records = list(sets.edit)
         if state.edit_later:
             state.edit_again = self.prepare_later_edit(pl_module, records, fingerprint)
-        applied = self.source.apply(pl_module, records, fingerprint) if records and not state.defer_edits else None
+        applied = self.source.apply(pl_module, records, fingerprint, singles) if records and not state.defer_edits \
+            else None
         self.edited_parameters = applied.parameters if applied else []
         state.sets, state.edited_layers = sets, list(applied.layers) if applied else []
         state.edit = self.describe(selection, applied, records, fingerprint)

@@ -76,6 +76,9 @@ class Selection:
     seconds: float
     cache_hit: bool | None
     """Whether the known facts came from the selection cache (None: nothing was scored)."""
+    seed_edit: list[KnowledgeRecord]
+    """The seed's whole edit set: ``sets.edit`` itself, but in a run of the single protocol, whose one fact is
+    among them (its edit is made together with theirs)."""
 
 
 def known_facts(model: nn.Module, tokenizer, records: list[KnowledgeRecord], protocol: str, fingerprint: str,
@@ -144,6 +147,7 @@ def select_facts(
         records, report, known, cache_hit = compute()
     n_edit = len(edit_set) if edit_set is not None else args.n_edit
     edit, control = split_edit_control(known, n_edit, args.n_control, args.seed, edit=edit_set)
+    seed_edit = edit
     if single_index is not None:
         edit = [edit[single_index]]
     reports = [r for r in (report, edit_set_report) if r is not None]
@@ -152,4 +156,4 @@ def select_facts(
     seconds = time.perf_counter() - t0
     rank_zero_info(f"{args.knowledge}: {len(known)} of {len(records)} facts known under {args.known_protocol}; "
                    f"{len(edit)} to edit, {len(control)} controls ({seconds:.1f} s)")
-    return Selection(KnowledgeSets(edit, control), stats, seconds, cache_hit)
+    return Selection(KnowledgeSets(edit, control), stats, seconds, cache_hit, seed_edit)

@@ -22,13 +22,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from retention.arch import ArchAdapter, unwrap_model
 from retention.data.edit_folder import read_edit_folder
 from retention.data.readers import ReadReport, read_records
-from retention.diskcache import DiskCache
-from retention.editing.base import EditorHParams, EditRequest, RequestDiagnostics, run_edits
+from retention.diskcache import DiskCache, digest
+from retention.editing.base import (
+    EditError,
+    Editor,
+    EditorHParams,
+    EditRequest,
+    EditResult,
+    RequestDiagnostics,
+    run_edits,
+)
 from retention.editing.registry import build_editor, editor_class, editor_hparams
 from retention.paths import cache_dir
 from retention.records import KnowledgeRecord
@@ -128,6 +136,29 @@ def diagnostics_row(d: RequestDiagnostics) -> dict:
             "relative_update": d.relative_update, **d.values}
 
 
+def _made(results: list[EditResult], hparams: dict) -> AppliedEdit:
+    """What the edit ``results`` (applied to the model) changed."""
+    return AppliedEdit(sorted({i for r in results for i in r.layers}), sorted({n for r in results for n in r.deltas}),
+                       [diagnostics_row(d) for r in results for d in r.diagnostics], hparams, False)
+
+
+def _reused(base: torch.nn.Module, hit: tuple[dict, dict[str, torch.Tensor]], hparams: dict) -> AppliedEdit:
+    """The edit cache's entry ``hit`` copied into ``base``."""
+    payload, weights = hit
+    copy_weights(base, weights)
+    return AppliedEdit(payload["layers"], sorted(weights), payload["diagnostics"], hparams, True)
+
+
+def _payload(applied: AppliedEdit) -> dict:
+    return {"layers": applied.layers, "diagnostics": applied.diagnostics}
+
+
+def _edited_weights(base: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """The edited weights themselves, not the deltas, for the edit cache: W0 + (d1 + d2) is not (W0 + d1) + d2 in
+    floats, and a reused edit must give the model the editor left, bit for bit."""
+    return {n: base.get_parameter(n).detach().clone() for n in names}
+
+
 def copy_weights(base: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Copy ``weights`` (by parameter name) into ``base``'s parameters, in place."""
     with torch.no_grad():
@@ -144,9 +175,11 @@ class EditSource(ABC):
     """How reading ``edit_set`` went, when it was read from a knowledge file."""
 
     @abstractmethod
-    def apply(self, pl_module, records: list[KnowledgeRecord], fingerprint: str) -> AppliedEdit:
+    def apply(self, pl_module, records: list[KnowledgeRecord], fingerprint: str,
+              singles: list[KnowledgeRecord] | None = None) -> AppliedEdit:
         """Put the edit of ``records`` into ``pl_module.model`` (the unwrapped base model, with weight fingerprint
-        ``fingerprint``)."""
+        ``fingerprint``). ``singles``: in a single-protocol run, its seed's edit set, ``records`` one fact of it
+        (only an edit made here uses them: the single protocol refuses an edit made earlier)."""
 
     @abstractmethod
     def made_with(self, applied: AppliedEdit | None) -> tuple[str | None, Any, str | None]:
@@ -171,44 +204,91 @@ class EditHere(EditSource):
             self._hparams[model_name] = editor_hparams(self.args.editor, self.args.hparams, model_name)
         return self._hparams[model_name]
 
-    def apply(self, pl_module, records: list[KnowledgeRecord], fingerprint: str) -> AppliedEdit:
+    def apply(self, pl_module, records: list[KnowledgeRecord], fingerprint: str,
+              singles: list[KnowledgeRecord] | None = None) -> AppliedEdit:
+        """Edit ``records``, or copy in the weights an identical edit left in the edit cache. With ``singles``
+        (a single-protocol run, ``records`` one fact of them) and the cache, the seed's first run edits every fact
+        of ``singles`` (:func:`~retention.editing.base.run_edits` in single mode: each alone on the base model,
+        their targets optimised together) and caches each one's edited weights under its key plus
+        ``batched_over``, the batch's digest, which an edit made alone never has; the seed's other runs read
+        theirs. A refused batch (an :class:`~retention.editing.base.EditError` of any fact) is recorded, and each
+        run then edits its own fact alone."""
         t0 = time.perf_counter()
         args = self.args
         model_name = getattr(pl_module, "model_name", None)
         editor = build_editor(args.editor, self.hparams(model_name), model_name)
         hparams = editor.hparams.to_dict()
         requests = [EditRequest.from_record(r) for r in records]
+        # A single-protocol run edits its one fact alone: a batch call of one request.
         mode = "batch" if args.mode == "single" else args.mode
         store = DiskCache(cache_dir() / "edits")
         key = {"version": EDIT_CACHE_VERSION, "model": fingerprint, "editor": args.editor,
                "hparams": hparams, "mode": mode, "batch_size": args.batch_size,
                "requests": [dataclasses.asdict(r) for r in requests]}
         cached = self.cache and not editor.edits_in_memory
-        # Runs started together (study --jobs) make an edit once: the others wait, then read it.
-        with store.lock(key) if cached else contextlib.nullcontext():
-            hit = store.get(key) if cached else None
-            base = unwrap_model(pl_module.model)
-            if hit is not None:
-                payload, weights = hit
-                copy_weights(base, weights)
-                applied = AppliedEdit(payload["layers"], sorted(weights), payload["diagnostics"], hparams, True)
-            else:
-                editor.prepare(pl_module.model, pl_module.tokenizer, fingerprint)
-                results = run_edits(editor, pl_module.model, pl_module.tokenizer, requests, mode, args.batch_size)
-                applied = AppliedEdit(sorted({i for r in results for i in r.layers}),
-                                      sorted({n for r in results for n in r.deltas}),
-                                      [diagnostics_row(d) for r in results for d in r.diagnostics], hparams, False)
-                if cached:
-                    # The edited weights themselves, not the deltas: W0 + (d1 + d2) is not (W0 + d1) + d2 in floats,
-                    # and a reused edit must give the model the editor left, bit for bit.
-                    store.put(key, {"layers": applied.layers, "diagnostics": applied.diagnostics},
-                              {n: base.get_parameter(n).detach() for n in applied.parameters})
+        base = unwrap_model(pl_module.model)
+        applied = None
+        if singles is not None and cached:
+            batch = [EditRequest.from_record(r) for r in singles]
+            applied = self._from_batch(editor, pl_module, fingerprint, store, key, batch, requests[0])
+        if applied is None:
+            # Runs started together (study --jobs) make an edit once: the others wait, then read it.
+            with store.lock(key) if cached else contextlib.nullcontext():
+                hit = store.get(key) if cached else None
+                if hit is not None:
+                    applied = _reused(base, hit, hparams)
+                else:
+                    editor.prepare(pl_module.model, pl_module.tokenizer, fingerprint)
+                    results = run_edits(editor, pl_module.model, pl_module.tokenizer, requests, mode, args.batch_size)
+                    applied = _made(results, hparams)
+                    if cached:
+                        store.put(key, _payload(applied), _edited_weights(base, applied.parameters))
         applied.seconds = time.perf_counter() - t0
         where = next(pl_module.model.parameters())
-        how = "reused from the edit cache" if hit is not None else "edited"
+        how = "reused from the edit cache" if applied.cache_hit else "edited"
         rank_zero_info(f"{args.editor} ({args.mode}): {len(requests)} edits in layers {applied.layers} {how} "
                        f"({applied.seconds:.1f} s on {where.device}, {where.dtype})")
         return applied
+
+    @staticmethod
+    def _from_batch(editor: Editor, pl_module, fingerprint: str, store: DiskCache, key: dict,
+                    batch: list[EditRequest], request: EditRequest) -> AppliedEdit | None:
+        """The edit of ``request`` (one of ``batch``, the seed's facts) from the seed's batch of single edits,
+        made now when no run made it yet; None when the batch was refused."""
+        over = digest([dataclasses.asdict(r) for r in batch])
+
+        def key_of(r: EditRequest) -> dict:
+            return {**key, "requests": [dataclasses.asdict(r)], "batched_over": over}
+
+        # The batch's lock, and its record once tried: the seed's runs try a refused batch once.
+        attempt = {k: v for k, v in key.items() if k != "requests"} | {"batched_over": over}
+        base = unwrap_model(pl_module.model)
+        with store.lock(attempt):
+            hit = store.get(key_of(request))
+            if hit is not None:
+                return _reused(base, hit, key["hparams"])
+            if store.get(attempt) is not None:
+                return None
+            editor.prepare(pl_module.model, pl_module.tokenizer, fingerprint)
+            try:
+                results = run_edits(editor, pl_module.model, pl_module.tokenizer, batch, "single")
+            except EditError as err:
+                store.put(attempt, {"refused": str(err)})
+                rank_zero_warn(f"{editor.name}: the single edits of the seed's {len(batch)} facts, made together, "
+                               f"were refused ({err}); each run edits its own fact alone")
+                return None
+            own, own_weights = None, {}
+            for r, result in zip(batch, results):
+                result.apply(base)
+                made = _made([result], key["hparams"])
+                weights = _edited_weights(base, made.parameters)
+                result.revert(base)
+                store.put(key_of(r), _payload(made), weights)
+                if r == request:
+                    own, own_weights = made, weights
+            store.put(attempt, {"facts": len(batch)})
+        copy_weights(base, own_weights)
+        return own
 
     def made_with(self, applied: AppliedEdit | None) -> tuple[str | None, Any, str | None]:
         hparams = self.args.hparams if applied is None else applied.hparams
@@ -240,7 +320,8 @@ class PrecomputedEdit(EditSource):
         self.folder = folder
         self.edit_set = self.contents["records"]
 
-    def apply(self, pl_module, records: list[KnowledgeRecord], fingerprint: str) -> AppliedEdit:
+    def apply(self, pl_module, records: list[KnowledgeRecord], fingerprint: str,
+              singles: list[KnowledgeRecord] | None = None) -> AppliedEdit:
         from safetensors.torch import load_file
 
         t0 = time.perf_counter()
@@ -271,7 +352,8 @@ class EditedModel(EditSource):
         self.folder = folder
         self.edit_set, self.edit_set_report = read_records(knowledge, on_error=on_error)
 
-    def apply(self, pl_module, records: list[KnowledgeRecord], fingerprint: str) -> AppliedEdit:
+    def apply(self, pl_module, records: list[KnowledgeRecord], fingerprint: str,
+              singles: list[KnowledgeRecord] | None = None) -> AppliedEdit:
         """Copy the edited model's weights that differ from the base model's (compared in the edited model's
         dtype, so a bfloat16 copy of an float32 base changes only its edited weights)."""
         from safetensors import safe_open

@@ -57,7 +57,8 @@ class EditArgs:
     n: PositiveInt = 50
     """Number of facts to edit (the first N, after --select_known)."""
     mode: Literal["batch", "sequential", "single"] = "sequential"
-    """batch (one call), sequential (one after another) or single (each alone on the unedited model)."""
+    """batch (one call), sequential (one after another) or single (each alone on the unedited model; ROME, MEMIT
+    and AlphaEdit optimise the single edits' targets together)."""
     batch_size: PositiveInt = 1
     """Requests per editor call in sequential mode."""
     hparams: str | None = None

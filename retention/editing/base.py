@@ -435,6 +435,12 @@ class Editor(ABC):
     def edit(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> EditResult:
         """The deltas that write all ``requests`` into ``model`` (together, as one update)."""
 
+    def edit_singles(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> list[EditResult]:
+        """Each request edited alone on ``model`` as it is: one result per request, in order, each the update
+        :meth:`edit` of that request alone gives; the model is left as it was. By default one :meth:`edit` per
+        request; ROME, MEMIT and AlphaEdit optimise the requests' targets together."""
+        return [self.edit(model, tokenizer, [r]) for r in requests]
+
 
 def check_update(result: EditResult, model: nn.Module, requests: Sequence[EditRequest],
                  hparams: EditorHParams) -> dict[str, float]:
@@ -467,8 +473,8 @@ def run_edits(
     - ``batch``: one editor call for all requests; the model is left edited; one result.
     - ``sequential``: calls of ``batch_size`` requests, each applied before the next is computed; the model is
       left edited; one result per call.
-    - ``single``: each request alone on the unedited model; the model is left unedited; one result per request
-      (apply one at a time).
+    - ``single``: each request alone on the unedited model (:meth:`Editor.edit_singles`); the model is left
+      unedited; one result per request (apply one at a time).
 
     Every result passes :func:`check_update` before it is applied; its relative norm goes into the diagnostics.
     """
@@ -479,21 +485,28 @@ def run_edits(
     if not requests:
         return []
     t0 = time.perf_counter()
-    if mode == "batch":
-        groups = [list(requests)]
-    else:
-        size = 1 if mode == "single" else batch_size
-        groups = [list(requests[i : i + size]) for i in range(0, len(requests), size)]
-    results = []
-    for i, group in enumerate(groups, 1):
-        result = editor.edit(model, tokenizer, group)
+
+    def checked(result: EditResult, group: list[EditRequest]) -> float:
         relative = max(check_update(result, model, group, editor.hparams).values(), default=0.0)
         for diag in result.diagnostics:
             diag.relative_update = relative
-        if mode != "single":
+        return relative
+
+    if mode == "single":
+        results = editor.edit_singles(model, tokenizer, requests)
+        for request, result in zip(requests, results):
+            relative = checked(result, [request])
+            log.info("%s single: %s in %.1f s, |dW|/|W| %.3g", editor.name, request.case_id, result.seconds, relative)
+    else:
+        size = len(requests) if mode == "batch" else batch_size
+        groups = [list(requests[i : i + size]) for i in range(0, len(requests), size)]
+        results = []
+        for i, group in enumerate(groups, 1):
+            result = editor.edit(model, tokenizer, group)
+            relative = checked(result, group)
             result.apply(model)
-        results.append(result)
-        log.info("%s %s: %d/%d (%d request(s)) in %.1f s, |dW|/|W| %.3g", editor.name, mode, i, len(groups),
-                 len(group), result.seconds, relative)
+            results.append(result)
+            log.info("%s %s: %d/%d (%d request(s)) in %.1f s, |dW|/|W| %.3g", editor.name, mode, i, len(groups),
+                     len(group), result.seconds, relative)
     log.info("%s: %d request(s) edited (%s) in %.1f s", editor.name, len(requests), mode, time.perf_counter() - t0)
     return results

@@ -42,6 +42,7 @@ from retention.editing.covariance import KeyStatsHParams
 from retention.editing.targets import (
     LocateThenEditEditor,
     TargetHParams,
+    TargetVector,
     optimise_targets,
     refuse_zero_update,
     rewriting_templates,
@@ -173,11 +174,36 @@ class MemitEditor(LocateThenEditEditor):
     def edit(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> EditResult:
         """Compute the batch's update layer by layer (each on the model updated below it); the model is restored."""
         t0 = time.perf_counter()
-        hp = self.hparams
         ctx = self.prepare(model, tokenizer)
+        targets = optimise_targets(ctx, tokenizer, requests, ctx.templates, self.hparams, ctx.layers[-1], "layer")
+        return self._write(ctx, requests, targets, time.perf_counter() - t0)
+
+    def edit_singles(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> list[EditResult]:
+        """Each request's update on the model as it is, as :meth:`edit` of it alone computes it, but with the z
+        targets of all requests optimised together (one :func:`~retention.editing.targets.optimise_targets`: per
+        request its own δ, Adam state, clamp and early stop; only float rounding from padding differs). Each
+        request's layer-by-layer update is then solved alone: its keys above the first critical layer come from
+        the model updated by its own lower layers, so they cannot be shared. A request's ``seconds``: an equal
+        share of the target optimisation plus its own update."""
+        if not requests:
+            return []
+        t0 = time.perf_counter()
+        ctx = self.prepare(model, tokenizer)
+        targets = optimise_targets(ctx, tokenizer, requests, ctx.templates, self.hparams, ctx.layers[-1], "layer")
+        share = (time.perf_counter() - t0) / len(requests)
+        results = []
+        for request, target in zip(requests, targets):
+            self.prepare(model, tokenizer)  # as edit() of the request alone would (AlphaEdit drops stale keys)
+            results.append(self._write(ctx, [request], [target], share))
+        return results
+
+    def _write(self, ctx: EditorContext, requests: Sequence[EditRequest], targets: Sequence[TargetVector],
+               spent: float) -> EditResult:
+        """The update that writes the ``targets`` of ``requests`` (``spent``: the seconds they took)."""
+        t0 = time.perf_counter()
+        hp, tokenizer = self.hparams, ctx.tokenizer
         base, adapter = ctx.model, ctx.adapter
         layers, z_layer = ctx.layers, ctx.layers[-1]
-        targets = optimise_targets(ctx, tokenizer, requests, ctx.templates, hp, z_layer, "layer")
         for req, target in zip(requests, targets):
             check_finite(target.delta, req, "z delta")
         owner = torch.tensor([f for f, req in enumerate(requests) for _ in req.templates])
@@ -209,7 +235,7 @@ class MemitEditor(LocateThenEditEditor):
         finally:
             for step in reversed(applied):
                 step.revert(base)
-        seconds = time.perf_counter() - t0
+        seconds = spent + time.perf_counter() - t0
         diagnostics = [
             RequestDiagnostics(
                 req.case_id, seconds / len(requests), t.losses, math.nan,

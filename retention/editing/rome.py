@@ -40,11 +40,15 @@ from retention.editing.memit import keys_and_values
 from retention.editing.targets import (
     LocateThenEditEditor,
     TargetHParams,
+    TargetVector,
     optimise_targets,
     refuse_zero_update,
 )
 
 log = logging.getLogger(__name__)
+
+KEY_ROWS = 256
+"""Prompts per forward when the keys of several requests are computed together (:meth:`RomeEditor.edit_singles`)."""
 
 
 @dataclass
@@ -102,13 +106,39 @@ class RomeEditor(LocateThenEditEditor):
         merged.seconds = time.perf_counter() - t0
         return merged
 
+    def edit_singles(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> list[EditResult]:
+        """Each request's rank-one update on the model as it is, as :meth:`edit` of it alone computes it, but with
+        the keys of all requests from shared forwards and their v* optimised together (one
+        :func:`~retention.editing.targets.optimise_targets`: per request its own δ, Adam state, clamp and early
+        stop; only float rounding from padding differs). A request's ``seconds``: an equal share of the shared
+        work (keys, v*) plus its own update."""
+        if not requests:
+            return []
+        t0 = time.perf_counter()
+        ctx = self.prepare(model, tokenizer)
+        (layer,) = ctx.layers
+        keys, _ = keys_and_values(ctx, tokenizer, requests, ctx.templates, layer, batch_size=KEY_ROWS, per="request")
+        for request, k in zip(requests, keys):
+            check_finite(k, request, "key")
+        targets = optimise_targets(ctx, tokenizer, requests, ctx.templates, self.hparams, layer, "mlp_out")
+        share = (time.perf_counter() - t0) / len(requests)
+        return [self._update(ctx, request, k, target, share) for request, k, target in zip(requests, keys, targets)]
+
     def _edit_one(self, ctx: EditorContext, request: EditRequest) -> EditResult:
+        t0 = time.perf_counter()
+        (layer,) = ctx.layers
+        k = check_finite(average_key(ctx, ctx.tokenizer, layer, request, ctx.templates), request, "key")
+        target = optimise_targets(ctx, ctx.tokenizer, [request], ctx.templates, self.hparams, layer, "mlp_out")[0]
+        return self._update(ctx, request, k, target, time.perf_counter() - t0)
+
+    def _update(self, ctx: EditorContext, request: EditRequest, k: torch.Tensor, target: TargetVector,
+                spent: float) -> EditResult:
+        """The request's rank-one update from its key ``k`` and its optimised ``target`` (``spent``: the seconds
+        its key and target took)."""
         t0 = time.perf_counter()
         hp = self.hparams
         (layer,) = ctx.layers
-        k = check_finite(average_key(ctx, ctx.tokenizer, layer, request, ctx.templates), request, "key")
         u = torch.linalg.lu_solve(*self._cov_lu, k[:, None])[:, 0] if self._cov_lu is not None else k
-        target = optimise_targets(ctx, ctx.tokenizer, [request], ctx.templates, hp, layer, "mlp_out")[0]
         check_finite(target.delta, request, "v* delta")
         denom = torch.dot(u, k)
         update = torch.outer(target.delta.double().cpu(), u) / denom  # [out, in]
@@ -117,7 +147,7 @@ class RomeEditor(LocateThenEditEditor):
                            hp, [target])
         name, delta = ctx.adapter.mlp_out_delta(layer, update)
         diag = RequestDiagnostics(
-            request.case_id, time.perf_counter() - t0, target.losses, update.norm().item(),
+            request.case_id, spent + time.perf_counter() - t0, target.losses, update.norm().item(),
             {"target_prob": target.target_prob, "nll": target.nll, "kl": target.kl, "steps": target.steps,
              "delta_v_norm": target.delta.norm().item(), "v0_norm": target.init.norm().item(),
              "key_norm": k.norm().item(), "u_dot_k": denom.item()},
