@@ -10,15 +10,17 @@ from editing_models import FACT, OTHER, edit_model
 from bench.reference import FullPositionsTargetOptimiser
 from retention.editing.base import EditRequest
 from retention.editing.context import EditorContext
+from retention.editing.rome import average_key
 from retention.editing.targets import TargetHParams, TargetOptimiser
 
 AUGMENTED = EditRequest("3", "Toko Yasuda", "{} plays the", "piano", "guitar", ("The music of {} uses the",))
 TEMPLATES = ["{}", "Hello there. {}", "A b c d e f. {}"]
+REQUESTS = [FACT, OTHER, AUGMENTED]
 
 
 def _run(cls, model, tokenizer, site: str, max_rows: int) -> tuple[TargetOptimiser, list]:
     hp = TargetHParams(v_steps=6, v_lr=0.5, v_weight_decay=0.1, clamp_norm_factor=1e4, early_stop_loss=0.0)
-    opt = cls(EditorContext(model, tokenizer), [FACT, OTHER, AUGMENTED], TEMPLATES, hp, 0, site, max_rows)
+    opt = cls(EditorContext(model, tokenizer), REQUESTS, TEMPLATES, hp, 0, site, max_rows)
     return opt, opt.run()
 
 
@@ -31,7 +33,7 @@ def test_held_prefix_keys_give_the_same_delta(tiny_llama, kind, site, monkeypatc
     monkeypatch.setattr(TargetOptimiser, "_build", lambda self, chunk, split: built.append(build(self, chunk, split))
                         or built[-1])
     # 8 rows a chunk: chunks mix facts, phrasings and a KL row, so their rows split at different positions.
-    fast_opt, fast = _run(TargetOptimiser, model, tokenizer, site, 8)
+    _, fast = _run(TargetOptimiser, model, tokenizer, site, 8)
     split = [c for c in built if c.held]
     assert split, "no chunk held its prefix keys"
     assert any(len(set((c.positions[:, 0]).tolist())) > 1 and len(c.kl_row) > 0 for c in split)
@@ -45,6 +47,12 @@ def test_held_prefix_keys_give_the_same_delta(tiny_llama, kind, site, monkeypatc
         assert a.steps == b.steps == 5
         assert a.losses == pytest.approx(b.losses, rel=1e-5)
         assert a.kl == pytest.approx(b.kl, rel=1e-3, abs=1e-7)
+    for req, a in zip(REQUESTS, fast):
+        if site == "layer":
+            assert a.key is None
+        else:  # ROME's k̄, read on the first step
+            k = average_key(model, tokenizer, 0, req, TEMPLATES)
+            assert a.key.dtype == torch.float64 and ((a.key - k).norm() / k.norm()).item() < 1e-6
 
 
 def test_a_sliding_window_model_runs_every_position(tiny_llama, monkeypatch):

@@ -16,6 +16,8 @@ with its own δ, loss, Adam state, clamp and early stop, so a batch gives the ve
 optimisation gives. A fact's loss is a weighted sum over its prompt rows, so the rows of all facts are sorted by
 length and run in chunks of similar length (little padding), their gradients adding up. No weight gradients are
 computed and the frozen layers below ``L`` run once: their output is cached and every step starts at layer ``L``.
+The positions before each prompt's subject run once too (δ never reaches them): their keys and values at layers
+``L`` on are held, and every step runs only the positions from the subject's last token on (:class:`_Chunk`).
 :class:`TargetOptimiser` holds one batch's optimisation; :func:`optimise_targets` runs one.
 
 :class:`LocateThenEditEditor` is the set-up ROME, MEMIT and AlphaEdit share: one ``prepare`` that builds the
@@ -87,6 +89,9 @@ class TargetVector:
     """Geometric-mean probability of the target tokens over the rewriting prompts at the last evaluated step."""
     steps: int = 0
     """Adam updates made."""
+    key: torch.Tensor | None = None
+    """float64 ``[in]``: the site's input at the subject's last token averaged over the rewriting prompts (first
+    step; δ never changes it) — ROME's ``k̄`` when the site is the MLP output projection; None at a layer site."""
 
     @property
     def value(self) -> torch.Tensor:
@@ -307,6 +312,7 @@ class TargetOptimiser:
         self.ctx, self.requests, self.hparams, self.max_rows = context, list(requests), hparams, max_rows
         self.base, self.adapter = context.model, context.adapter
         self.layer = layer % self.adapter.num_layers
+        self.site_name = site
         self.site = self.adapter.mlp_out(self.layer) if site == "mlp_out" else self.adapter.layer(self.layer)
         self.device = context.device
         tokenizer = context.tokenizer
@@ -374,6 +380,8 @@ class TargetOptimiser:
             self._built, self._active = {}, None  # frees the held keys and values
         for f, res in enumerate(self.results):
             res.delta = self.deltas[f].detach().float().clone()
+            if res.key is not None:
+                res.key = res.key.cpu()
         log.debug("optimised %d target vector(s) at layer %d in %.2f s", len(self.requests), self.layer,
                   time.perf_counter() - t0)
         return self.results
@@ -530,7 +538,8 @@ class TargetOptimiser:
             for layer, (k, v) in c.held.items():
                 cache.update(k, v, layer)
             kwargs.update({self._cache_arg: cache, "position_ids": c.positions, "use_cache": True})
-        with patch_outputs({self.site: patch}), capture({"site": self.site}, inputs=False) as rec:
+        keys = first and self.site_name == "mlp_out"
+        with patch_outputs({self.site: patch}), capture({"site": self.site}, inputs=keys) as rec:
             if c.hidden is None:
                 hidden = self.base.base_model(**kwargs).last_hidden_state
             else:
@@ -541,6 +550,12 @@ class TargetOptimiser:
                 if r.plain:
                     # The captured output already holds δ = 0 at this step, so it is the original output.
                     self.results[r.fact].init = rec["site"].output[j, c.subject[j]].detach().float().clone()
+            if keys:
+                for j, r in enumerate(sub):
+                    if r.targets is not None:  # a rewriting prompt (the target tokens after it change no key)
+                        key = rec["site"].input[j, c.subject[j]].double()
+                        res = self.results[r.fact]
+                        res.key = key * r.share if res.key is None else res.key + key * r.share
         return self._row_losses(chunk, c, hidden, first)
 
     def _row_losses(self, chunk: Sequence[int], c: _Chunk, hidden: torch.Tensor, first: bool) -> torch.Tensor:
