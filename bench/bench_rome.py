@@ -1,19 +1,29 @@
-"""ROME on the default model: median time per edit, and the v* loop against the same loop run naively.
+"""ROME on the default model: median time per edit, ``retention edit --mode single`` on the first known CounterFact
+facts (time per edit and its scores), and the v* loop against the same loop run naively.
 
-The naive loop is what ROME-style code usually does: every step a full forward and backward through all layers
-with weight gradients. Ours computes no weight gradients and runs the frozen layers below the edited one once.
+The facts are the first ``BENCH_ROME_FACTS`` (default 40) known facts of ``FACTS``; 0 skips that part. The naive loop is what ROME-style code usually does: every step a full forward and backward through all layers
+with weight gradients. Ours computes no weight gradients, runs the frozen layers below the edited one once, and
+runs the positions before the subject once (their keys and values held); it is also timed running every position
+at every step.
 Both optimise the same δ (the largest relative difference is printed).
 """
 
 from __future__ import annotations
 
+import os
+import statistics
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
+from unittest import mock
 
 import torch
 
 from bench.common import interleaved_medians
-from bench.reference import naive_targets
+from bench.reference import full_position_targets, naive_targets
+
+FACTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact" / "counterfact_preknown.json"
 
 REQUESTS = [
     ("bench-1", "Danielle Darrieux", "The mother tongue of {} is", "English", "French"),
@@ -22,7 +32,37 @@ REQUESTS = [
 ]
 
 
+def single_edits(n: int) -> None:
+    """``retention edit --editor rome --mode single`` on the first ``n`` known facts of ``FACTS`` (its scoring,
+    nothing saved): seconds per edit (median over the facts, and the command's mean) and ES/PS/NS."""
+    from retention.commands.edit import EditArgs
+    from retention.commands.edit import run as edit
+    from retention.editing.rome import RomeEditor
+
+    per_fact: list[float] = []
+    timed = RomeEditor.edit
+
+    def timing(self, model, tokenizer, requests, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return timed(self, model, tokenizer, requests, *args, **kwargs)
+        finally:
+            per_fact.extend([(time.perf_counter() - t0) / len(requests)] * len(requests))
+
+    with tempfile.TemporaryDirectory() as out, mock.patch.object(RomeEditor, "edit", timing):
+        summary = edit(EditArgs(editor="rome", data=str(FACTS), n=n, mode="single", save_model=False, out=out))
+    scores = "  ".join(f"{name} {p} {summary['edited'][group][p]['value']:.1%}"
+                       for name, group in (("ES", "edit"), ("PS", "edit_paraphrase"), ("NS", "edit_neighborhood"))
+                       for p in ("prob", "top1"))
+    median = statistics.median(per_fact) if per_fact else float("nan")
+    print(f"ROME single edits of {summary['n_edits']} known facts ({torch.get_num_threads()} threads): "
+          f"median {median:.2f} s per edit, mean {summary['seconds_per_edit']:.2f} s (with the set-up)\n  {scores}")
+
+
 def run() -> None:
+    n = int(os.environ.get("BENCH_ROME_FACTS", "40"))
+    if n:
+        single_edits(n)
     from retention.editing.base import EditRequest
     from retention.editing.registry import build_editor
     from retention.editing.targets import optimise_targets
@@ -53,14 +93,21 @@ def run() -> None:
     req = requests[0]
     fast = optimise_targets(model, tokenizer, [req], templates, fixed, hp.layer)[0]
     slow = naive_targets(model, tokenizer, [req], templates, fixed, hp.layer)[0]
+    full = full_position_targets(model, tokenizer, [req], templates, fixed, hp.layer)[0]
     diff = ((fast.delta - slow.delta).norm() / slow.delta.norm()).item()
+    diff_full = ((fast.delta - full.delta).norm() / full.delta.norm()).item()
     medians = interleaved_medians({
-        "cached prefix, no weight grads": lambda: optimise_targets(model, tokenizer, [req], templates, fixed,
+        "held prefix keys, no weight grads": lambda: optimise_targets(model, tokenizer, [req], templates, fixed,
                                                                    hp.layer),
+        "same, every position every step": lambda: full_position_targets(model, tokenizer, [req], templates,
+                                                                         fixed, hp.layer),
         "naive (all layers, weight grads)": lambda: naive_targets(model, tokenizer, [req], templates, fixed,
                                                                   hp.layer),
     }, repeats=2)
     for name, t in medians.items():
         print(f"v* loop, {name:<34} median {t:.2f} s ({fixed.v_steps} steps, {len(templates)} rewriting prompts)")
-    naive, ours = medians["naive (all layers, weight grads)"], medians["cached prefix, no weight grads"]
+    naive, ours = medians["naive (all layers, weight grads)"], medians["held prefix keys, no weight grads"]
     print(f"v* loop speed-up: {naive / ours:.2f}x (target >= 1.5x); same delta: relative difference {diff:.1e}")
+    full_t = medians["same, every position every step"]
+    print(f"held keys before the subject: {full_t / ours:.2f}x over running every position; same delta: relative "
+          f"difference {diff_full:.1e}")

@@ -71,3 +71,17 @@ def naive_targets(model: nn.Module, tokenizer, requests: Sequence[EditRequest], 
     """:func:`~retention.editing.targets.optimise_targets` run by :class:`NaiveTargetOptimiser`."""
     context = EditorContext.of(model, tokenizer)
     return NaiveTargetOptimiser(context, requests, context_templates, hparams, layer, site, max_rows).run()
+
+
+class FullPositionsTargetOptimiser(TargetOptimiser):
+    """The package's δ optimisation but every step runs every position of every row (nothing held)."""
+
+    split = False
+
+
+def full_position_targets(model: nn.Module, tokenizer, requests: Sequence[EditRequest],
+                          context_templates: Sequence[str], hparams: TargetHParams, layer: int,
+                          site: str = "mlp_out", max_rows: int = MAX_ROWS) -> list[TargetVector]:
+    """:func:`~retention.editing.targets.optimise_targets` run by :class:`FullPositionsTargetOptimiser`."""
+    context = EditorContext.of(model, tokenizer)
+    return FullPositionsTargetOptimiser(context, requests, context_templates, hparams, layer, site, max_rows).run()

@@ -16,6 +16,8 @@ with its own δ, loss, Adam state, clamp and early stop, so a batch gives the ve
 optimisation gives. A fact's loss is a weighted sum over its prompt rows, so the rows of all facts are sorted by
 length and run in chunks of similar length (little padding), their gradients adding up. No weight gradients are
 computed and the frozen layers below ``L`` run once: their output is cached and every step starts at layer ``L``.
+The positions before each prompt's subject run once too (δ never reaches them): their keys and values at layers
+``L`` on are held, and every step runs only the positions from the subject's last token on (:class:`_Chunk`).
 :class:`TargetOptimiser` holds one batch's optimisation; :func:`optimise_targets` runs one.
 
 :class:`LocateThenEditEditor` is the set-up ROME, MEMIT and AlphaEdit share: one ``prepare`` that builds the
@@ -25,6 +27,7 @@ the weights hashed once) and keeps it while the editor edits that model.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import re
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 from typing_extensions import override
 
 from retention.arch import unwrap_model
@@ -62,6 +66,9 @@ SITES = ("mlp_out", "layer")
 MAX_ROWS = 64
 """Prompt rows per forward/backward: a step over more rows runs in chunks whose gradients add up (the memory of a
 backward grows with the rows, about 30 MB per row on a 135M model)."""
+HELD_BYTES = 2**30
+"""At most this many bytes of held keys and values (see :class:`_Chunk`); chunks beyond it run every position at
+every step."""
 V_LR_WARN = 10.0
 """A ``v_lr`` above this is warned about: the presets use 0.5, and Adam's steps are about ``v_lr`` per
 coordinate, so a far larger rate only jumps to the clamp."""
@@ -82,6 +89,9 @@ class TargetVector:
     """Geometric-mean probability of the target tokens over the rewriting prompts at the last evaluated step."""
     steps: int = 0
     """Adam updates made."""
+    key: torch.Tensor | None = None
+    """float64 ``[in]``: the site's input at the subject's last token averaged over the rewriting prompts (first
+    step; δ never changes it) — ROME's ``k̄`` when the site is the MLP output projection; None at a layer site."""
 
     @property
     def value(self) -> torch.Tensor:
@@ -205,15 +215,17 @@ _CHUNK_COST = 32
 """A forward/backward's fixed cost in padded token positions, weighed against padding when rows are grouped."""
 
 
-def _chunks(rows: Sequence[_Row], facts: Sequence[int], max_rows: int) -> list[list[int]]:
-    """The rows of ``facts``, sorted by length and cut into groups of at most ``max_rows`` rows that minimise the
-    padded positions computed plus a fixed cost per group (dynamic programming over the sorted lengths)."""
+def _chunks(rows: Sequence[_Row], facts: Sequence[int], max_rows: int, split: bool = False) -> list[list[int]]:
+    """The rows of ``facts``, sorted by the positions a step runs of them (all, or from the subject's last token on
+    when ``split``) and cut into groups of at most ``max_rows`` rows that minimise the padded positions computed
+    plus a fixed cost per group (dynamic programming over the sorted widths)."""
     wanted = set(facts)
-    order = sorted((i for i, r in enumerate(rows) if r.fact in wanted), key=lambda i: len(rows[i].ids))
+    widths = [len(r.ids) - (r.subject if split else 0) for r in rows]
+    order = sorted((i for i, r in enumerate(rows) if r.fact in wanted), key=lambda i: widths[i])
     cost = [0.0] + [math.inf] * len(order)
     cut = [0] * (len(order) + 1)
     for end in range(1, len(order) + 1):
-        width = len(rows[order[end - 1]].ids)
+        width = widths[order[end - 1]]
         for begin in range(max(0, end - max_rows), end):
             c = cost[begin] + (end - begin) * width + _CHUNK_COST
             if c < cost[end]:
@@ -226,6 +238,58 @@ def _chunks(rows: Sequence[_Row], facts: Sequence[int], max_rows: int) -> list[l
     return groups[::-1]
 
 
+class _Recorder(DynamicCache):
+    """A key/value cache that also keeps what each layer gave it (read without the cache's own, version-dependent,
+    layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.given: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.given[layer_idx] = (key_states, value_states)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+@dataclass
+class _Chunk:
+    """A chunk's forward inputs and loss indices, built once for as long as its rows run together.
+
+    Split (``held`` not empty): a row's positions before its subject's last token never see δ (it is added at
+    that token and attention is causal), so their keys and values at layers ``L`` on are computed once and held
+    (left-padded to the chunk's longest such prefix); a step runs only the positions from the subject's last
+    token on. Column ``j`` of a split row is position ``shift + j`` of the row.
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    """The 2D padding mask of a plain chunk; a split chunk's 4D additive mask over held then run positions."""
+    hidden: torch.Tensor | None
+    """The run positions' input of layer ``L`` (None: every layer runs)."""
+    positions: torch.Tensor | None
+    """A split chunk's position ids of the run positions."""
+    held: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    """Layer -> the held keys and values of the positions before the subjects (empty: a plain chunk)."""
+    subject: torch.Tensor
+    """Per row the column of the subject's last token."""
+    logit_rows: torch.Tensor
+    logit_cols: torch.Tensor
+    """Where logits are needed: each target-predicting position of a rewriting row, the subject of a KL row."""
+    tok_at: torch.Tensor
+    tok: torch.Tensor
+    tok_row: torch.Tensor
+    """Per target token its logit row, its id and its chunk row."""
+    counts: torch.Tensor
+    """Per chunk row its target tokens (at least 1)."""
+    kl_at: torch.Tensor
+    kl_row: list[int]
+    """Per KL row its logit row and its chunk row."""
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for kv in self.held.values() for t in kv)
+
+
 class TargetOptimiser:
     """One batch of δ optimisations (the module docstring's loss, Adam, clamp and early stop per fact).
 
@@ -234,6 +298,10 @@ class TargetOptimiser:
     distributions of the first step and the :class:`TargetVector` results. :meth:`run` optimises; :meth:`step` is
     one forward over a chunk of rows.
     """
+
+    split = True
+    """Hold the keys and values of the positions before the subjects and run only the rest at every step (see
+    :class:`_Chunk`); needs the cached layer input (:meth:`prefix`) and full attention at every layer."""
 
     def __init__(self, context: EditorContext, requests: Sequence[EditRequest], context_templates: Sequence[str],
                  hparams: TargetHParams, layer: int, site: str = "mlp_out", max_rows: int = MAX_ROWS):
@@ -244,6 +312,7 @@ class TargetOptimiser:
         self.ctx, self.requests, self.hparams, self.max_rows = context, list(requests), hparams, max_rows
         self.base, self.adapter = context.model, context.adapter
         self.layer = layer % self.adapter.num_layers
+        self.site_name = site
         self.site = self.adapter.mlp_out(self.layer) if site == "mlp_out" else self.adapter.layer(self.layer)
         self.device = context.device
         tokenizer = context.tokenizer
@@ -258,6 +327,17 @@ class TargetOptimiser:
         self.weights = torch.zeros(0)
         """Per row its weight in its fact's loss: a fact's loss is a weighted sum over its rows, so chunks of rows
         add up to it exactly."""
+        self._active: tuple[int, ...] | None = None
+        self._built: dict[tuple[int, ...], _Chunk] = {}
+        """The chunks of the active facts' rows (:meth:`_plan`)."""
+        params = inspect.signature(self.base.base_model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        """The forward's key/value cache argument (renamed in transformers 5)."""
+        config = self.base.config
+        types = getattr(config, "layer_types", None)
+        self._full_attention = (all(t == "full_attention" for t in types) if types is not None
+                                else getattr(config, "sliding_window", None) is None)
+        """Every layer attends to all earlier positions (the split chunks' mask; a sliding window is not split)."""
 
     def prefix(self) -> torch.Tensor | None:
         """The rows' input of layer ``L``, computed once: the layers below it are frozen, so every step starts there
@@ -280,6 +360,7 @@ class TargetOptimiser:
             opt = torch.optim.Adam(self.deltas, lr=hp.v_lr)
             self.results = [TargetVector(torch.zeros(0), torch.zeros(0)) for _ in self.requests]
             self.kl_init = {}
+            self._active = None
             active = list(range(len(self.requests)))
             self.weights = torch.tensor([r.share * (1.0 if r.targets else hp.kl_factor) for r in self.rows],
                                         device=self.device)
@@ -296,8 +377,11 @@ class TargetOptimiser:
                 active = stepping
                 if not active:
                     break
+            self._built, self._active = {}, None  # frees the held keys and values
         for f, res in enumerate(self.results):
             res.delta = self.deltas[f].detach().float().clone()
+            if res.key is not None:
+                res.key = res.key.cpu()
         log.debug("optimised %d target vector(s) at layer %d in %.2f s", len(self.requests), self.layer,
                   time.perf_counter() - t0)
         return self.results
@@ -307,7 +391,7 @@ class TargetOptimiser:
         their gradients are accumulated (but after the last step, when nothing is updated)."""
         n = len(self.requests)
         nll, kl, prob = [0.0] * n, [0.0] * n, [0.0] * n
-        for chunk in _chunks(self.rows, active, self.max_rows):
+        for chunk in self._plan(active):
             values = self.step(chunk, step == 0)
             if step != self.hparams.v_steps - 1:
                 (self.weights[chunk] * values).sum().backward()
@@ -319,6 +403,86 @@ class TargetOptimiser:
                     nll[r.fact] += r.share * v
                     prob[r.fact] += r.share * math.exp(-v)
         return nll, kl, prob
+
+    def _plan(self, active: Sequence[int]) -> list[list[int]]:
+        """The chunks of the active facts' rows, each built (:class:`_Chunk`) once while the active facts stay."""
+        if tuple(active) != self._active:
+            split = self.split and self.cached is not None and self._full_attention
+            chunks = _chunks(self.rows, active, self.max_rows, split)
+            self._built = {}  # the chunks of the facts before go before the new are built (their held keys)
+            budget = HELD_BYTES
+            for chunk in chunks:
+                built = self._build(chunk, split and self._held_estimate(chunk) <= budget)
+                budget -= built.held_bytes
+                self._built[tuple(chunk)] = built
+            self._active = tuple(active)
+        return [list(key) for key in self._built]
+
+    def _held_estimate(self, chunk: Sequence[int]) -> int:
+        """An upper bound of the bytes a split chunk holds (keys and values at most ``hidden_size`` wide)."""
+        prefix = max(self.rows[i].subject for i in chunk)
+        per_token = 2 * self.adapter.hidden_size * self.cached.element_size()
+        return len(chunk) * prefix * (self.adapter.num_layers - self.layer) * per_token
+
+    def _build(self, chunk: Sequence[int], split: bool) -> _Chunk:
+        """The forward inputs and loss indices of the rows ``chunk``; ``split``: hold the keys and values of the
+        positions before the subjects (one forward without gradients, here) and run only the rest each step."""
+        rows, dev = [self.rows[i] for i in chunk], self.device
+        sel = torch.tensor(chunk, device=dev)
+        lengths = torch.tensor([len(r.ids) for r in rows], device=dev)
+        shift = torch.tensor([r.subject if split else 0 for r in rows], device=dev)
+        prefix = int(shift.max())
+        width = int((lengths - shift).max())
+        held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        positions = None
+        if prefix == 0:  # nothing before the subjects to hold
+            ids, mask = self.ids[sel, :width], self.mask[sel, :width]
+            hidden = None if self.cached is None else self.cached[sel, :width]
+        else:
+            recorder = _Recorder()
+            with torch.no_grad(), start_at_layer(self.base, self.layer, self.cached[sel, :prefix], self.adapter):
+                self.base.base_model(input_ids=self.ids[sel, :prefix], attention_mask=self.mask[sel, :prefix],
+                                     use_cache=True, **{self._cache_arg: recorder})
+            # Left-pad each row's held positions (so its run positions follow them): a padding slot copies slot 0
+            # (finite, masked out).
+            slots = torch.arange(prefix, device=dev)
+            start = prefix - shift
+            source = (slots[None] - start[:, None]).clamp(min=0)
+            for layer, (k, v) in recorder.given.items():
+                index = source[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+                held[layer] = (k.gather(2, index), v.gather(2, index))
+            cols = torch.arange(width, device=dev)
+            at = (shift[:, None] + cols[None]).clamp(max=self.ids.shape[1] - 1)
+            ids, hidden, positions = self.ids[sel[:, None], at], self.cached[sel[:, None], at], shift[:, None] + cols
+            run = cols[None] < (lengths - shift)[:, None]
+            causal = cols[None, :, None] >= cols[None, None, :]  # [1, query, key]
+            allowed = torch.cat([(slots[None] >= start[:, None])[:, None].expand(-1, width, -1),
+                                 causal & run[:, None]], -1)
+            mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=dev)
+            mask = mask.masked_fill(~allowed, torch.finfo(hidden.dtype).min)[:, None]
+        logit_rows, logit_cols, tok_at, tok, tok_row, kl_at, kl_row = [], [], [], [], [], [], []
+        for j, r in enumerate(rows):
+            offset = int(shift[j])
+            if r.targets is None:
+                kl_at.append(len(logit_rows))
+                kl_row.append(j)
+                logit_rows.append(j)
+                logit_cols.append(r.subject - offset)
+            else:
+                first = len(r.ids) - len(r.targets) - offset
+                tok_at += range(len(logit_rows), len(logit_rows) + len(r.targets))
+                tok_row += [j] * len(r.targets)
+                logit_rows += [j] * len(r.targets)
+                logit_cols += range(first, first + len(r.targets))
+                tok += r.targets
+        tok_row_t = torch.tensor(tok_row, dtype=torch.long, device=dev)
+        counts = torch.zeros(len(rows), device=dev).index_add(0, tok_row_t, torch.ones(len(tok), device=dev))
+
+        def t(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=dev)
+
+        return _Chunk(ids, mask, hidden, positions, held, t([r.subject for r in rows]) - shift, t(logit_rows),
+                      t(logit_cols), t(tok_at), t(tok), tok_row_t, counts.clamp(min=1), t(kl_at), kl_row)
 
     def _record(self, step: int, active: Sequence[int], nll: list[float], kl: list[float], prob: list[float],
                 decays: dict[int, torch.Tensor]) -> list[int]:
@@ -359,67 +523,57 @@ class TargetOptimiser:
                     self.deltas[f].mul_(max_norm / norm)
 
     def step(self, chunk: Sequence[int], first: bool) -> torch.Tensor:
-        """One forward over the rows ``chunk`` with each fact's δ added at the site; per row its target NLL
-        (rewriting row) or KL (KL row). The ``first`` step records ``v₀`` and the KL reference."""
-        base, rows = self.base, self.rows
-        sub = [rows[i] for i in chunk]
-        width = max(len(r.ids) for r in sub)
-        sel = torch.tensor(chunk, device=self.ids.device)
-        ids, mask = self.ids[sel, :width], self.mask[sel, :width]
+        """One forward over the rows ``chunk`` (as planned by :meth:`_plan`) with each fact's δ added at the site;
+        per row its target NLL (rewriting row) or KL (KL row). The ``first`` step records ``v₀`` and the KL
+        reference."""
+        c, sub = self._built[tuple(chunk)], [self.rows[i] for i in chunk]
         facts = sorted({r.fact for r in sub})
         slot = {f: j for j, f in enumerate(facts)}
         stacked = torch.stack([self.deltas[f] for f in facts])
         values = stacked[torch.tensor([slot[r.fact] for r in sub], device=stacked.device)]
-        patch = add_at(torch.arange(len(sub)), torch.tensor([r.subject for r in sub]), values)
-        with patch_outputs({self.site: patch}), capture({"site": self.site}, inputs=False) as rec:
-            if self.cached is None:
-                hidden = base.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        patch = add_at(torch.arange(len(sub)), c.subject, values)
+        kwargs = {"input_ids": c.ids, "attention_mask": c.mask, "use_cache": False}
+        if c.held:
+            cache = DynamicCache()
+            for layer, (k, v) in c.held.items():
+                cache.update(k, v, layer)
+            kwargs.update({self._cache_arg: cache, "position_ids": c.positions, "use_cache": True})
+        keys = first and self.site_name == "mlp_out"
+        with patch_outputs({self.site: patch}), capture({"site": self.site}, inputs=keys) as rec:
+            if c.hidden is None:
+                hidden = self.base.base_model(**kwargs).last_hidden_state
             else:
-                with start_at_layer(base, self.layer, self.cached[sel, :width], self.adapter):
-                    hidden = base.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                with start_at_layer(self.base, self.layer, c.hidden, self.adapter):
+                    hidden = self.base.base_model(**kwargs).last_hidden_state
         if first:
             for j, r in enumerate(sub):
                 if r.plain:
                     # The captured output already holds δ = 0 at this step, so it is the original output.
-                    self.results[r.fact].init = rec["site"].output[j, r.subject].detach().float().clone()
-        return self._row_losses(chunk, hidden, first)
+                    self.results[r.fact].init = rec["site"].output[j, c.subject[j]].detach().float().clone()
+            if keys:
+                for j, r in enumerate(sub):
+                    if r.targets is not None:  # a rewriting prompt (the target tokens after it change no key)
+                        key = rec["site"].input[j, c.subject[j]].double()
+                        res = self.results[r.fact]
+                        res.key = key * r.share if res.key is None else res.key + key * r.share
+        return self._row_losses(chunk, c, hidden, first)
 
-    def _row_losses(self, chunk: Sequence[int], hidden: torch.Tensor, first: bool) -> torch.Tensor:
+    def _row_losses(self, chunk: Sequence[int], c: _Chunk, hidden: torch.Tensor, first: bool) -> torch.Tensor:
         """Per row of ``chunk`` its mean target NLL or its KL(p₀ ‖ p) from the final hidden states ``hidden``."""
-        sub = [self.rows[i] for i in chunk]
-        # Logits only where they are needed: each target token of a rewriting row, the subject token of a KL row.
-        # Log-probs are picked with one index per kind (a slice per row would make backward zero-fill a full
-        # [positions, vocab] gradient for every row).
-        pos_rows, pos_cols, tok, tok_at, tok_row, kl_at, kl_row = [], [], [], [], [], [], []
-        for j, r in enumerate(sub):
-            if r.targets is None:
-                kl_at.append(len(pos_rows))
-                kl_row.append(j)
-                pos_rows.append(j)
-                pos_cols.append(r.subject)
-            else:
-                start = len(r.ids) - len(r.targets)
-                tok_at += range(len(pos_rows), len(pos_rows) + len(r.targets))
-                tok_row += [j] * len(r.targets)
-                pos_rows += [j] * len(r.targets)
-                pos_cols += range(start, start + len(r.targets))
-                tok += r.targets
-        logits = self.base.get_output_embeddings()(hidden[torch.tensor(pos_rows), torch.tensor(pos_cols)]).float()
+        # Logits only where they are needed. Log-probs are picked with one index per kind (a slice per row would
+        # make backward zero-fill a full [positions, vocab] gradient for every row).
+        logits = self.base.get_output_embeddings()(hidden[c.logit_rows, c.logit_cols]).float()
         logprobs = torch.log_softmax(logits, -1)
-        dev = logits.device
-        per_row = torch.zeros(len(sub), device=dev)
-        if tok:  # a chunk may hold KL rows only
-            tok_row_t = torch.tensor(tok_row, device=dev)
-            picked = logprobs[torch.tensor(tok_at, device=dev), torch.tensor(tok, device=dev)]
-            counts = torch.zeros(len(sub), device=dev).index_add(0, tok_row_t, torch.ones_like(picked))
-            per_row = -per_row.index_add(0, tok_row_t, picked) / counts.clamp(min=1)
-        if kl_at:
-            lp = logprobs[torch.tensor(kl_at, device=dev)]
+        per_row = torch.zeros(len(chunk), device=logits.device)
+        if len(c.tok):  # a chunk may hold KL rows only
+            per_row = -per_row.index_add(0, c.tok_row, logprobs[c.tok_at, c.tok]) / c.counts
+        if c.kl_row:
+            lp = logprobs[c.kl_at]
             if first:
-                for i, j in enumerate(kl_row):
+                for i, j in enumerate(c.kl_row):
                     self.kl_init[chunk[j]] = lp[i].detach()
-            ref = torch.stack([self.kl_init[chunk[j]] for j in kl_row])
-            per_row = per_row.index_put((torch.tensor(kl_row, device=dev),), torch.sum(ref.exp() * (ref - lp), -1))
+            ref = torch.stack([self.kl_init[chunk[j]] for j in c.kl_row])
+            per_row = per_row.index_put((c.kl_at.new_tensor(c.kl_row),), torch.sum(ref.exp() * (ref - lp), -1))
         return per_row
 
 
