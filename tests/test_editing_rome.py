@@ -197,7 +197,8 @@ def test_non_finite_update_names_the_request(tiny_llama, corpus, monkeypatch):
     saved = state(model)
 
     def broken(model, tokenizer, requests, templates, hparams, layer, site):
-        return [TargetVector(torch.full((64,), float("nan")), torch.ones(64)) for _ in requests]
+        return [TargetVector(torch.full((64,), float("nan")), torch.ones(64), key=torch.ones(64, dtype=torch.float64))
+                for _ in requests]
 
     monkeypatch.setattr("retention.editing.rome.optimise_targets", broken)
     with pytest.raises(EditError, match="edit request 1 .*non-finite v\\* delta"):

@@ -47,8 +47,6 @@ from retention.editing.targets import (
 
 log = logging.getLogger(__name__)
 
-KEY_ROWS = 256
-"""Prompts per forward when the keys of several requests are computed together (:meth:`RomeEditor.edit_singles`)."""
 
 
 @dataclass
@@ -108,7 +106,7 @@ class RomeEditor(LocateThenEditEditor):
 
     def edit_singles(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> list[EditResult]:
         """Each request's rank-one update on the model as it is, as :meth:`edit` of it alone computes it, but with
-        the keys of all requests from shared forwards and their v* optimised together (one
+        their v* (and keys k̄, read on its first step) optimised together (one
         :func:`~retention.editing.targets.optimise_targets`: per request its own δ, Adam state, clamp and early
         stop; only float rounding from padding differs). A request's ``seconds``: an equal share of the shared
         work (keys, v*) plus its own update."""
@@ -117,18 +115,16 @@ class RomeEditor(LocateThenEditEditor):
         t0 = time.perf_counter()
         ctx = self.prepare(model, tokenizer)
         (layer,) = ctx.layers
-        keys, _ = keys_and_values(ctx, tokenizer, requests, ctx.templates, layer, batch_size=KEY_ROWS, per="request")
-        for request, k in zip(requests, keys):
-            check_finite(k, request, "key")
         targets = optimise_targets(ctx, tokenizer, requests, ctx.templates, self.hparams, layer, "mlp_out")
+        keys = [check_finite(t.key, request, "key") for request, t in zip(requests, targets)]
         share = (time.perf_counter() - t0) / len(requests)
         return [self._update(ctx, request, k, target, share) for request, k, target in zip(requests, keys, targets)]
 
     def _edit_one(self, ctx: EditorContext, request: EditRequest) -> EditResult:
         t0 = time.perf_counter()
         (layer,) = ctx.layers
-        k = check_finite(average_key(ctx, ctx.tokenizer, layer, request, ctx.templates), request, "key")
         target = optimise_targets(ctx, ctx.tokenizer, [request], ctx.templates, self.hparams, layer, "mlp_out")[0]
+        k = check_finite(target.key, request, "key")
         return self._update(ctx, request, k, target, time.perf_counter() - t0)
 
     def _update(self, ctx: EditorContext, request: EditRequest, k: torch.Tensor, target: TargetVector,
