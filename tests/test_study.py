@@ -150,6 +150,8 @@ def _study_main(path: Path, *extra: str) -> int:
 
 
 class _Messages(logging.Handler):
+    """Keeps the messages logged to it (caplog is per test; the study below is run once per module)."""
+
     def __init__(self):
         super().__init__(logging.INFO)
         self.messages: list[str] = []
