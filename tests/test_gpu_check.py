@@ -91,17 +91,6 @@ def _wheel_of_installed(name: str, folder: Path) -> Path:
     return path
 
 
-def _project_wheel(tmp: Path, folder: Path) -> None:
-    """This tree's wheel, built from a copy (a build writes ``build/`` and ``*.egg-info`` by the sources)."""
-    src = tmp / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, src / name)
-    shutil.copytree(ROOT / "retention", src / "retention", ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "--no-index", "-w", folder, src], check=True, cwd=tmp, capture_output=True)
-
-
 def _host(tmp: Path) -> Path:
     """The host's packages: this environment's site-packages less ``MISSING``, pip and the editable project,
     as links in one folder (given to the host's Python on PYTHONPATH)."""
@@ -116,10 +105,10 @@ def _host(tmp: Path) -> Path:
     return host
 
 
-def test_the_wheel_folder_installs_only_what_the_host_lacks_and_edits_offline(tmp_path):
+def test_the_wheel_folder_installs_only_what_the_host_lacks_and_edits_offline(tmp_path, project_wheel):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    _project_wheel(tmp_path, wheels)
+    shutil.copy2(project_wheel, wheels)
     for name in MISSING:
         _wheel_of_installed(name, wheels)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON"))},

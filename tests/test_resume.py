@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,10 +93,13 @@ def test_a_run_folder_is_never_reused_silently(runs):
     root, straight, _ = runs
     with pytest.raises(FileExistsError, match="run.overwrite"):
         main(["--config", str(straight)])
-    stale = root / "runs" / "straight" / "probes" / "step_999999.jsonl"
+    # Overwritten by a 1-step run, in a copy: the 12-step run stays the resume test's reference.
+    again = shutil.copytree(root / "runs" / "straight", root / "runs" / "again")
+    stale = again / "probes" / "step_999999.jsonl"
     stale.write_text("{}\n")
-    assert main(["--config", str(straight), "--run.overwrite", "true", "--run.checkpoint_every", "0"]) == 0
-    assert not stale.exists() and (root / "runs" / "straight" / "summary.json").exists()
+    assert main(["--config", str(straight), "--run.name", "again", "--run.overwrite", "true",
+                 "--run.checkpoint_every", "0", "--trainer.max_steps", "1"]) == 0
+    assert not stale.exists() and json.loads((again / "summary.json").read_text())["final_step"] == 1
 
 
 def test_resume_without_a_checkpoint_is_refused(runs):

@@ -127,31 +127,71 @@ def test_wilson_and_newcombe_by_hand():
 # -- a tiny study, in process -----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tiny_study(tmp_path, tiny_llama, monkeypatch) -> Path:
+def _write_study(root: Path, tokenizer) -> Path:
     """A study file: the tiny pipeline run, arms baseline and freeze-edited, seeds 0 and 1 (4 runs)."""
-    monkeypatch.setenv("RETENTION_CACHE", str(tmp_path / "cache"))
-    prepare(tmp_path, tiny_llama[1])
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(fit_config(tmp_path, protocols=["top1", "prob"])))
-    study = {"name": "tiny", "base": "base.yaml", "out_dir": str(tmp_path / "studies"),
+    prepare(root, tokenizer)
+    (root / "base.yaml").write_text(yaml.safe_dump(fit_config(root, protocols=["top1", "prob"])))
+    study = {"name": "tiny", "base": "base.yaml", "out_dir": str(root / "studies"),
              "arms": {"baseline": {}, "frozen": {"freeze.policy": "edited"}}, "seeds": [0, 1]}
-    path = tmp_path / "tiny.yaml"
+    path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(study))
     return path
+
+
+@pytest.fixture
+def tiny_study(tmp_path, tiny_llama, monkeypatch) -> Path:
+    """The tiny study file in ``tmp_path``, not run yet."""
+    monkeypatch.setenv("RETENTION_CACHE", str(tmp_path / "cache"))
+    return _write_study(tmp_path, tiny_llama[1])
 
 
 def _study_main(path: Path, *extra: str) -> int:
     return cli_main(["study", "--config", str(path), *extra])
 
 
+class _Messages(logging.Handler):
+    """Keeps the messages logged to it (caplog is per test; the study below is run once per module)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_llama) -> tuple[Path, list[str]]:
+    """The tiny study run once to the end, for the tests that only read it: (its file, the runner's log messages)."""
+    root = tmp_path_factory.mktemp("finished")
+    path, messages, logger = _write_study(root, tiny_llama[1]), _Messages(), logging.getLogger("retention.study.runner")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(messages)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("RETENTION_CACHE", str(root / "cache"))
+            assert _study_main(path) == 0
+    finally:
+        logger.removeHandler(messages)
+        logger.setLevel(level)
+    return path, messages.messages
+
+
 def _state(path: Path) -> dict:
     return json.loads((path.parent / "studies" / "tiny" / "study.json").read_text())
 
 
-def test_study_runs_reports_and_shares_the_edit(tiny_study, caplog):
-    caplog.set_level(logging.INFO, logger="retention.study.runner")
-    assert _study_main(tiny_study) == 0
-    progress = [r.getMessage() for r in caplog.records if "runs done" in r.getMessage()]
+def _respec(path: Path, **fields) -> None:
+    """Changes fields of the study file, e.g. one seed for a test that needs the runs of one seed only."""
+    spec = yaml.safe_load(path.read_text())
+    spec.update(fields)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+def test_study_runs_reports_and_shares_the_edit(finished):
+    tiny_study, messages = finished
+    progress = [m for m in messages if "runs done" in m]
     assert len(progress) == 4 and "4/4 runs done" in progress[-1] and "ETA 0:00:00" in progress[-1]
     assert re.search(r"; 1/4 runs done, \d:\d\d:\d\d elapsed, ETA \d:\d\d:\d\d \(mean run \d+ s\)$", progress[0])
     folder = tiny_study.parent / "studies" / "tiny"
@@ -192,18 +232,13 @@ def test_reused_edit_gives_the_same_retention_as_editing_again(tiny_study, tmp_p
     assert out["reused"][:3] == out["first"][:3] == out["fresh"][:3]
 
 
-def test_interrupted_study_resumes_to_the_same_report(tiny_study, tmp_path, monkeypatch):
+def test_interrupted_study_resumes_to_the_same_report(tiny_study, finished, tmp_path, monkeypatch):
     """A run cut off mid-fit (after its t=0 files are written) is restarted from nothing; finished runs are kept;
-    the final report.csv equals that of the uninterrupted study."""
+    the final report.csv equals that of the uninterrupted study (the same study file in another folder)."""
     from retention.callbacks.report import RunReport
 
-    assert _study_main(tiny_study) == 0
     folder = tmp_path / "studies" / "tiny"
-    expected = (folder / "report" / "report.csv").read_text()
-
-    import shutil
-
-    shutil.rmtree(folder)
+    expected = (finished[0].parent / "studies" / "tiny" / "report" / "report.csv").read_text()
     calls = {"n": 0}
     original = RunReport.on_train_batch_end
 
@@ -233,6 +268,7 @@ def test_interrupted_study_resumes_to_the_same_report(tiny_study, tmp_path, monk
 
 
 def test_a_changed_config_is_reported_not_mixed(tiny_study, tmp_path, capsys):
+    _respec(tiny_study, seeds=[0])
     assert _study_main(tiny_study) == 0
     base = tmp_path / "base.yaml"
     config = yaml.safe_load(base.read_text())
@@ -240,7 +276,7 @@ def test_a_changed_config_is_reported_not_mixed(tiny_study, tmp_path, capsys):
     base.write_text(yaml.safe_dump(config))
     assert _study_main(tiny_study) == 2
     err = capsys.readouterr().err
-    assert "4 finished run(s)" in err and "trainer.max_steps" in err and "--redo_changed" in err
+    assert "2 finished run(s)" in err and "trainer.max_steps" in err and "--redo_changed" in err
     assert _study_main(tiny_study, "--redo_changed", "true") == 0
     summary = json.loads((tmp_path / "studies" / "tiny" / "runs" / "baseline__seed0" / "summary.json").read_text())
     assert summary["final_step"] == 4
@@ -256,15 +292,15 @@ def test_a_run_that_cannot_resolve_stops_the_study_before_any_run(tiny_study, tm
 
 
 def test_a_failed_run_is_recorded_and_the_study_goes_on(tiny_study, tmp_path, capsys):
-    spec = yaml.safe_load(tiny_study.read_text())
-    # Valid as a config, so it is found only when the run reads its facts.
-    spec["arms"]["broken"] = {"edits.knowledge": str(tmp_path / "missing_facts.jsonl")}
-    tiny_study.write_text(yaml.safe_dump(spec))
+    # Valid as a config, so it is found only when the run reads its facts; the frozen arm runs after it.
+    broken = {"edits.knowledge": str(tmp_path / "missing_facts.jsonl")}
+    _respec(tiny_study, arms={"baseline": {}, "broken": broken, "frozen": {"freeze.policy": "edited"}}, seeds=[0])
     assert _study_main(tiny_study) == 1
-    states = {r["name"]: r for r in _state(tiny_study)["runs"]}
-    assert states["broken__seed0"]["state"] == "failed" and "missing_facts" in states["broken__seed0"]["error"]
-    assert states["frozen__seed1"]["state"] == "done"
-    assert "failed runs (2): broken__seed0, broken__seed1" in capsys.readouterr().err
+    runs = _state(tiny_study)["runs"]
+    assert [(r["name"], r["state"]) for r in runs] == [("baseline__seed0", "done"), ("broken__seed0", "failed"),
+                                                      ("frozen__seed0", "done")]
+    assert "missing_facts" in runs[1]["error"]
+    assert "failed runs (1): broken__seed0" in capsys.readouterr().err
 
 
 def test_report_on_a_single_run_folder_uses_wilson(tiny_study, tmp_path):
@@ -292,6 +328,7 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
 
 
 def test_study_killed_with_sigkill_finishes_when_run_again(tiny_study, tmp_path):
+    _respec(tiny_study, seeds=[0])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RETENTION_CACHE": str(tmp_path / "cache")}
     command = [sys.executable, "-m", "retention", "study", "--config", str(tiny_study)]
     folder = tmp_path / "studies" / "tiny"
@@ -299,7 +336,7 @@ def test_study_killed_with_sigkill_finishes_when_run_again(tiny_study, tmp_path)
     try:
         deadline = time.monotonic() + 300
         # Kill once the second run has measured t=0 (mid-run: its summary is not written yet).
-        while not (folder / "runs" / "baseline__seed1" / "probes").exists():
+        while not (folder / "runs" / "frozen__seed0" / "probes").exists():
             assert proc.poll() is None and time.monotonic() < deadline, "the study ended before it could be killed"
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
@@ -311,7 +348,7 @@ def test_study_killed_with_sigkill_finishes_when_run_again(tiny_study, tmp_path)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((folder / "study.json").read_text())
-    assert [r["state"] for r in state["runs"]] == ["done"] * 4
+    assert [r["state"] for r in state["runs"]] == ["done"] * 2
     assert (folder / "report" / "report.csv").exists()
 
 
@@ -343,10 +380,11 @@ def test_study_plan_names_a_run_that_does_not_resolve(tmp_path):
 
 
 def test_jobs_run_as_subprocesses_with_their_logs(tiny_study, tmp_path):
+    _respec(tiny_study, seeds=[0])
     assert _study_main(tiny_study, "--jobs", "2") == 0
     folder = tmp_path / "studies" / "tiny"
     state = json.loads((folder / "study.json").read_text())
-    assert [r["state"] for r in state["runs"]] == ["done"] * 4
+    assert [r["state"] for r in state["runs"]] == ["done"] * 2
     for run in state["runs"]:
         assert (folder / "runs" / run["name"] / "summary.json").exists()
         assert "Retention after 3 fine-tuning steps" in (folder / "logs" / f"{run['name']}.log").read_text()

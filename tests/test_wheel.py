@@ -9,10 +9,8 @@ editable install (a finder hook installed by such a file) stays inactive: ``rete
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
-import shutil
 import site
 import subprocess
 import sys
@@ -22,28 +20,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _run(args, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> str:
     proc = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
-
-
-def _build_wheel(tmp: Path) -> Path:
-    """A wheel of the working tree, built from a copy (the build writes ``build/`` and ``*.egg-info``)."""
-    src = tmp / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, src / name)
-    shutil.copytree(ROOT / "retention", src / "retention", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    dist = tmp / "dist"
-    # with setuptools at hand (the dev extra), no isolated build environment: nothing to download, seconds
-    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation", "--no-index"]
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", dist, src], cwd=tmp)
-    (wheel,) = dist.glob("retention-*.whl")
-    return wheel
 
 
 def _fresh_venv(tmp: Path, wheel: Path) -> Path:
@@ -101,10 +82,9 @@ CHECKS = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_the_installed_wheel_edits_with_its_shipped_preset_outside_the_repository(tmp_path):
+def test_the_installed_wheel_edits_with_its_shipped_preset_outside_the_repository(tmp_path, project_wheel):
     t0 = time.perf_counter()
-    wheel = _build_wheel(tmp_path)
-    venv = _fresh_venv(tmp_path, wheel)
+    venv = _fresh_venv(tmp_path, project_wheel)
     t_install = time.perf_counter() - t0
 
     outside = tmp_path / "elsewhere"
@@ -129,4 +109,4 @@ def test_the_installed_wheel_edits_with_its_shipped_preset_outside_the_repositor
                env={**env, "RETENTION_DATA": str(data)})
     assert "rome (sequential), 2 edits of tiny-llama" in log, log
     assert (out / "scores.json").is_file() and (out / "edit").is_dir()
-    print(f"wheel built and installed in {t_install:.1f} s, all in {time.perf_counter() - t0:.1f} s")
+    print(f"wheel installed in {t_install:.1f} s, all in {time.perf_counter() - t0:.1f} s")
