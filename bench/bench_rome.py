@@ -32,10 +32,17 @@ REQUESTS = [
 ]
 
 
+def _scores(summary: dict) -> str:
+    return "  ".join(f"{name} {p} {summary['edited'][group][p]['value']:.1%}"
+                     for name, group in (("ES", "edit"), ("PS", "edit_paraphrase"), ("NS", "edit_neighborhood"))
+                     for p in ("prob", "top1"))
+
+
 def single_edits(n: int) -> None:
     """``retention edit --editor rome --mode single`` on the first ``n`` known facts of ``FACTS`` (its scoring,
-    nothing saved), each edited by its own ``edit`` call: seconds per edit (median over the facts, and the
-    command's mean) and ES/PS/NS."""
+    nothing saved), twice: each fact by its own ``edit`` call (seconds per edit: median over the facts, and the
+    command's mean), then as the command runs it, the facts' targets optimised together (``edit_singles``; the
+    command's mean); ES/PS/NS of each."""
     from retention.commands.edit import EditArgs
     from retention.commands.edit import run as edit
     from retention.editing.base import Editor
@@ -51,16 +58,18 @@ def single_edits(n: int) -> None:
         finally:
             per_fact.extend([(time.perf_counter() - t0) / len(requests)] * len(requests))
 
-    # One by one (the base class's loop of ``edit``), not batched: this times an edit; bench singles times batching.
+    args = dict(editor="rome", data=str(FACTS), n=n, mode="single", save_model=False)
     with tempfile.TemporaryDirectory() as out, mock.patch.object(RomeEditor, "edit", timing), \
             mock.patch.object(RomeEditor, "edit_singles", Editor.edit_singles):
-        summary = edit(EditArgs(editor="rome", data=str(FACTS), n=n, mode="single", save_model=False, out=out))
-    scores = "  ".join(f"{name} {p} {summary['edited'][group][p]['value']:.1%}"
-                       for name, group in (("ES", "edit"), ("PS", "edit_paraphrase"), ("NS", "edit_neighborhood"))
-                       for p in ("prob", "top1"))
+        alone = edit(EditArgs(**args, out=out))
+    with tempfile.TemporaryDirectory() as out:
+        together = edit(EditArgs(**args, out=out))
     median = statistics.median(per_fact) if per_fact else float("nan")
-    print(f"ROME single edits of {summary['n_edits']} known facts ({torch.get_num_threads()} threads): "
-          f"median {median:.2f} s per edit, mean {summary['seconds_per_edit']:.2f} s (with the set-up)\n  {scores}")
+    print(f"ROME single edits of {alone['n_edits']} known facts ({torch.get_num_threads()} threads), one by one: "
+          f"median {median:.2f} s per edit, mean {alone['seconds_per_edit']:.2f} s (with the set-up)\n"
+          f"  {_scores(alone)}")
+    print(f"the same, optimised together (edit_singles): mean {together['seconds_per_edit']:.2f} s per edit (with "
+          f"the set-up)\n  {_scores(together)}")
 
 
 def run() -> None:
