@@ -11,6 +11,7 @@ from torch import nn
 
 from retention.editing.base import EditRequest
 from retention.editing.context import EditorContext
+from retention.editing.memit import keys_and_values
 from retention.editing.targets import MAX_ROWS, TargetHParams, TargetOptimiser, TargetVector
 from retention.records import Probe
 from retention.scoring import RANK_CAP, ProbeResult, _gen_passed, check_protocols, greedy_generate
@@ -85,3 +86,14 @@ def full_position_targets(model: nn.Module, tokenizer, requests: Sequence[EditRe
     """:func:`~retention.editing.targets.optimise_targets` run by :class:`FullPositionsTargetOptimiser`."""
     context = EditorContext.of(model, tokenizer)
     return FullPositionsTargetOptimiser(context, requests, context_templates, hparams, layer, site, max_rows).run()
+
+
+@torch.no_grad()
+def average_key(model: nn.Module | EditorContext, tokenizer, layer: int, request: EditRequest,
+                context_templates: Sequence[str]) -> torch.Tensor:
+    """ROME's ``k̄`` computed by a forward of its own: the MLP-out input at the subject's last token, averaged over
+    the rewriting prompts (float64) — the one-request, one-column case of
+    :func:`~retention.editing.memit.keys_and_values` (``per="request"``, all prompts in one forward). ROME reads it
+    on the v* optimiser's first step instead (``TargetVector.key``)."""
+    keys, _ = keys_and_values(model, tokenizer, [request], context_templates, layer, batch_size=None, per="request")
+    return keys[0]

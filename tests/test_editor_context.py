@@ -11,6 +11,7 @@ import torch
 from editing_models import FACT, OTHER, edit_model
 from memit_cases import REQUESTS, tiny_hparams, write_corpus
 
+from bench.reference import average_key
 from retention import models
 from retention.arch import ArchAdapter
 from retention.editing.alphaedit import AlphaEditEditor, AlphaEditHParams
@@ -18,7 +19,7 @@ from retention.editing.base import EditRequest, run_edits
 from retention.editing.causal_trace import save_located
 from retention.editing.context import EditorContext
 from retention.editing.memit import MemitEditor, MemitHParams, keys_and_values
-from retention.editing.rome import RomeEditor, RomeHParams, average_key
+from retention.editing.rome import RomeEditor, RomeHParams
 
 
 @pytest.fixture

@@ -7,10 +7,9 @@ import pytest
 import torch
 from editing_models import FACT, OTHER, edit_model
 
-from bench.reference import FullPositionsTargetOptimiser
+from bench.reference import FullPositionsTargetOptimiser, average_key
 from retention.editing.base import EditRequest
 from retention.editing.context import EditorContext
-from retention.editing.rome import average_key
 from retention.editing.targets import TargetHParams, TargetOptimiser
 
 AUGMENTED = EditRequest("3", "Toko Yasuda", "{} plays the", "piano", "guitar", ("The music of {} uses the",))

@@ -6,7 +6,7 @@ Meng et al. 2022, "Locating and Editing Factual Associations in GPT" (ROME, arXi
 For a fact with subject s at layer L, with W the projection as an ``[out, in]`` matrix:
 
 - key: ``k̄`` = the projection's input at the subject's last token, averaged over the rewriting prompts (context
-  templates × the prompt and its augmentation phrasings);
+  templates × the prompt and its augmentation phrasings), read on the v* optimiser's first step;
 - ``u = C⁻¹ k̄`` with C = E[k kᵀ] over a text corpus (:mod:`retention.editing.covariance`), or ``u = k̄`` when
   ``mom2_adjustment`` is off (the named C = I fallback);
 - value: δ from :func:`retention.editing.targets.optimise_targets` (``v* = W k + b + δ`` on the plain prompt);
@@ -36,7 +36,6 @@ from retention.editing.base import (
 )
 from retention.editing.context import EditorContext
 from retention.editing.covariance import KeyStatsHParams
-from retention.editing.memit import keys_and_values
 from retention.editing.targets import (
     LocateThenEditEditor,
     TargetHParams,
@@ -55,16 +54,6 @@ class RomeHParams(TargetHParams, KeyStatsHParams):
 
     layer: int = 5
     """The edited layer (its MLP output projection)."""
-
-
-@torch.no_grad()
-def average_key(model: nn.Module | EditorContext, tokenizer, layer: int, request: EditRequest,
-                context_templates: Sequence[str]) -> torch.Tensor:
-    """``k̄``: the MLP-out input at the subject's last token, averaged over the rewriting prompts (float64) — the
-    one-request, one-column case of :func:`~retention.editing.memit.keys_and_values` (``per="request"``, all
-    prompts in one forward)."""
-    keys, _ = keys_and_values(model, tokenizer, [request], context_templates, layer, batch_size=None, per="request")
-    return keys[0]
 
 
 class RomeEditor(LocateThenEditEditor):
