@@ -41,7 +41,7 @@ browser:
 	else echo "chromium is not installed and cannot be here (needs root and apt-get): the browser test will be skipped"; fi
 
 test: setup browser
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 test-fast: setup browser
 	$(PY) -m pytest -q -ra -m "not slow"

@@ -13,9 +13,10 @@ from bench.common import interleaved_medians
 from retention.data.readers import load_records
 from retention.editing.base import EditRequest
 from retention.editing.causal_trace import resolve_layers
+from retention.editing.locate_then_edit import context_templates
 from retention.editing.memit import MemitHParams
 from retention.editing.registry import build_editor
-from retention.editing.targets import context_templates, optimise_targets
+from retention.editing.targets import optimise_targets
 from retention.models import load_model, model_fingerprint
 
 DATA = "../shared/data/counterfact/counterfact_preknown.json"

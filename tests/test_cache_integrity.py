@@ -19,7 +19,7 @@ from retention import models
 from retention.editing import causal_trace
 from retention.editing.alphaedit import AlphaEditEditor, AlphaEditHParams
 from retention.editing.causal_trace import LayersNotLocated, located_layers, save_located
-from retention.editing.targets import context_templates
+from retention.editing.locate_then_edit import context_templates
 
 
 @pytest.fixture

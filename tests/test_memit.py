@@ -11,7 +11,8 @@ from retention.editing import causal_trace
 from retention.editing.base import PRESETS, EditRequest, run_edits
 from retention.editing.memit import MemitEditor, MemitHParams, keys_and_values, memit_delta
 from retention.editing.registry import build_editor
-from retention.editing.targets import TargetHParams, _chunks, _Row, optimise_targets
+from retention.editing.target_rows import PromptRow, plan_chunks
+from retention.editing.targets import TargetHParams, optimise_targets
 
 
 @pytest.fixture
@@ -150,9 +151,9 @@ def test_batch_editors_on_the_default_model(real_model, tmp_path, monkeypatch, e
 def test_target_rows_are_chunked_by_length():
     """Every row of the wanted facts runs exactly once, at most ``max_rows`` per chunk, short rows apart from long."""
     lengths = [3, 20, 4, 21, 5, 22, 3, 20]
-    rows = [_Row(f // 2, [0] * n, 0, [1], 1.0) for f, n in enumerate(lengths)]
-    groups = _chunks(rows, range(4), max_rows=4)
+    rows = [PromptRow(f // 2, [0] * n, 0, [1], 1.0) for f, n in enumerate(lengths)]
+    groups = plan_chunks(rows, range(4), max_rows=4)
     assert sorted(i for g in groups for i in g) == list(range(8))
     assert all(0 < len(g) <= 4 for g in groups)
     assert all(len({lengths[i] < 10 for i in g}) == 1 for g in groups)
-    assert _chunks(rows, [1], max_rows=3) == [[2, 3]]
+    assert plan_chunks(rows, [1], max_rows=3) == [[2, 3]]

@@ -139,10 +139,16 @@ def test_options_of_an_earlier_edit_are_checked_at_construction(edit_folder, tmp
     partial = tmp_path / "partial"
     shutil.copytree(edit_folder, partial)
     (partial / "facts.jsonl").unlink()
+    memory = tmp_path / "memory"  # what `retention edit` writes for GRACE or WISE
+    shutil.copytree(edit_folder, memory, ignore=shutil.ignore_patterns("facts.jsonl", "edited_weights*", "model"))
+    (memory / "edit" / "memory.safetensors").write_bytes(b"")
+    scores = json.loads((memory / "scores.json").read_text(encoding="utf-8"))
+    (memory / "scores.json").write_text(json.dumps({**scores, "editor": "grace"}), encoding="utf-8")
     cases = [
         (dict(precomputed=str(tmp_path / "nowhere")), "precomputed .* is not a folder"),
         (dict(precomputed=str(single)), "single-mode edit"),
         (dict(precomputed=str(partial)), "has no facts.jsonl"),
+        (dict(precomputed=str(memory)), "kept in a memory module .*grace.* edits.editor: grace"),
         (dict(precomputed=str(edit_folder), editor="memit"), "is a rome edit, but editor is 'memit'"),
         (dict(precomputed=str(edit_folder), hparams="smollm2-135m"), "hparams is set, but precomputed"),
         (dict(precomputed=str(edit_folder), mode="sequential"), "edited in batch mode, but mode is 'sequential'"),

@@ -39,14 +39,9 @@ from retention.editing.base import (
 )
 from retention.editing.context import EditorContext
 from retention.editing.covariance import KeyStatsHParams
-from retention.editing.targets import (
-    LocateThenEditEditor,
-    TargetHParams,
-    TargetVector,
-    optimise_targets,
-    refuse_zero_update,
-    rewriting_templates,
-)
+from retention.editing.locate_then_edit import LocateThenEditEditor
+from retention.editing.target_rows import rewriting_templates
+from retention.editing.targets import TargetHParams, TargetVector, optimise_targets, refuse_zero_update
 from retention.editing.trace import capture, stop_after, subject_last_token_index
 from retention.tokens import prompt_ids, right_pad
 

@@ -36,13 +36,8 @@ from retention.editing.base import (
 )
 from retention.editing.context import EditorContext
 from retention.editing.covariance import KeyStatsHParams
-from retention.editing.targets import (
-    LocateThenEditEditor,
-    TargetHParams,
-    TargetVector,
-    optimise_targets,
-    refuse_zero_update,
-)
+from retention.editing.locate_then_edit import LocateThenEditEditor
+from retention.editing.targets import TargetHParams, TargetVector, optimise_targets, refuse_zero_update
 
 log = logging.getLogger(__name__)
 

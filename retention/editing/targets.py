@@ -17,12 +17,11 @@ optimisation gives. A fact's loss is a weighted sum over its prompt rows, so the
 length and run in chunks of similar length (little padding), their gradients adding up. No weight gradients are
 computed and the frozen layers below ``L`` run once: their output is cached and every step starts at layer ``L``.
 The positions before each prompt's subject run once too (δ never reaches them): their keys and values at layers
-``L`` on are held, and every step runs only the positions from the subject's last token on (:class:`_Chunk`).
-:class:`TargetOptimiser` holds one batch's optimisation; :func:`optimise_targets` runs one.
+``L`` on are held, and every step runs only the positions from the subject's last token on
+(:class:`~retention.editing.target_rows.Chunk`). :class:`TargetOptimiser` holds one batch's optimisation; :func:`optimise_targets` runs one.
 
-:class:`LocateThenEditEditor` is the set-up ROME, MEMIT and AlphaEdit share: one ``prepare`` that builds the
-:class:`~retention.editing.context.EditorContext` of a model (located layers, context templates, key covariances,
-the weights hashed once) and keeps it while the editor edits that model.
+The prompt rows, their chunks and the held keys are :mod:`retention.editing.target_rows`; the context templates
+and the editors' shared set-up are :mod:`retention.editing.locate_then_edit`.
 """
 
 from __future__ import annotations
@@ -30,9 +29,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import re
 import time
-from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,24 +37,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from transformers import DynamicCache
-from typing_extensions import override
 
-from retention.arch import unwrap_model
-from retention.diskcache import DiskCache
-from retention.editing.base import EditError, Editor, EditorHParams, EditRequest, describe_requests
-from retention.editing.causal_trace import resolve_layers
+from retention.editing.base import EditError, EditorHParams, EditRequest, describe_requests
 from retention.editing.context import EditorContext
-from retention.editing.covariance import key_covariances
+from retention.editing.target_rows import Chunk, KeyValueRecorder, plan_chunks, prompt_rows
 from retention.editing.trace import (
     add_at,
     capture,
     layer_input,
     patch_outputs,
     start_at_layer,
-    subject_last_token_index,
 )
-from retention.paths import cache_dir
-from retention.tokens import prompt_ids, right_pad, target_ids
+from retention.tokens import right_pad
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +58,8 @@ MAX_ROWS = 64
 """Prompt rows per forward/backward: a step over more rows runs in chunks whose gradients add up (the memory of a
 backward grows with the rows, about 30 MB per row on a 135M model)."""
 HELD_BYTES = 2**30
-"""At most this many bytes of held keys and values (see :class:`_Chunk`); chunks beyond it run every position at
-every step."""
+"""At most this many bytes of held keys and values (see :class:`~retention.editing.target_rows.Chunk`); chunks
+beyond it run every position at every step."""
 V_LR_WARN = 10.0
 """A ``v_lr`` above this is warned about: the presets use 0.5, and Adam's steps are about ``v_lr`` per
 coordinate, so a far larger rate only jumps to the clamp."""
@@ -99,41 +90,44 @@ class TargetVector:
         return self.init + self.delta
 
 
-def rewriting_templates(request: EditRequest, context_templates: Sequence[str]) -> list[str]:
-    """Context templates × the request's phrasings, as templates with ``{}`` for the subject (plain prompt first)."""
-    if not context_templates or context_templates[0] != "{}":
-        raise ValueError(f"context templates must start with the plain '{{}}', got {list(context_templates)[:1]}")
-    return [c.replace("{}", t) for c in context_templates for t in request.templates]
-
-
 @dataclass
-class _Row:
-    fact: int
-    ids: list[int]
-    subject: int
-    """Position of the subject's last token (where δ is added)."""
-    targets: list[int] | None
-    """Target tokens predicted from positions ``len(ids) - len(targets)`` onwards; None for a KL row."""
-    share: float
-    """The row's weight in its fact's mean NLL (rewriting row) or mean KL (KL row)."""
-    plain: bool = False
-    """The fact's plain prompt, where ``v₀`` is read."""
+class TargetHParams(EditorHParams):
+    """The v*/z optimisation and context-template fields shared by ROME and MEMIT (names as in their code)."""
 
+    v_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    clamp_norm_factor: float = 4.0
+    """‖δ‖ ≤ clamp_norm_factor · ‖v₀‖ (ROME: the MLP output) or ‖h_L‖ (MEMIT: the layer output, a factor < 1)."""
+    early_stop_loss: float = 0.05
+    kl_prompts: list[str] = field(default_factory=lambda: ["{} is a"])
+    context_templates: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+    """``[length, count]`` pairs of generated prefixes (ROME's ``context_template_length_params``)."""
+    context_seed: int = 0
 
-def _rows(tokenizer, requests: Sequence[EditRequest], context_templates: Sequence[str],
-          kl_prompts: Sequence[str]) -> list[_Row]:
-    rows = []
-    for f, req in enumerate(requests):
-        tgt = target_ids(tokenizer, req.target_new)
-        templates = rewriting_templates(req, context_templates)
-        for k, t in enumerate(templates):
-            ids = prompt_ids(tokenizer, t.format(req.subject)) + tgt[:-1]
-            rows.append(_Row(f, ids, subject_last_token_index(tokenizer, t, req.subject), tgt, 1 / len(templates),
-                             plain=k == 0))
-        for t in kl_prompts:
-            rows.append(_Row(f, prompt_ids(tokenizer, t.format(req.subject)),
-                             subject_last_token_index(tokenizer, t, req.subject), None, 1 / len(kl_prompts)))
-    return rows
+    def validate(self) -> None:
+        super().validate()
+        for length, count in self.context_templates:
+            if length < 1 or count < 0:
+                raise ValueError(f"context_templates: [{length}, {count}] needs length >= 1 and count >= 0")
+        if self.v_steps < 2:
+            raise ValueError(f"v_steps={self.v_steps}: must be >= 2 (the last step only measures the loss, so one "
+                             "step never changes δ)")
+        for name in ("v_lr", "clamp_norm_factor", "v_weight_decay", "kl_factor", "early_stop_loss"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"{name}={value}: must be a finite number")
+        for name in ("v_lr", "clamp_norm_factor"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
+        for name in ("v_weight_decay", "kl_factor"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+        if self.v_lr > V_LR_WARN:
+            log.warning("v_lr=%g is far above the presets' 0.5: Adam then jumps δ to the clamp (clamp_norm_factor) "
+                        "at once, and a rate large enough to overflow leaves δ at zero (refused as a failed edit)",
+                        self.v_lr)
 
 
 NEGLIGIBLE_UPDATE = 2.0**-24
@@ -211,85 +205,6 @@ def optimise_targets(
     return TargetOptimiser(context, requests, context_templates, hparams, layer, site, max_rows).run()
 
 
-_CHUNK_COST = 32
-"""A forward/backward's fixed cost in padded token positions, weighed against padding when rows are grouped."""
-
-
-def _chunks(rows: Sequence[_Row], facts: Sequence[int], max_rows: int, split: bool = False) -> list[list[int]]:
-    """The rows of ``facts``, sorted by the positions a step runs of them (all, or from the subject's last token on
-    when ``split``) and cut into groups of at most ``max_rows`` rows that minimise the padded positions computed
-    plus a fixed cost per group (dynamic programming over the sorted widths)."""
-    wanted = set(facts)
-    widths = [len(r.ids) - (r.subject if split else 0) for r in rows]
-    order = sorted((i for i, r in enumerate(rows) if r.fact in wanted), key=lambda i: widths[i])
-    cost = [0.0] + [math.inf] * len(order)
-    cut = [0] * (len(order) + 1)
-    for end in range(1, len(order) + 1):
-        width = widths[order[end - 1]]
-        for begin in range(max(0, end - max_rows), end):
-            c = cost[begin] + (end - begin) * width + _CHUNK_COST
-            if c < cost[end]:
-                cost[end], cut[end] = c, begin
-    groups = []
-    end = len(order)
-    while end:
-        groups.append(order[cut[end]:end])
-        end = cut[end]
-    return groups[::-1]
-
-
-class _Recorder(DynamicCache):
-    """A key/value cache that also keeps what each layer gave it (read without the cache's own, version-dependent,
-    layout)."""
-
-    def __init__(self):
-        super().__init__()
-        self.given: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        self.given[layer_idx] = (key_states, value_states)
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-
-@dataclass
-class _Chunk:
-    """A chunk's forward inputs and loss indices, built once for as long as its rows run together.
-
-    Split (``held`` not empty): a row's positions before its subject's last token never see δ (it is added at
-    that token and attention is causal), so their keys and values at layers ``L`` on are computed once and held
-    (left-padded to the chunk's longest such prefix); a step runs only the positions from the subject's last
-    token on. Column ``j`` of a split row is position ``shift + j`` of the row.
-    """
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    """The 2D padding mask of a plain chunk; a split chunk's 4D additive mask over held then run positions."""
-    hidden: torch.Tensor | None
-    """The run positions' input of layer ``L`` (None: every layer runs)."""
-    positions: torch.Tensor | None
-    """A split chunk's position ids of the run positions."""
-    held: dict[int, tuple[torch.Tensor, torch.Tensor]]
-    """Layer -> the held keys and values of the positions before the subjects (empty: a plain chunk)."""
-    subject: torch.Tensor
-    """Per row the column of the subject's last token."""
-    logit_rows: torch.Tensor
-    logit_cols: torch.Tensor
-    """Where logits are needed: each target-predicting position of a rewriting row, the subject of a KL row."""
-    tok_at: torch.Tensor
-    tok: torch.Tensor
-    tok_row: torch.Tensor
-    """Per target token its logit row, its id and its chunk row."""
-    counts: torch.Tensor
-    """Per chunk row its target tokens (at least 1)."""
-    kl_at: torch.Tensor
-    kl_row: list[int]
-    """Per KL row its logit row and its chunk row."""
-
-    @property
-    def held_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for kv in self.held.values() for t in kv)
-
-
 class TargetOptimiser:
     """One batch of δ optimisations (the module docstring's loss, Adam, clamp and early stop per fact).
 
@@ -301,7 +216,7 @@ class TargetOptimiser:
 
     split = True
     """Hold the keys and values of the positions before the subjects and run only the rest at every step (see
-    :class:`_Chunk`); needs the cached layer input (:meth:`prefix`) and full attention at every layer."""
+    :class:`Chunk`); needs the cached layer input (:meth:`prefix`) and full attention at every layer."""
 
     def __init__(self, context: EditorContext, requests: Sequence[EditRequest], context_templates: Sequence[str],
                  hparams: TargetHParams, layer: int, site: str = "mlp_out", max_rows: int = MAX_ROWS):
@@ -316,7 +231,7 @@ class TargetOptimiser:
         self.site = self.adapter.mlp_out(self.layer) if site == "mlp_out" else self.adapter.layer(self.layer)
         self.device = context.device
         tokenizer = context.tokenizer
-        self.rows = _rows(tokenizer, self.requests, context_templates, hparams.kl_prompts)
+        self.rows = prompt_rows(tokenizer, self.requests, context_templates, hparams.kl_prompts)
         self.ids, self.mask = (t.to(self.device) for t in right_pad([r.ids for r in self.rows], tokenizer.pad_token_id))
         self.cached: torch.Tensor | None = None
         """The rows' input of layer ``L`` (:meth:`prefix`); None: every step runs all layers."""
@@ -328,7 +243,7 @@ class TargetOptimiser:
         """Per row its weight in its fact's loss: a fact's loss is a weighted sum over its rows, so chunks of rows
         add up to it exactly."""
         self._active: tuple[int, ...] | None = None
-        self._built: dict[tuple[int, ...], _Chunk] = {}
+        self._built: dict[tuple[int, ...], Chunk] = {}
         """The chunks of the active facts' rows (:meth:`_plan`)."""
         params = inspect.signature(self.base.base_model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -405,10 +320,10 @@ class TargetOptimiser:
         return nll, kl, prob
 
     def _plan(self, active: Sequence[int]) -> list[list[int]]:
-        """The chunks of the active facts' rows, each built (:class:`_Chunk`) once while the active facts stay."""
+        """The chunks of the active facts' rows, each built (:class:`Chunk`) once while the active facts stay."""
         if tuple(active) != self._active:
             split = self.split and self.cached is not None and self._full_attention
-            chunks = _chunks(self.rows, active, self.max_rows, split)
+            chunks = plan_chunks(self.rows, active, self.max_rows, split)
             self._built = {}  # the chunks of the facts before go before the new are built (their held keys)
             budget = HELD_BYTES
             for chunk in chunks:
@@ -424,7 +339,7 @@ class TargetOptimiser:
         per_token = 2 * self.adapter.hidden_size * self.cached.element_size()
         return len(chunk) * prefix * (self.adapter.num_layers - self.layer) * per_token
 
-    def _build(self, chunk: Sequence[int], split: bool) -> _Chunk:
+    def _build(self, chunk: Sequence[int], split: bool) -> Chunk:
         """The forward inputs and loss indices of the rows ``chunk``; ``split``: hold the keys and values of the
         positions before the subjects (one forward without gradients, here) and run only the rest each step."""
         rows, dev = [self.rows[i] for i in chunk], self.device
@@ -439,7 +354,7 @@ class TargetOptimiser:
             ids, mask = self.ids[sel, :width], self.mask[sel, :width]
             hidden = None if self.cached is None else self.cached[sel, :width]
         else:
-            recorder = _Recorder()
+            recorder = KeyValueRecorder()
             with torch.no_grad(), start_at_layer(self.base, self.layer, self.cached[sel, :prefix], self.adapter):
                 self.base.base_model(input_ids=self.ids[sel, :prefix], attention_mask=self.mask[sel, :prefix],
                                      use_cache=True, **{self._cache_arg: recorder})
@@ -481,7 +396,7 @@ class TargetOptimiser:
         def t(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=dev)
 
-        return _Chunk(ids, mask, hidden, positions, held, t([r.subject for r in rows]) - shift, t(logit_rows),
+        return Chunk(ids, mask, hidden, positions, held, t([r.subject for r in rows]) - shift, t(logit_rows),
                       t(logit_cols), t(tok_at), t(tok), tok_row_t, counts.clamp(min=1), t(kl_at), kl_row)
 
     def _record(self, step: int, active: Sequence[int], nll: list[float], kl: list[float], prob: list[float],
@@ -558,7 +473,7 @@ class TargetOptimiser:
                         res.key = key * r.share if res.key is None else res.key + key * r.share
         return self._row_losses(chunk, c, hidden, first)
 
-    def _row_losses(self, chunk: Sequence[int], c: _Chunk, hidden: torch.Tensor, first: bool) -> torch.Tensor:
+    def _row_losses(self, chunk: Sequence[int], c: Chunk, hidden: torch.Tensor, first: bool) -> torch.Tensor:
         """Per row of ``chunk`` its mean target NLL or its KL(p₀ ‖ p) from the final hidden states ``hidden``."""
         # Logits only where they are needed. Log-probs are picked with one index per kind (a slice per row would
         # make backward zero-fill a full [positions, vocab] gradient for every row).
@@ -575,124 +490,3 @@ class TargetOptimiser:
             ref = torch.stack([self.kl_init[chunk[j]] for j in c.kl_row])
             per_row = per_row.index_put((c.kl_at.new_tensor(c.kl_row),), torch.sum(ref.exp() * (ref - lp), -1))
         return per_row
-
-
-@torch.no_grad()
-def context_templates(
-    model: nn.Module | EditorContext, tokenizer, lengths: Sequence[Sequence[int]], seed: int = 0, fingerprint: str | None = None,
-) -> list[str]:
-    """``["{}"]`` followed by short sampled texts ending in ``". {}"`` (``[length, count]`` pairs), seeded.
-
-    Generated from the end-of-text token with top-5 sampling (as ROME does), then persisted under
-    ``cache_dir()/context_templates`` when ``fingerprint`` (the model's) is given, so reruns reuse them exactly.
-    """
-    spec = {"lengths": [list(map(int, lc)) for lc in lengths], "seed": seed, "start": tokenizer.eos_token}
-    entries = DiskCache(cache_dir() / "context_templates")
-    key = {"fingerprint": fingerprint, **spec}
-    if fingerprint is not None and (hit := entries.get(key)) is not None:
-        return list(hit[0]["templates"])
-    ctx = EditorContext.of(model, tokenizer)
-    base, device = ctx.model, ctx.device
-    start = torch.tensor([[tokenizer.eos_token_id]], device=device)
-    templates = ["{}"]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for length, count in spec["lengths"]:
-            out = base.generate(
-                start, attention_mask=torch.ones_like(start), do_sample=True, top_k=5, max_new_tokens=length,
-                num_return_sequences=count, pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None,
-            )
-            for text in tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True):
-                text = re.sub(r"\s+", " ", text.replace("{", " ").replace("}", " ")).strip()
-                templates.append(f"{text}. {{}}")
-    if fingerprint is not None:
-        entries.put(key, {"templates": templates})
-    return templates
-
-
-@dataclass
-class TargetHParams(EditorHParams):
-    """The v*/z optimisation and context-template fields shared by ROME and MEMIT (names as in their code)."""
-
-    v_steps: int = 20
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
-    kl_factor: float = 0.0625
-    clamp_norm_factor: float = 4.0
-    """‖δ‖ ≤ clamp_norm_factor · ‖v₀‖ (ROME: the MLP output) or ‖h_L‖ (MEMIT: the layer output, a factor < 1)."""
-    early_stop_loss: float = 0.05
-    kl_prompts: list[str] = field(default_factory=lambda: ["{} is a"])
-    context_templates: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
-    """``[length, count]`` pairs of generated prefixes (ROME's ``context_template_length_params``)."""
-    context_seed: int = 0
-
-    def validate(self) -> None:
-        super().validate()
-        for length, count in self.context_templates:
-            if length < 1 or count < 0:
-                raise ValueError(f"context_templates: [{length}, {count}] needs length >= 1 and count >= 0")
-        if self.v_steps < 2:
-            raise ValueError(f"v_steps={self.v_steps}: must be >= 2 (the last step only measures the loss, so one "
-                             "step never changes δ)")
-        for name in ("v_lr", "clamp_norm_factor", "v_weight_decay", "kl_factor", "early_stop_loss"):
-            value = getattr(self, name)
-            if not math.isfinite(value):
-                raise ValueError(f"{name}={value}: must be a finite number")
-        for name in ("v_lr", "clamp_norm_factor"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
-        for name in ("v_weight_decay", "kl_factor"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
-        if self.v_lr > V_LR_WARN:
-            log.warning("v_lr=%g is far above the presets' 0.5: Adam then jumps δ to the clamp (clamp_norm_factor) "
-                        "at once, and a rate large enough to overflow leaves δ at zero (refused as a failed edit)",
-                        self.v_lr)
-
-
-class LocateThenEditEditor(Editor):
-    """The set-up of the editors that write at located MLP layers from key statistics (ROME, MEMIT, AlphaEdit):
-    one :meth:`prepare` for all of them. Their hyperparameters are :class:`TargetHParams` and
-    :class:`~retention.editing.covariance.KeyStatsHParams`."""
-
-    def __init__(self, hparams: EditorHParams):
-        super().__init__(hparams)
-        self.context: EditorContext | None = None
-        """The context of the model set up for, made on the first (unedited) model this instance edits and
-        reused while it edits that model: a sequential run neither recomputes the context templates and
-        covariances after every edit nor looks the located layers up on edited weights."""
-
-    @abstractmethod
-    def layer_setting(self) -> Sequence[int] | str:
-        """The edited layers as the hyperparameters give them (indices or ``located``)."""
-
-    @property
-    def templates(self) -> list[str]:
-        """The context templates in use (plain ``"{}"`` first); empty before the first :meth:`prepare`."""
-        return self.context.templates if self.context is not None else []
-
-    @override
-    def prepare(self, model: nn.Module, tokenizer, fingerprint: str | None = None) -> EditorContext:
-        """The editor context of ``model``: the one set up before when it is the same model, else a new one
-        holding the layers, the context templates and (``mom2_adjustment``) the key covariances, read from the
-        caches keyed by the weights' fingerprint, which is computed once (or is ``fingerprint``, the caller's
-        :func:`~retention.models.model_fingerprint` of the unedited model)."""
-        base = unwrap_model(model)
-        ctx = self.context
-        fresh = ctx is None or ctx.model is not base
-        if fresh:
-            hp = self.hparams
-            ctx = EditorContext(base, tokenizer, fingerprint)
-            ctx.layers = sorted(set(resolve_layers(self.layer_setting(), base, ctx.fingerprint)))
-            ctx.templates = context_templates(ctx, tokenizer, hp.context_templates, hp.context_seed, ctx.fingerprint)
-            if hp.mom2_adjustment:
-                ctx.covs = key_covariances(base, tokenizer, ctx.layers, hp.covariance_spec(), ctx.fingerprint)
-            else:
-                log.info("%s: mom2_adjustment is off: C = I", self.name)
-        ctx.tokenizer = tokenizer
-        self._set_up(ctx, fresh)
-        self.context = ctx
-        return ctx
-
-    def _set_up(self, ctx: EditorContext, fresh: bool) -> None:
-        """Editor-specific set-up after :meth:`prepare` (``fresh``: a model this instance had not set up for)."""
