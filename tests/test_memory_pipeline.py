@@ -139,6 +139,17 @@ def test_grace_fit_keeps_the_codebook_trains_the_base_and_resumes_to_the_same_co
     after = _summary(root, "grace")
     for key in ("t0", "retention", "curves"):
         assert after[key] == before[key], key
+    # The checkpoint holds the codebook, and a resume attaches that one, not the one the run edits again.
+    path = root / "runs" / "grace" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=False)
+    saved = checkpoint["retention_edits"]["memories"]["model.layers.0.mlp.down_proj"]
+    assert _digest(saved["tensors"], saved["meta"]) == first["memory"]
+    saved["tensors"]["values"] = saved["tensors"]["values"] + 0.25
+    torch.save(checkpoint, path)
+    assert main(["--config", str(config), "--ckpt_path", "last"]) == 0
+    resumed = _digests(root, "grace")[0][-2]
+    assert resumed["when"] == "start"
+    assert resumed["memories"]["model.layers.0.mlp.down_proj"]["memory"] == _digest(saved["tensors"], saved["meta"])
 
 
 def test_grace_on_two_ddp_ranks_with_the_memory_layer_frozen(root):

@@ -62,6 +62,7 @@ from retention.callbacks.edit_source import (
     EditSource,
     PrecomputedEdit,
 )
+from retention.editing.memory import Memory, attached
 from retention.editing.registry import build_editor
 from retention.models import model_fingerprint
 from retention.pipeline_contract import PipelineCallback, PipelineState, pipeline_callbacks
@@ -249,6 +250,11 @@ class ApplyEdits(PipelineCallback):
             # An FSDP2 checkpoint holds every weight already (FineTuneModule.on_save_checkpoint), as shards.
             "frozen_edited_weights": {n: p.detach().cpu() for n, p in weights.items()
                                       if not p.requires_grad and not isinstance(p, DTensor)},
+            # A memory's buffers are not persistent (no state_dict holds them): kept here, a resume attaches them
+            # bit for bit whatever the re-made edit gives on other hardware.
+            "memories": {name: {"kind": m.kind, "meta": m.meta,
+                                "tensors": {k: b.detach().cpu().clone() for k, b in m.named_buffers(recurse=False)}}
+                         for name, m in _memories(pl_module).items()},
         }
 
     @override
@@ -267,6 +273,29 @@ class ApplyEdits(PipelineCallback):
         with torch.no_grad():
             for name, value in state["frozen_edited_weights"].items():
                 _trained_view(pl_module, name).copy_(value)
+        if "memories" in state:
+            _restore_memories(_memories(pl_module), state["memories"])
+
+
+def _memories(pl_module: LightningModule) -> dict[str, Memory]:
+    """Module name -> the edit memory attached to it (GRACE, WISE), in the unwrapped model."""
+    base = unwrap_model(pl_module.model)
+    return {name: memory for name, module in base.named_modules() if (memory := attached(module)) is not None}
+
+
+def _restore_memories(ours: dict[str, Memory], saved: dict[str, dict]) -> None:
+    """Put the checkpoint's memories into the ones this run attached (same modules and kinds), buffers and fields."""
+    if sorted(ours) != sorted(saved):
+        raise ValueError(f"the checkpoint holds edit memories at {sorted(saved) or 'no module'}, this run at "
+                         f"{sorted(ours) or 'no module'}: the editor or its layer changed since it was written")
+    for name, memory in ours.items():
+        if memory.kind != saved[name]["kind"]:
+            raise ValueError(f"the checkpoint's memory at {name} is a {saved[name]['kind']} memory, this run's a "
+                             f"{memory.kind} memory: the editor changed since it was written")
+        device = next(memory.buffers(), torch.empty(0)).device
+        for key, value in saved[name]["tensors"].items():
+            memory.register_buffer(key, value.to(device), persistent=False)
+        memory.meta = dict(saved[name]["meta"])
 
 
 def _trained_view(pl_module: LightningModule, name: str) -> torch.nn.Parameter:
