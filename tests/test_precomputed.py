@@ -148,7 +148,7 @@ def test_options_of_an_earlier_edit_are_checked_at_construction(edit_folder, tmp
         (dict(precomputed=str(tmp_path / "nowhere")), "precomputed .* is not a folder"),
         (dict(precomputed=str(single)), "single-mode edit"),
         (dict(precomputed=str(partial)), "has no facts.jsonl"),
-        (dict(precomputed=str(memory)), "kept in a memory module .*grace.* edits.editor: grace"),
+        (dict(precomputed=str(memory)), "kept in a memory module .*grace.*edits.editor: grace"),
         (dict(precomputed=str(edit_folder), editor="memit"), "is a rome edit, but editor is 'memit'"),
         (dict(precomputed=str(edit_folder), hparams="smollm2-135m"), "hparams is set, but precomputed"),
         (dict(precomputed=str(edit_folder), mode="sequential"), "edited in batch mode, but mode is 'sequential'"),
